@@ -1,0 +1,16 @@
+//! The XMPP protocol core: everything about the protocol that can be said
+//! without a socket, a clock, a config file or storage.
+//!
+//! - [`xml`]: the incremental stream parser (bytes in, whole elements out).
+//! - [`element`]: the owned element tree and its serializer.
+//! - [`stanza`]: typed views over message/presence/iq, namespaces, error replies.
+//! - [`error`]: stream errors (RFC 6120 §4.9) and stanza errors (§8.3).
+//! - [`jid`]: bare and full JIDs with stringprep normalisation.
+//! - [`sasl`]: SCRAM (with channel binding) and PLAIN as pure state machines.
+
+pub mod element;
+pub mod error;
+pub mod jid;
+pub mod sasl;
+pub mod stanza;
+pub mod xml;
