@@ -1,1 +1,211 @@
-fn main() {}
+//! `clusterctl`: operate a node over its admin gRPC API, the way
+//! `prosodyctl` and `ejabberdctl` operate theirs.
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use proto::admin_client::AdminClient;
+use proto::*;
+
+#[derive(Parser)]
+#[command(name = "clusterctl", version, about = "Operate an xmpp-node cluster")]
+struct Cli {
+    /// Admin gRPC address of the node (its --grpc-addr).
+    #[arg(
+        long,
+        env = "XMPP_NODE",
+        default_value = "127.0.0.1:5290",
+        global = true
+    )]
+    node: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// This node: version, uptime, virtual hosts, sessions, accounts.
+    Status,
+    /// Create an account; prompts for the password unless --password is given.
+    Adduser {
+        jid: String,
+        #[arg(long, env = "XMPP_PASSWORD")]
+        password: Option<String>,
+    },
+    /// Change an account's password.
+    Passwd {
+        jid: String,
+        #[arg(long, env = "XMPP_PASSWORD")]
+        password: Option<String>,
+    },
+    /// Delete an account and close its sessions.
+    Deluser { jid: String },
+    /// List the accounts of a virtual host (all hosts when omitted).
+    Users { vhost: Option<String> },
+    /// List live sessions.
+    Sessions { vhost: Option<String> },
+    /// Create accounts from a file of `user@domain;password` lines.
+    ImportUsers {
+        file: std::path::PathBuf,
+        /// Replace the password of accounts that already exist.
+        #[arg(long)]
+        update_existing: bool,
+    },
+}
+
+fn password(given: Option<String>, confirm: bool) -> anyhow::Result<String> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let p = rpassword::prompt_password("Password: ").context("cannot read the password")?;
+    if confirm {
+        let again = rpassword::prompt_password("Again: ").context("cannot read the password")?;
+        if again != p {
+            bail!("the passwords differ");
+        }
+    }
+    Ok(p)
+}
+
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let url = if cli.node.contains("://") {
+        cli.node.clone()
+    } else {
+        format!("http://{}", cli.node)
+    };
+    let mut c = AdminClient::connect(url.clone())
+        .await
+        .with_context(|| format!("cannot reach the node's admin API at {}; is xmpp-node running, and is --node its --grpc-addr?", cli.node))?;
+    match cli.cmd {
+        Cmd::Status => {
+            let s = c
+                .status(StatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("node       {}", s.node_id);
+            println!("version    {}", s.version);
+            println!("uptime     {}s", s.uptime_seconds);
+            println!("vhosts     {}", s.vhosts.join(", "));
+            println!("sessions   {}", s.sessions);
+            println!("accounts   {}", s.accounts);
+            println!(
+                "c2s        {} (STARTTLS), {} (direct TLS)",
+                s.c2s_addr, s.c2s_tls_addr
+            );
+            println!("data dir   {}", s.data_dir);
+        }
+        Cmd::Adduser { jid, password: p } => {
+            let password = password(p, true)?;
+            c.add_user(AddUserRequest {
+                jid: jid.clone(),
+                password,
+            })
+            .await
+            .map_err(status_error)?;
+            println!("created {jid}");
+        }
+        Cmd::Passwd { jid, password: p } => {
+            let password = password(p, true)?;
+            c.set_password(SetPasswordRequest {
+                jid: jid.clone(),
+                password,
+            })
+            .await
+            .map_err(status_error)?;
+            println!("changed the password of {jid}");
+        }
+        Cmd::Deluser { jid } => {
+            c.delete_user(DeleteUserRequest { jid: jid.clone() })
+                .await
+                .map_err(status_error)?;
+            println!("deleted {jid}");
+        }
+        Cmd::Users { vhost } => {
+            let r = c
+                .list_users(ListUsersRequest {
+                    vhost: vhost.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for j in r.jids {
+                println!("{j}");
+            }
+        }
+        Cmd::Sessions { vhost } => {
+            let r = c
+                .list_sessions(ListSessionsRequest {
+                    vhost: vhost.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for s in r.sessions {
+                println!(
+                    "{}\tpriority={}\t{}\t{}\t{}",
+                    s.jid,
+                    s.priority,
+                    if s.available {
+                        "available"
+                    } else {
+                        "unavailable"
+                    },
+                    s.peer,
+                    if s.tls { "tls" } else { "plain" }
+                );
+            }
+        }
+        Cmd::ImportUsers {
+            file,
+            update_existing,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let mut users = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let Some((jid, password)) = line.split_once(';') else {
+                    bail!(
+                        "{}:{}: expected `user@domain;password`",
+                        file.display(),
+                        i + 1
+                    );
+                };
+                users.push(NewUser {
+                    jid: jid.trim().to_owned(),
+                    password: password.to_owned(),
+                });
+            }
+            let (mut created, mut updated, mut skipped) = (0, 0, 0);
+            let started = std::time::Instant::now();
+            for chunk in users.chunks(5000) {
+                let r = c
+                    .import_users(ImportUsersRequest {
+                        users: chunk.to_vec(),
+                        update_existing,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                created += r.created;
+                updated += r.updated;
+                skipped += r.skipped;
+            }
+            println!(
+                "imported {} accounts in {:.1}s: {created} created, {updated} updated, {skipped} skipped (existing)",
+                users.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Account operations shared by `clusterctl` (through the admin service)
+//! and in-band registration: passwords become SCRAM credentials here, and
+//! only the credentials enter the state machine.
+
+use rand::RngCore;
+use xmpp::jid::BareJid;
+use xmpp::sasl::{HashAlg, ScramCredentials};
+
+use crate::cluster::state_machine::{ApplyError, Command, Response};
+use crate::Server;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("`{0}` is not a valid user JID ({1}); use user@domain")]
+    BadJid(String, String),
+    #[error("`{0}` is not a virtual host of this node; serve it with --vhost or [[vhosts]]")]
+    UnknownHost(String),
+    #[error("the password is empty or contains characters SASLprep forbids")]
+    BadPassword,
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// Parses `user@vhost`, requiring a localpart and a served domain.
+pub fn parse_user(server: &Server, jid: &str) -> Result<BareJid, AccountError> {
+    let bare =
+        BareJid::parse(jid).map_err(|e| AccountError::BadJid(jid.to_owned(), e.to_string()))?;
+    if bare.node().is_none() {
+        return Err(AccountError::BadJid(jid.to_owned(), "no localpart".into()));
+    }
+    if !server.config.is_local_domain(bare.domain()) {
+        return Err(AccountError::UnknownHost(bare.domain().to_owned()));
+    }
+    Ok(bare)
+}
+
+/// SCRAM credentials for every hash we offer, each with its own random salt.
+pub fn credentials(password: &str, iterations: u32) -> Result<Vec<ScramCredentials>, AccountError> {
+    if password.is_empty() {
+        return Err(AccountError::BadPassword);
+    }
+    let mut rng = rand::thread_rng();
+    HashAlg::ALL
+        .iter()
+        .map(|&h| {
+            let mut salt = [0u8; 16];
+            rng.fill_bytes(&mut salt);
+            ScramCredentials::derive(h, password, &salt, iterations)
+                .map_err(|_| AccountError::BadPassword)
+        })
+        .collect()
+}
+
+pub async fn create(server: &Server, user: &BareJid, password: &str) -> Result<(), AccountError> {
+    let credentials = credentials(password, server.config.auth.scram_iterations)?;
+    server
+        .cluster
+        .write(Command::CreateAccount {
+            user: user.to_string(),
+            credentials,
+        })
+        .await?;
+    Ok(())
+}
+
+pub async fn set_password(
+    server: &Server,
+    user: &BareJid,
+    password: &str,
+) -> Result<(), AccountError> {
+    let credentials = credentials(password, server.config.auth.scram_iterations)?;
+    server
+        .cluster
+        .write(Command::SetPassword {
+            user: user.to_string(),
+            credentials,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Deletes the account and closes its sessions with `<not-authorized/>`.
+pub async fn delete(server: &Server, user: &BareJid) -> Result<(), AccountError> {
+    server
+        .cluster
+        .write(Command::DeleteAccount {
+            user: user.to_string(),
+        })
+        .await?;
+    server.sessions.close_user(
+        user,
+        xmpp::error::StreamError::NotAuthorized,
+        "account deleted",
+    );
+    Ok(())
+}
+
+/// Creates many accounts in batches through the state machine.
+pub async fn import(
+    server: &Server,
+    users: Vec<(BareJid, String)>,
+    update_existing: bool,
+) -> Result<(u64, u64, u64), AccountError> {
+    let iterations = server.config.auth.scram_iterations;
+    let (mut c, mut u, mut s) = (0, 0, 0);
+    // 500 per command keeps each log entry small enough to replicate.
+    for chunk in users.chunks(500) {
+        let owned: Vec<(BareJid, String)> = chunk.to_vec();
+        // PBKDF2 is the expensive part: run it off the async workers.
+        let accounts = tokio::task::spawn_blocking(move || {
+            owned
+                .into_iter()
+                .map(|(jid, pw)| credentials(&pw, iterations).map(|cr| (jid.to_string(), cr)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|_| AccountError::BadPassword)??;
+        if let Response::Imported {
+            created,
+            updated,
+            skipped,
+        } = server
+            .cluster
+            .write(Command::ImportAccounts {
+                accounts,
+                update_existing,
+            })
+            .await?
+        {
+            c += created;
+            u += updated;
+            s += skipped;
+        }
+    }
+    Ok((c, u, s))
+}

@@ -1,0 +1,77 @@
+//! Client-to-server listeners: TCP with STARTTLS (5222) and direct TLS
+//! (5223, XEP-0368). Each accepted connection is one task that negotiates
+//! the stream ([`negotiate`]) and then runs the session ([`session`]).
+
+mod io;
+mod negotiate;
+mod session;
+mod stream;
+pub mod throttle;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use xmpp::error::StreamError;
+
+use io::Io;
+use stream::{ConnError, Stream};
+
+use crate::Server;
+
+pub async fn listen(server: Arc<Server>, listener: TcpListener, direct_tls: bool) {
+    let mut shutdown = server.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    tokio::spawn(connection(server.clone(), tcp, peer, direct_tls));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
+    let _ = tcp.set_nodelay(true);
+    let timeout = server.config.limits.negotiation_timeout();
+    let io = if direct_tls {
+        match tokio::time::timeout(timeout, server.tls.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => Io::Tls(Box::new(tls)),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        }
+    } else {
+        Io::Plain(tcp)
+    };
+    let mut s = Stream::new(server.clone(), io, peer);
+    if let Io::Tls(t) = &s.io {
+        s.cb = server.tls.channel_bindings(t.get_ref().1);
+    }
+    let result = match tokio::time::timeout(timeout, negotiate::negotiate(&mut s)).await {
+        Ok(Ok(bound)) => session::run(&mut s, bound).await,
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ConnError::stream(
+            StreamError::ConnectionTimeout,
+            "no resource bound in time",
+        )),
+    };
+    match result {
+        Ok(()) => s.close().await,
+        Err(ConnError::Closed) => s.close().await,
+        Err(ConnError::Stream(e, text)) => {
+            tracing::debug!(%peer, error = %e, text = ?text, "closing stream with error");
+            s.close_with_error(e, text.as_deref()).await;
+        }
+        Err(ConnError::Io(e)) => tracing::debug!(%peer, error = %e, "connection lost"),
+    }
+}

@@ -1,0 +1,352 @@
+//! Stream negotiation up to a bound resource (RFC 6120 §5 TLS, §6 SASL,
+//! §7 resource binding), one stream restart after each of TLS and SASL.
+
+use std::time::Instant;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use rand::RngCore;
+use xmpp::element::Element;
+use xmpp::error::{StanzaError, StreamError};
+use xmpp::jid::{nodeprep, resourceprep, BareJid, FullJid};
+use xmpp::sasl::{HashAlg, Mechanism, SaslFailure, ServerSession, Step};
+use xmpp::stanza::{error_reply, iq_result, ns, IqType, StanzaKind};
+use xmpp::xml::Event;
+
+use super::io::Io;
+use super::stream::{ConnError, Stream};
+
+/// The outcome of negotiation: the bound full JID and the bind request to answer.
+pub struct Bound {
+    pub jid: FullJid,
+    pub bind_iq: Element,
+}
+
+/// Runs TLS (unless already on TLS), SASL, and binding.
+pub async fn negotiate(s: &mut Stream) -> Result<Bound, ConnError> {
+    let user = authenticate(s).await?;
+    bind(s, user).await
+}
+
+async fn next_element(s: &mut Stream) -> Result<Element, ConnError> {
+    match s.next_event().await? {
+        Event::Element(e) => Ok(e),
+        Event::StreamClose => Err(ConnError::Closed),
+        Event::StreamOpen(_) => Err(ConnError::stream(
+            StreamError::NotWellFormed,
+            "unexpected stream header",
+        )),
+    }
+}
+
+/// The SASL mechanisms offered on this stream, strongest first.
+fn mechanisms(s: &Stream) -> Vec<Mechanism> {
+    let mut m = Vec::new();
+    let tls = s.io.is_tls();
+    if tls && (s.cb.tls_exporter.is_some() || s.cb.tls_server_end_point.is_some()) {
+        m.extend([
+            Mechanism::ScramPlus(HashAlg::Sha512),
+            Mechanism::ScramPlus(HashAlg::Sha256),
+            Mechanism::ScramPlus(HashAlg::Sha1),
+        ]);
+    }
+    m.extend([
+        Mechanism::Scram(HashAlg::Sha512),
+        Mechanism::Scram(HashAlg::Sha256),
+        Mechanism::Scram(HashAlg::Sha1),
+    ]);
+    // PLAIN sends the password itself: only inside TLS.
+    if tls {
+        m.push(Mechanism::Plain);
+    }
+    m
+}
+
+fn pre_auth_features(s: &Stream) -> Element {
+    let config = &s.server.config;
+    let mut f = Element::new("features", ns::STREAM);
+    let tls = s.io.is_tls();
+    if !tls {
+        let mut starttls = Element::new("starttls", ns::TLS);
+        if config.tls.require_c2s {
+            starttls = starttls.child(Element::new("required", ns::TLS));
+        }
+        f = f.child(starttls);
+        if config.tls.require_c2s {
+            return f;
+        }
+    }
+    let mut mechs = Element::new("mechanisms", ns::SASL);
+    for m in mechanisms(s) {
+        mechs = mechs.child(Element::new("mechanism", ns::SASL).text(m.name()));
+    }
+    f = f.child(mechs);
+    // XEP-0440: which channel-binding types this connection can do.
+    let mut cb = Element::new("sasl-channel-binding", ns::SASL_CB);
+    if s.cb.tls_exporter.is_some() {
+        cb = cb.child(Element::new("channel-binding", ns::SASL_CB).attr("type", "tls-exporter"));
+    }
+    if s.cb.tls_server_end_point.is_some() {
+        cb = cb.child(
+            Element::new("channel-binding", ns::SASL_CB).attr("type", "tls-server-end-point"),
+        );
+    }
+    if !cb.children.is_empty() {
+        f = f.child(cb);
+    }
+    if config.auth.allow_registration {
+        f = f.child(Element::new("register", ns::REGISTER_FEATURE));
+    }
+    f
+}
+
+fn sasl_failure(f: SaslFailure, text: Option<&str>) -> Element {
+    let mut e = Element::new("failure", ns::SASL).child(Element::new(f.condition(), ns::SASL));
+    if let Some(t) = text {
+        e = e.child(Element::new("text", ns::SASL).text(t));
+    }
+    e
+}
+
+async fn authenticate(s: &mut Stream) -> Result<BareJid, ConnError> {
+    let mut failures = 0u32;
+    loop {
+        s.open().await?;
+        let features = pre_auth_features(s);
+        s.send(&features).await?;
+        loop {
+            let e = next_element(s).await?;
+            let tls_needed = !s.io.is_tls() && s.server.config.tls.require_c2s;
+            if e.is("starttls", ns::TLS) && !s.io.is_tls() {
+                s.send(&Element::new("proceed", ns::TLS)).await?;
+                // RFC 6120 §5.4.3.3: nothing sent before the handshake counts;
+                // drop it so plaintext cannot be injected into the TLS stream.
+                s.parser.discard_buffer();
+                s.parser.reset();
+                upgrade(s).await?;
+                break;
+            } else if e.is("auth", ns::SASL) {
+                if tls_needed {
+                    s.send(&sasl_failure(SaslFailure::EncryptionRequired, None))
+                        .await?;
+                    continue;
+                }
+                if let Some(user) = sasl(s, &e).await? {
+                    s.parser.reset();
+                    return Ok(user);
+                }
+                failures += 1;
+                if failures >= s.server.config.auth.max_attempts_per_stream {
+                    return Err(ConnError::stream(
+                        StreamError::PolicyViolation,
+                        "too many failed authentication attempts",
+                    ));
+                }
+            } else if StanzaKind::of(&e) == Some(StanzaKind::Iq)
+                && e.get_child("query", ns::REGISTER).is_some()
+                && !tls_needed
+            {
+                let vhost = s.vhost.clone();
+                let server = s.server.clone();
+                let reply = crate::modules::register::preauth(&server, &vhost, &e).await;
+                s.send(&reply).await?;
+            } else {
+                // RFC 6120 §6.4.? stanzas before authentication.
+                return Err(ConnError::stream(
+                    StreamError::NotAuthorized,
+                    if tls_needed {
+                        "TLS is required: send <starttls/> first"
+                    } else {
+                        "authenticate first"
+                    },
+                ));
+            }
+        }
+    }
+}
+
+async fn upgrade(s: &mut Stream) -> Result<(), ConnError> {
+    let Io::Plain(tcp) = std::mem::replace(&mut s.io, Io::Upgrading) else {
+        return Err(ConnError::stream(
+            StreamError::UndefinedCondition,
+            "TLS is already on",
+        ));
+    };
+    let tls = s.server.tls.acceptor.accept(tcp).await?;
+    s.cb = s.server.tls.channel_bindings(tls.get_ref().1);
+    s.io = Io::Tls(Box::new(tls));
+    Ok(())
+}
+
+/// Decodes the base64 payload of `<auth/>` or `<response/>` (RFC 6120 §6.4.2: `=` is empty).
+fn decode(e: &Element) -> Option<Vec<u8>> {
+    let t = e.text_content();
+    let t = t.trim();
+    if t.is_empty() || t == "=" {
+        return Some(Vec::new());
+    }
+    B64.decode(t).ok()
+}
+
+/// One SASL exchange. `Ok(None)` when it failed and the client may retry.
+async fn sasl(s: &mut Stream, auth: &Element) -> Result<Option<BareJid>, ConnError> {
+    let offered = mechanisms(s);
+    let Some(mech) = auth
+        .get_attr("mechanism")
+        .and_then(Mechanism::from_name)
+        .filter(|m| offered.contains(m))
+    else {
+        s.send(&sasl_failure(SaslFailure::InvalidMechanism, None))
+            .await?;
+        return Ok(None);
+    };
+    let plus_offered = offered.iter().any(|m| matches!(m, Mechanism::ScramPlus(_)));
+    let mut nonce = [0u8; 18];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let mut session = ServerSession::new(mech, s.cb.clone(), plus_offered, B64.encode(nonce));
+    let Some(mut input) = decode(auth) else {
+        s.send(&sasl_failure(SaslFailure::IncorrectEncoding, None))
+            .await?;
+        return Ok(None);
+    };
+    let server = s.server.clone();
+    let vhost = s.vhost.clone();
+    let lookup = |username: &str, hash: HashAlg| {
+        let node = nodeprep(username).ok()?;
+        let jid = BareJid::new(Some(&node), &vhost).ok()?;
+        server
+            .store()
+            .account(&jid)
+            .ok()??
+            .credentials(hash)
+            .cloned()
+    };
+    loop {
+        match session.step(&input, &lookup) {
+            Step::Challenge(data) => {
+                s.send(&Element::new("challenge", ns::SASL).text(B64.encode(data)))
+                    .await?;
+                let e = next_element(s).await?;
+                if e.is("abort", ns::SASL) {
+                    s.send(&sasl_failure(SaslFailure::Aborted, None)).await?;
+                    return Ok(None);
+                }
+                if !e.is("response", ns::SASL) {
+                    return Err(ConnError::stream(
+                        StreamError::NotAuthorized,
+                        "expected a SASL <response/>",
+                    ));
+                }
+                match decode(&e) {
+                    Some(d) => input = d,
+                    None => {
+                        s.send(&sasl_failure(SaslFailure::IncorrectEncoding, None))
+                            .await?;
+                        return Ok(None);
+                    }
+                }
+            }
+            Step::Success {
+                username,
+                additional_data,
+            } => {
+                let jid = nodeprep(&username)
+                    .ok()
+                    .and_then(|n| BareJid::new(Some(&n), &s.vhost).ok());
+                let Some(jid) = jid else {
+                    s.send(&sasl_failure(SaslFailure::NotAuthorized, None))
+                        .await?;
+                    return Ok(None);
+                };
+                let mut ok = Element::new("success", ns::SASL);
+                if let Some(d) = additional_data {
+                    ok = ok.text(B64.encode(d));
+                }
+                s.send(&ok).await?;
+                tracing::info!(user = %jid, peer = %s.peer, mechanism = mech.name(), "authenticated");
+                return Ok(Some(jid));
+            }
+            Step::Failure { failure, username } => {
+                if failure == SaslFailure::NotAuthorized {
+                    let delay = s.server.throttle.fail(s.peer.ip(), Instant::now());
+                    tracing::info!(user = ?username, peer = %s.peer, delay_ms = delay.as_millis() as u64, "authentication failed");
+                    tokio::time::sleep(delay).await;
+                }
+                s.send(&sasl_failure(failure, None)).await?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// RFC 6120 §7: after the SASL restart, wait for the bind request.
+async fn bind(s: &mut Stream, user: BareJid) -> Result<Bound, ConnError> {
+    s.open().await?;
+    let features = Element::new("features", ns::STREAM)
+        .child(Element::new("bind", ns::BIND))
+        // RFC 6121 is silent on it; RFC 3921 clients wait for it: offer it as optional.
+        .child(Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)));
+    s.send(&features).await?;
+    loop {
+        let e = next_element(s).await?;
+        if StanzaKind::of(&e) != Some(StanzaKind::Iq) {
+            return Err(ConnError::stream(
+                StreamError::NotAuthorized,
+                "bind a resource first",
+            ));
+        }
+        let Some(request) = e.get_child("bind", ns::BIND) else {
+            let reply = error_reply(&e, StanzaError::NotAllowed, Some("bind a resource first"));
+            if let Some(r) = reply {
+                s.send(&r).await?;
+            }
+            continue;
+        };
+        if IqType::of(&e) != Some(IqType::Set) {
+            if let Some(r) = error_reply(&e, StanzaError::BadRequest, None) {
+                s.send(&r).await?;
+            }
+            continue;
+        }
+        let wanted = request
+            .child_text("resource", ns::BIND)
+            .filter(|r| !r.trim().is_empty());
+        let jid = match wanted {
+            Some(r) => match resourceprep(r.trim()).and_then(|r| user.with_resource(&r)) {
+                Ok(j) => j,
+                Err(_) => {
+                    // RFC 6120 §7.7.2.1: a resource that fails resourceprep.
+                    if let Some(r) =
+                        error_reply(&e, StanzaError::BadRequest, Some("invalid resource"))
+                    {
+                        s.send(&r).await?;
+                    }
+                    continue;
+                }
+            },
+            None => {
+                // RFC 6120 §7.6: the server generates a unique resource.
+                let mut id = [0u8; 9];
+                rand::thread_rng().fill_bytes(&mut id);
+                let r = B64.encode(id).replace(['+', '/'], "x");
+                match user.with_resource(&r) {
+                    Ok(j) => j,
+                    Err(_) => {
+                        return Err(ConnError::stream(
+                            StreamError::InternalServerError,
+                            "cannot make a resource",
+                        ))
+                    }
+                }
+            }
+        };
+        return Ok(Bound { jid, bind_iq: e });
+    }
+}
+
+/// The result of a bind request (RFC 6120 §7.6.1).
+pub fn bind_result(bind_iq: &Element, jid: &FullJid) -> Element {
+    iq_result(bind_iq).child(
+        Element::new("bind", ns::BIND).child(Element::new("jid", ns::BIND).text(jid.to_string())),
+    )
+}

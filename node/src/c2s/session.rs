@@ -1,0 +1,181 @@
+//! The session task of a bound client: reads stanzas, stamps their true
+//! `from`, hands them to the router; writes what the router sends it.
+
+use std::sync::Arc;
+
+use xmpp::element::Element;
+use xmpp::error::StreamError;
+use xmpp::jid::{FullJid, Jid};
+use xmpp::stanza::{ns, presence_priority, PresenceType, StanzaKind};
+use xmpp::xml::Event;
+
+use super::negotiate::{bind_result, Bound};
+use super::stream::{ConnError, Stream};
+use crate::router;
+use crate::sessions::{Outbound, SessionId};
+use crate::Server;
+
+/// Most queued stanzas written in one go (one TLS write, one syscall).
+const WRITE_BATCH: usize = 64;
+
+/// Unbinds the session however the task ends.
+struct BoundGuard {
+    server: Arc<Server>,
+    jid: FullJid,
+    id: SessionId,
+}
+
+impl Drop for BoundGuard {
+    fn drop(&mut self) {
+        if self.server.sessions.unbind(&self.jid, self.id) {
+            tracing::debug!(jid = %self.jid, "session ended");
+        }
+    }
+}
+
+pub async fn run(s: &mut Stream, bound: Bound) -> Result<(), ConnError> {
+    let server = s.server.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (id, replaced) = server.sessions.bind(&bound.jid, tx, s.peer, s.io.is_tls());
+    let _guard = BoundGuard {
+        server: server.clone(),
+        jid: bound.jid.clone(),
+        id,
+    };
+    if let Some(old) = replaced {
+        // RFC 6120 §7.7.2.2: the new session wins; the old one gets <conflict/>.
+        let _ = old.tx.send(Outbound::Close(
+            StreamError::Conflict,
+            Some("replaced by a new connection for this resource".into()),
+        ));
+    }
+    s.send(&bind_result(&bound.bind_iq, &bound.jid)).await?;
+    tracing::info!(jid = %bound.jid, peer = %s.peer, "session bound");
+
+    let mut shutdown = server.shutdown.subscribe();
+    let mut out = String::with_capacity(1024);
+    loop {
+        while let Some(ev) = s.parse_buffered()? {
+            match ev {
+                Event::Element(e) => handle(&server, s, &bound.jid, id, e).await?,
+                Event::StreamClose => return Err(ConnError::Closed),
+                Event::StreamOpen(_) => {
+                    return Err(ConnError::stream(
+                        StreamError::NotWellFormed,
+                        "unexpected stream header",
+                    ))
+                }
+            }
+        }
+        tokio::select! {
+            r = s.fill() => r?,
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return Err(ConnError::Closed) };
+                out.clear();
+                let mut close = None;
+                let mut next = Some(msg);
+                let mut n = 0;
+                while let Some(m) = next.take() {
+                    match m {
+                        Outbound::Xml(x) => out.push_str(&x),
+                        Outbound::Close(e, t) => {
+                            close = Some((e, t));
+                            break;
+                        }
+                    }
+                    n += 1;
+                    if n < WRITE_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !out.is_empty() {
+                    s.write_raw(&out).await?;
+                }
+                if let Some((e, t)) = close {
+                    return Err(ConnError::Stream(e, t));
+                }
+            }
+            _ = shutdown.changed() => {
+                return Err(ConnError::Stream(StreamError::SystemShutdown, None));
+            }
+        }
+    }
+}
+
+/// One element from the client on a bound stream.
+async fn handle(
+    server: &Server,
+    s: &mut Stream,
+    me: &FullJid,
+    id: SessionId,
+    mut e: Element,
+) -> Result<(), ConnError> {
+    let Some(kind) = StanzaKind::of(&e) else {
+        if e.is("error", ns::STREAM) {
+            return Err(ConnError::Closed);
+        }
+        return Err(ConnError::stream(
+            StreamError::UnsupportedStanzaType,
+            format!("<{}/> in {} is not a stanza", e.name, e.ns),
+        ));
+    };
+    // RFC 6120 §8.1.2.1: the server stamps the full JID; a `from` naming
+    // anyone else is refused (§4.9.3.9 invalid-from).
+    if let Some(from) = e.get_attr("from") {
+        let ok = match Jid::parse(from) {
+            Ok(Jid::Full(f)) => &f == me,
+            Ok(Jid::Bare(b)) => &b == me.bare(),
+            Err(_) => false,
+        };
+        if !ok {
+            return Err(ConnError::stream(
+                StreamError::InvalidFrom,
+                format!("you are {me}, not {from}"),
+            ));
+        }
+    }
+    e.set_attr("from", me.to_string());
+    // Stanzas from the client are addressed in jabber:client; keep it so.
+    e.ns = ns::CLIENT.to_owned();
+
+    if kind == StanzaKind::Presence && e.get_attr("to").is_none() {
+        return presence_broadcast(server, me, id, &e).await;
+    }
+    let _ = s;
+    router::route(server, e).await;
+    Ok(())
+}
+
+/// Presence without `to`: the session's own availability (RFC 6121 §4.2, §4.4).
+/// Broadcast to contacts comes with the roster (a later issue); here the
+/// session table learns availability and priority, which bare-JID routing
+/// and offline delivery depend on.
+async fn presence_broadcast(
+    server: &Server,
+    me: &FullJid,
+    id: SessionId,
+    e: &Element,
+) -> Result<(), ConnError> {
+    match PresenceType::of(e) {
+        Some(PresenceType::Available) => {
+            let was_available = server
+                .sessions
+                .set_presence(me, id, true, presence_priority(e));
+            for m in server.modules.iter() {
+                m.on_presence_available(server, me, !was_available).await;
+            }
+        }
+        Some(PresenceType::Unavailable) => {
+            server
+                .sessions
+                .set_presence(me, id, false, presence_priority(e));
+        }
+        _ => router::bounce(
+            server,
+            e,
+            xmpp::error::StanzaError::BadRequest,
+            Some("this presence type needs a 'to'"),
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! One client connection's stream: the socket, the parser's buffer, and
+//! writing stream headers, elements and stream errors (RFC 6120 §4).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use xmpp::element::Element;
+use xmpp::error::StreamError;
+use xmpp::stanza::ns;
+use xmpp::xml::{Event, StreamHeader, StreamParser};
+
+use super::io::Io;
+use crate::Server;
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// We close the stream with this error (written to the peer first).
+    #[error("stream error {0}: {1:?}")]
+    Stream(StreamError, Option<String>),
+    /// The peer closed its stream or the TCP connection.
+    #[error("closed by peer")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ConnError {
+    pub fn stream(e: StreamError, text: impl Into<String>) -> ConnError {
+        ConnError::Stream(e, Some(text.into()))
+    }
+}
+
+/// Read buffer size: one TLS record's worth.
+const READ_CHUNK: usize = 4096;
+
+pub struct Stream {
+    pub server: Arc<Server>,
+    pub io: Io,
+    pub parser: StreamParser,
+    pub peer: SocketAddr,
+    /// The virtual host this stream is for (from the client's `to`).
+    pub vhost: String,
+    /// Channel-binding data of the TLS connection, once there is one.
+    pub cb: xmpp::sasl::ChannelBindings,
+    /// Whether our stream header is out (a stream error must follow one).
+    header_sent: bool,
+    /// The client's stream open, kept for the `to` of our reply header.
+    client_from: Option<String>,
+    out: String,
+    read_buf: Vec<u8>,
+}
+
+impl Stream {
+    pub fn new(server: Arc<Server>, io: Io, peer: SocketAddr) -> Stream {
+        let limits = server.config.limits.parser();
+        Stream {
+            server,
+            io,
+            parser: StreamParser::new(limits),
+            peer,
+            vhost: String::new(),
+            cb: Default::default(),
+            header_sent: false,
+            client_from: None,
+            out: String::with_capacity(512),
+            read_buf: vec![0; READ_CHUNK],
+        }
+    }
+
+    /// Reads until the parser yields an event. Cancel-safe: bytes read are
+    /// in the parser before the next await.
+    pub async fn next_event(&mut self) -> Result<Event, ConnError> {
+        loop {
+            if let Some(ev) = self.parse_buffered()? {
+                return Ok(ev);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// The next event already in the buffer, if any.
+    pub fn parse_buffered(&mut self) -> Result<Option<Event>, ConnError> {
+        self.parser.next_event().map_err(|e| {
+            let text = e.to_string();
+            ConnError::Stream(e.stream_error(), Some(text))
+        })
+    }
+
+    /// Reads once from the socket into the parser.
+    pub async fn fill(&mut self) -> Result<(), ConnError> {
+        let n = self.io.read(&mut self.read_buf).await?;
+        if n == 0 {
+            return Err(ConnError::Closed);
+        }
+        self.parser.feed(&self.read_buf[..n]);
+        Ok(())
+    }
+
+    /// Waits for the client's stream header and answers with ours (RFC 6120
+    /// §4.2, §4.7); checks the namespace, version and virtual host.
+    pub async fn open(&mut self) -> Result<(), ConnError> {
+        self.header_sent = false;
+        let header = match self.next_event().await? {
+            Event::StreamOpen(h) => h,
+            Event::StreamClose => return Err(ConnError::Closed),
+            Event::Element(_) => {
+                return Err(ConnError::stream(
+                    StreamError::NotWellFormed,
+                    "expected a stream header",
+                ))
+            }
+        };
+        self.check_header(&header)?;
+        self.write_header().await
+    }
+
+    fn check_header(&mut self, h: &StreamHeader) -> Result<(), ConnError> {
+        self.client_from = h.from.clone();
+        // Pick the host first, so that any stream error below comes from it.
+        let to = h.to.as_deref().and_then(|t| xmpp::jid::nameprep(t).ok());
+        match to {
+            Some(t) if self.server.config.is_local_domain(&t) => {
+                if !self.vhost.is_empty() && self.vhost != t {
+                    // A restarted stream (after TLS or SASL) must keep its host.
+                    return Err(ConnError::stream(
+                        StreamError::HostUnknown,
+                        "the host changed on a stream restart",
+                    ));
+                }
+                self.vhost = t;
+            }
+            other => {
+                if self.vhost.is_empty() {
+                    self.vhost = self.server.config.vhosts[0].name.clone();
+                }
+                let text = match other {
+                    Some(t) => format!("this server does not serve {t}"),
+                    None => "the stream header has no valid 'to'".into(),
+                };
+                return Err(ConnError::Stream(StreamError::HostUnknown, Some(text)));
+            }
+        }
+        if h.default_ns != ns::CLIENT {
+            return Err(ConnError::stream(
+                StreamError::InvalidNamespace,
+                "client streams use the jabber:client namespace",
+            ));
+        }
+        // RFC 6120 §4.7.5: we speak 1.0; a missing version means 0.9.
+        let major = h
+            .version
+            .as_deref()
+            .and_then(|v| v.split('.').next()?.parse::<u32>().ok());
+        if major != Some(1) {
+            return Err(ConnError::stream(
+                StreamError::UnsupportedVersion,
+                "XMPP version 1.0 is required",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn write_header(&mut self) -> Result<(), ConnError> {
+        let mut id = [0u8; 12];
+        rand::thread_rng().fill_bytes(&mut id);
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let mut s = String::with_capacity(256);
+        s.push_str("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' id='");
+        s.push_str(&id);
+        s.push_str("' from='");
+        xmpp::element::escape_into(&mut s, &self.vhost, true);
+        s.push('\'');
+        if let Some(to) = &self.client_from {
+            s.push_str(" to='");
+            xmpp::element::escape_into(&mut s, to, true);
+            s.push('\'');
+        }
+        s.push_str(" version='1.0' xml:lang='en'>");
+        self.header_sent = true;
+        self.write_raw(&s).await
+    }
+
+    /// Writes one element (a stanza or a negotiation element).
+    pub async fn send(&mut self, e: &Element) -> Result<(), ConnError> {
+        self.out.clear();
+        e.write_to(&mut self.out, ns::CLIENT);
+        let out = std::mem::take(&mut self.out);
+        let r = self.write_raw(&out).await;
+        self.out = out;
+        r
+    }
+
+    pub async fn write_raw(&mut self, s: &str) -> Result<(), ConnError> {
+        self.io.write_all(s.as_bytes()).await?;
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Closes the stream with an error (RFC 6120 §4.9.1.1), sending our
+    /// header first when the client never saw one (§4.9.1.2).
+    pub async fn close_with_error(&mut self, error: StreamError, text: Option<&str>) {
+        if !self.header_sent {
+            if self.vhost.is_empty() {
+                self.vhost = self.server.config.vhosts[0].name.clone();
+            }
+            let _ = self.write_header().await;
+        }
+        let mut s = error.to_xml(text);
+        s.push_str("</stream:stream>");
+        let _ = self.write_raw(&s).await;
+        self.shutdown().await;
+    }
+
+    /// Ends the stream cleanly from our side.
+    pub async fn close(&mut self) {
+        let _ = self.write_raw("</stream:stream>").await;
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.io.shutdown()).await;
+    }
+}

@@ -1,0 +1,523 @@
+//! The node's configuration: one TOML file, every setting also a flag and an
+//! `XMPP_`-prefixed environment variable, embedded defaults for the rest.
+//!
+//! Precedence: flag or environment variable > file > default. Every limit,
+//! timeout and default of the node lives here with its documentation
+//! (STYLE.md habit 8); nothing else hard-codes them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command-line flags of `xmpp-node`. Each also reads `XMPP_<NAME>`.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "xmpp-node",
+    version,
+    about = "A clustered, federated XMPP server node"
+)]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long, env = "XMPP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where accounts, offline messages and generated certificates live.
+    #[arg(long, env = "XMPP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A virtual host to serve (repeatable; replaces the file's list).
+    #[arg(long = "vhost", env = "XMPP_VHOST", value_delimiter = ',')]
+    pub vhosts: Vec<String>,
+    /// Client-to-server listener with STARTTLS.
+    #[arg(long, env = "XMPP_C2S_ADDR")]
+    pub c2s_addr: Option<SocketAddr>,
+    /// Client-to-server listener with direct TLS (XEP-0368).
+    #[arg(long, env = "XMPP_C2S_TLS_ADDR")]
+    pub c2s_tls_addr: Option<SocketAddr>,
+    /// Server-to-server listener (federation; not served yet).
+    #[arg(long, env = "XMPP_S2S_ADDR")]
+    pub s2s_addr: Option<SocketAddr>,
+    /// HTTP listener (BOSH, WebSocket, metrics; not served yet).
+    #[arg(long, env = "XMPP_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Admin and cluster gRPC listener (clusterctl talks to it).
+    #[arg(long, env = "XMPP_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Log filter, e.g. `info` or `node=debug,info`.
+    #[arg(long, env = "XMPP_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Allow in-band registration (XEP-0077).
+    #[arg(long, env = "XMPP_ALLOW_REGISTRATION")]
+    pub allow_registration: Option<bool>,
+    /// Require TLS before authentication on the STARTTLS listener.
+    #[arg(long, env = "XMPP_REQUIRE_TLS")]
+    pub require_tls: Option<bool>,
+    /// PBKDF2 iteration count for newly stored SCRAM credentials.
+    #[arg(long, env = "XMPP_SCRAM_ITERATIONS")]
+    pub scram_iterations: Option<u32>,
+}
+
+/// The whole configuration, after file, flags and defaults are merged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's id in the cluster.
+    pub node_id: u64,
+    /// Data directory (sled database, generated certificates).
+    pub data_dir: PathBuf,
+    /// Virtual hosts served by this node.
+    pub vhosts: Vec<VHost>,
+    pub listen: Listen,
+    pub tls: Tls,
+    pub auth: Auth,
+    pub limits: Limits,
+    pub log: Log,
+}
+
+/// One virtual host: a domain, and optionally its certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VHost {
+    /// The domain, e.g. `example.com`.
+    pub name: String,
+    /// PEM certificate chain. When absent, a self-signed certificate is
+    /// generated on first start and kept in `<data_dir>/certs/`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key matching `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub c2s: SocketAddr,
+    pub c2s_tls: SocketAddr,
+    pub s2s: SocketAddr,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// Refuse authentication before STARTTLS (RFC 6120 §5.3.1 mandatory-to-negotiate).
+    pub require_c2s: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// PBKDF2 iterations for new SCRAM credentials (RFC 7677 asks for at least 4096).
+    pub scram_iterations: u32,
+    /// In-band registration (XEP-0077); off by default.
+    pub allow_registration: bool,
+    /// Delay before answering the first failed authentication from an address;
+    /// it doubles with each further failure from the same address.
+    pub failure_delay_ms: u64,
+    /// Upper bound of that delay.
+    pub max_failure_delay_ms: u64,
+    /// Failures from one address are forgotten after this long without one.
+    pub failure_memory_secs: u64,
+    /// Failed attempts allowed on one stream before it is closed (RFC 6120 §6.4.5).
+    pub max_attempts_per_stream: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest stanza accepted, in bytes; larger gets `<policy-violation/>`.
+    pub max_stanza_bytes: usize,
+    /// Deepest element nesting inside a stanza.
+    pub max_depth: usize,
+    /// Most attributes on one element.
+    pub max_attrs: usize,
+    /// Seconds a connection may take from accept to a bound resource.
+    pub negotiation_timeout_secs: u64,
+    /// Messages kept per offline user (XEP-0160); more are refused with an error.
+    pub offline_max_messages: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// `tracing` filter directive.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or_else(|_| unreachable!("built-in address {s} parses"))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            data_dir: PathBuf::from("./data"),
+            vhosts: vec![VHost {
+                name: "localhost".into(),
+                tls_cert: None,
+                tls_key: None,
+            }],
+            listen: Listen::default(),
+            tls: Tls::default(),
+            auth: Auth::default(),
+            limits: Limits::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            c2s: addr("0.0.0.0:5222"),
+            c2s_tls: addr("0.0.0.0:5223"),
+            s2s: addr("0.0.0.0:5269"),
+            http: addr("0.0.0.0:5280"),
+            grpc: addr("127.0.0.1:5290"),
+        }
+    }
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls { require_c2s: true }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            scram_iterations: 4096,
+            allow_registration: false,
+            failure_delay_ms: 500,
+            max_failure_delay_ms: 8_000,
+            failure_memory_secs: 300,
+            max_attempts_per_stream: 3,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_stanza_bytes: 256 * 1024,
+            max_depth: 32,
+            max_attrs: 64,
+            negotiation_timeout_secs: 60,
+            offline_max_messages: 500,
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Limits {
+    pub fn negotiation_timeout(&self) -> Duration {
+        Duration::from_secs(self.negotiation_timeout_secs)
+    }
+
+    pub fn parser(&self) -> xmpp::xml::Limits {
+        xmpp::xml::Limits {
+            max_stanza_bytes: self.max_stanza_bytes,
+            max_depth: self.max_depth,
+            max_attrs: self.max_attrs,
+        }
+    }
+}
+
+/// A configuration problem, worded for the operator who has to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+impl Config {
+    /// Merges defaults, the file named by `--config` (if any) and the flags.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        let mut config = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Config::from_toml(&text, path)?
+            }
+            None => Config::default(),
+        };
+        config.apply_flags(flags);
+        config.validate(flags.config.as_deref())?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document; errors name the file, line and column.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            ConfigError::Syntax {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        // Where the file names vhosts, per-key semantic errors below refer
+        // to the file; line numbers come from the TOML span where we have one.
+        Ok(config)
+    }
+
+    fn apply_flags(&mut self, f: &Flags) {
+        if let Some(d) = &f.data_dir {
+            self.data_dir = d.clone();
+        }
+        if !f.vhosts.is_empty() {
+            self.vhosts = f
+                .vhosts
+                .iter()
+                .map(|name| VHost {
+                    name: name.clone(),
+                    tls_cert: None,
+                    tls_key: None,
+                })
+                .collect();
+        }
+        if let Some(a) = f.c2s_addr {
+            self.listen.c2s = a;
+        }
+        if let Some(a) = f.c2s_tls_addr {
+            self.listen.c2s_tls = a;
+        }
+        if let Some(a) = f.s2s_addr {
+            self.listen.s2s = a;
+        }
+        if let Some(a) = f.http_addr {
+            self.listen.http = a;
+        }
+        if let Some(a) = f.grpc_addr {
+            self.listen.grpc = a;
+        }
+        if let Some(l) = &f.log_level {
+            self.log.level = l.clone();
+        }
+        if let Some(r) = f.allow_registration {
+            self.auth.allow_registration = r;
+        }
+        if let Some(r) = f.require_tls {
+            self.tls.require_c2s = r;
+        }
+        if let Some(i) = f.scram_iterations {
+            self.auth.scram_iterations = i;
+        }
+    }
+
+    /// Checks what serde cannot: domains, certificate pairs, ranges.
+    fn validate(&mut self, file: Option<&Path>) -> Result<(), ConfigError> {
+        let origin = |key: &str| match file {
+            Some(p) => format!("{}: key `{key}`", p.display()),
+            None => format!("key `{key}`"),
+        };
+        if self.vhosts.is_empty() {
+            return Err(ConfigError::Invalid {
+                origin: origin("vhosts"),
+                message: "no virtual host configured; add `[[vhosts]] name = \"example.com\"` or pass --vhost example.com".into(),
+            });
+        }
+        for (i, v) in self.vhosts.iter_mut().enumerate() {
+            let key = format!("vhosts[{i}].name");
+            let normal = xmpp::jid::nameprep(&v.name).map_err(|e| ConfigError::Invalid {
+                origin: origin(&key),
+                message: format!(
+                    "`{}` is not a valid domain ({e}); use a DNS name such as `example.com`",
+                    v.name
+                ),
+            })?;
+            if normal.is_empty() || normal.contains(['@', '/']) {
+                return Err(ConfigError::Invalid {
+                    origin: origin(&key),
+                    message: format!("`{}` is not a domain; use a DNS name such as `example.com` (no user@ or /resource)", v.name),
+                });
+            }
+            v.name = normal;
+            if v.tls_cert.is_some() != v.tls_key.is_some() {
+                return Err(ConfigError::Invalid {
+                    origin: origin(&format!("vhosts[{i}]")),
+                    message: "`tls_cert` and `tls_key` go together: give both, or neither for a generated self-signed certificate".into(),
+                });
+            }
+        }
+        let mut names: Vec<&str> = self.vhosts.iter().map(|v| v.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid {
+                origin: origin("vhosts"),
+                message: format!("virtual host `{}` is listed twice", w[0]),
+            });
+        }
+        if self.auth.scram_iterations < 4096 {
+            return Err(ConfigError::Invalid {
+                origin: origin("auth.scram_iterations"),
+                message: format!(
+                    "{} is too low; RFC 7677 asks for at least 4096",
+                    self.auth.scram_iterations
+                ),
+            });
+        }
+        if self.limits.max_stanza_bytes < 10_000 {
+            return Err(ConfigError::Invalid {
+                origin: origin("limits.max_stanza_bytes"),
+                message: format!(
+                    "{} is too small; RFC 6120 §13.12 requires accepting stanzas of at least 10000 bytes",
+                    self.limits.max_stanza_bytes
+                ),
+            });
+        }
+        if self.limits.max_depth < 4 || self.limits.max_attrs < 8 {
+            return Err(ConfigError::Invalid {
+                origin: origin("limits"),
+                message: "max_depth must be at least 4 and max_attrs at least 8, or ordinary stanzas are refused".into(),
+            });
+        }
+        if self.limits.offline_max_messages == 0 {
+            return Err(ConfigError::Invalid {
+                origin: origin("limits.offline_max_messages"),
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.vhosts.iter().any(|v| v.name == domain)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> Result<Config, ConfigError> {
+        let path = Path::new("/etc/xmpp/node.toml");
+        let mut c = Config::from_toml(text, path)?;
+        c.validate(Some(path))?;
+        Ok(c)
+    }
+
+    #[test]
+    fn full_file_parses_and_normalises_domains() {
+        let c = load_str(
+            r#"
+node_id = 3
+data_dir = "/var/lib/xmpp"
+[[vhosts]]
+name = "Example.COM"
+[[vhosts]]
+name = "chat.example.org"
+tls_cert = "/etc/ssl/chat.pem"
+tls_key = "/etc/ssl/chat.key"
+[listen]
+c2s = "127.0.0.1:15222"
+[limits]
+max_stanza_bytes = 65536
+"#,
+        )
+        .expect("valid config");
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.vhosts[0].name, "example.com");
+        assert_eq!(c.listen.c2s, addr("127.0.0.1:15222"));
+        assert_eq!(c.listen.c2s_tls, addr("0.0.0.0:5223"));
+        assert_eq!(c.limits.max_stanza_bytes, 65536);
+        assert!(c.tls.require_c2s);
+    }
+
+    #[test]
+    fn bad_value_names_file_line_and_expectation() {
+        let err =
+            load_str("node_id = 1\n[listen]\nc2s = \"localhost-5222\"\n").expect_err("bad address");
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/xmpp/node.toml:3:"), "{msg}");
+        assert!(msg.contains("socket address"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_lists_valid_keys() {
+        let err = load_str("[limits]\nmax_stanza_size = 5\n").expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains(":2:"), "{msg}");
+        assert!(msg.contains("max_stanza_bytes"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key_and_fix() {
+        let msg = load_str("[auth]\nscram_iterations = 10\n")
+            .expect_err("low")
+            .to_string();
+        assert!(
+            msg.contains("auth.scram_iterations") && msg.contains("4096"),
+            "{msg}"
+        );
+        let msg = load_str("[[vhosts]]\nname = \"a@b\"\n")
+            .expect_err("jid")
+            .to_string();
+        assert!(msg.contains("vhosts[0].name"), "{msg}");
+        let msg = load_str("[[vhosts]]\nname = \"a.b\"\ntls_cert = \"x\"\n")
+            .expect_err("pair")
+            .to_string();
+        assert!(msg.contains("tls_key"), "{msg}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let mut c = Config::default();
+        let flags = Flags {
+            vhosts: vec!["a.test".into(), "b.test".into()],
+            c2s_addr: Some(addr("127.0.0.2:1")),
+            ..Flags::default()
+        };
+        c.apply_flags(&flags);
+        assert_eq!(c.vhosts.len(), 2);
+        assert_eq!(c.listen.c2s, addr("127.0.0.2:1"));
+    }
+}

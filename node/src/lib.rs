@@ -1,0 +1,139 @@
+//! The XMPP server node. `main.rs` parses flags and calls [`run`]; the
+//! folders follow DESIGN.md: `c2s/` talks to clients, [`router`] decides
+//! where stanzas go, [`sessions`] knows who is online here, [`modules`]
+//! hold the features, [`cluster`] applies every durable write, [`store`]
+//! reads it back, [`admin`] serves `clusterctl`.
+
+pub mod accounts;
+pub mod admin;
+pub mod c2s;
+pub mod cluster;
+pub mod config;
+pub mod modules;
+pub mod router;
+pub mod sessions;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+
+use crate::c2s::throttle::AuthThrottle;
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::modules::Module;
+use crate::sessions::Sessions;
+use crate::store::Store;
+
+/// Everything a connection, a module or the admin service needs, shared.
+pub struct Server {
+    pub config: Config,
+    pub tls: tls::Tls,
+    pub cluster: Cluster,
+    pub sessions: Sessions,
+    pub modules: Vec<Box<dyn Module>>,
+    pub throttle: AuthThrottle,
+    pub started: Instant,
+    /// Flips to `true` once: every listener and session task watches it.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Server {
+    pub fn store(&self) -> &Store {
+        self.cluster.store()
+    }
+}
+
+/// Opens the data directory and TLS material, then serves until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let store = Store::open(&config.data_dir.join("db")).with_context(|| {
+        format!(
+            "cannot open the database in {} (is another xmpp-node using it?)",
+            config.data_dir.display()
+        )
+    })?;
+    let cluster = Cluster::open(store).context("cannot read the state machine")?;
+    let tls = tls::Tls::load(&config).context("cannot set up TLS")?;
+    let (shutdown, _) = tokio::sync::watch::channel(false);
+    let server = Arc::new(Server {
+        throttle: AuthThrottle::new(&config.auth),
+        config,
+        tls,
+        cluster,
+        sessions: Sessions::default(),
+        modules: modules::all(),
+        started: Instant::now(),
+        shutdown,
+    });
+
+    let c2s_plain = tokio::net::TcpListener::bind(server.config.listen.c2s)
+        .await
+        .with_context(|| format!("cannot listen on c2s address {}", server.config.listen.c2s))?;
+    let c2s_tls = tokio::net::TcpListener::bind(server.config.listen.c2s_tls)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on c2s TLS address {}",
+                server.config.listen.c2s_tls
+            )
+        })?;
+    let grpc = tokio::net::TcpListener::bind(server.config.listen.grpc)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on gRPC address {}",
+                server.config.listen.grpc
+            )
+        })?;
+    tracing::info!(
+        vhosts = ?server.config.vhosts.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        c2s = %server.config.listen.c2s,
+        c2s_tls = %server.config.listen.c2s_tls,
+        grpc = %server.config.listen.grpc,
+        data_dir = %server.config.data_dir.display(),
+        "xmpp-node ready"
+    );
+
+    let tasks = [
+        tokio::spawn(c2s::listen(server.clone(), c2s_plain, false)),
+        tokio::spawn(c2s::listen(server.clone(), c2s_tls, true)),
+        tokio::spawn(admin::serve(server.clone(), grpc)),
+    ];
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = server.shutdown.send(true);
+    server
+        .sessions
+        .close_all(xmpp::error::StreamError::SystemShutdown);
+    // Give session tasks a moment to write their stream errors.
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while server.sessions.count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    server.store().flush().await.context("final flush")?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

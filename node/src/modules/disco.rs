@@ -1,0 +1,86 @@
+//! Service Discovery (XEP-0030). The server's identities and features are
+//! collected from what every enabled module declares.
+
+use xmpp::element::Element;
+use xmpp::error::StanzaError;
+use xmpp::stanza::{error_reply, iq_result, ns};
+
+use super::{BoxFuture, Identity, IqRequest, IqTarget, Module};
+use crate::Server;
+
+pub struct Disco;
+
+const SERVER_IDENTITY: Identity = Identity {
+    category: "server",
+    kind: "im",
+    name: "xmpp-node",
+};
+
+fn identity(i: &Identity) -> Element {
+    Element::new("identity", ns::DISCO_INFO)
+        .attr("category", i.category)
+        .attr("type", i.kind)
+        .attr("name", i.name)
+}
+
+impl Module for Disco {
+    fn name(&self) -> &'static str {
+        "disco"
+    }
+
+    fn handles(&self, namespace: &str, _target: &IqTarget) -> bool {
+        namespace == ns::DISCO_INFO || namespace == ns::DISCO_ITEMS
+    }
+
+    fn features(&self) -> &'static [&'static str] {
+        &[ns::DISCO_INFO, ns::DISCO_ITEMS]
+    }
+
+    fn handle_iq<'a>(&'a self, server: &'a Server, req: IqRequest<'a>) -> BoxFuture<'a, Element> {
+        Box::pin(async move {
+            if req.is_set() {
+                return error_reply(req.iq, StanzaError::BadRequest, None)
+                    .unwrap_or_else(|| iq_result(req.iq));
+            }
+            // Nodes (XEP-0030 §3.2) are not offered by any module yet.
+            if req.payload.get_attr("node").is_some() {
+                return error_reply(req.iq, StanzaError::ItemNotFound, None)
+                    .unwrap_or_else(|| iq_result(req.iq));
+            }
+            let mut query = Element::new("query", req.payload.ns.clone());
+            if req.payload.ns == ns::DISCO_INFO {
+                match &req.target {
+                    IqTarget::Server(_) => {
+                        query = query.child(identity(&SERVER_IDENTITY));
+                        let mut features: Vec<&str> = Vec::new();
+                        for m in server.modules.iter() {
+                            for i in m.identities() {
+                                query = query.child(identity(i));
+                            }
+                            features.extend(m.features());
+                        }
+                        features.sort_unstable();
+                        features.dedup();
+                        for f in features {
+                            query =
+                                query.child(Element::new("feature", ns::DISCO_INFO).attr("var", f));
+                        }
+                    }
+                    IqTarget::Account(_) => {
+                        // XEP-0030 §3.1: an account answers with its registered identity.
+                        query = query
+                            .child(identity(&Identity {
+                                category: "account",
+                                kind: "registered",
+                                name: "",
+                            }))
+                            .child(
+                                Element::new("feature", ns::DISCO_INFO).attr("var", ns::DISCO_INFO),
+                            );
+                    }
+                }
+            }
+            iq_result(req.iq).child(query)
+        })
+    }
+}

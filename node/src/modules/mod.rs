@@ -1,0 +1,114 @@
+//! Features as modules, the way Prosody's `mod_*` and ejabberd's `gen_mod`
+//! work: each module declares the IQ namespaces it answers, the disco
+//! features and identities it adds, and the hooks it wants. The router
+//! knows no feature by name; disco#info is assembled from these
+//! declarations, never hand-listed.
+//!
+//! A new XEP is a new file here plus one line in [`all`].
+
+mod disco;
+mod offline;
+mod ping;
+pub mod register;
+mod version;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use xmpp::element::Element;
+use xmpp::jid::{BareJid, FullJid};
+
+use crate::Server;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Whom an IQ request is addressed to (RFC 6120 §10.3, §10.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IqTarget {
+    /// The server itself: `to` is a served domain.
+    Server(String),
+    /// An account, answered by the server on its behalf: `to` is a bare JID
+    /// of a local user, or absent.
+    Account(BareJid),
+}
+
+/// An IQ request of type get or set, with the sender's true full JID.
+pub struct IqRequest<'a> {
+    pub iq: &'a Element,
+    pub payload: &'a Element,
+    pub from: &'a FullJid,
+    pub target: IqTarget,
+}
+
+impl IqRequest<'_> {
+    pub fn is_set(&self) -> bool {
+        self.iq.get_attr("type") == Some("set")
+    }
+}
+
+/// A disco identity (XEP-0030 §3.1).
+pub struct Identity {
+    pub category: &'static str,
+    pub kind: &'static str,
+    pub name: &'static str,
+}
+
+pub trait Module: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Payload namespaces this module answers, and for which targets.
+    fn handles(&self, _ns: &str, _target: &IqTarget) -> bool {
+        false
+    }
+
+    /// Disco#info features this module adds to the server.
+    fn features(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn identities(&self) -> &'static [Identity] {
+        &[]
+    }
+
+    /// Answers an IQ request this module `handles`; returns the reply
+    /// (a result or an error), which the router sends back.
+    fn handle_iq<'a>(&'a self, _server: &'a Server, req: IqRequest<'a>) -> BoxFuture<'a, Element> {
+        let reply =
+            xmpp::stanza::error_reply(req.iq, xmpp::error::StanzaError::ServiceUnavailable, None)
+                .unwrap_or_else(|| xmpp::stanza::iq_result(req.iq));
+        Box::pin(async move { reply })
+    }
+
+    /// Hook: a session sent available presence (`initial` for the first).
+    fn on_presence_available<'a>(
+        &'a self,
+        _server: &'a Server,
+        _session: &'a FullJid,
+        _initial: bool,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    /// Hook: a `chat`/`normal` message to an existing user has no available
+    /// resource. `Some(Ok)` when the module took it, `Some(Err(reply))` when
+    /// it refused it with that error reply, `None` when it does not care.
+    fn on_message_offline<'a>(
+        &'a self,
+        _server: &'a Server,
+        _to: &'a BareJid,
+        _message: &'a Element,
+    ) -> BoxFuture<'a, Option<Result<(), Element>>> {
+        Box::pin(async { None })
+    }
+}
+
+/// The module list: the only place features are registered.
+pub fn all() -> Vec<Box<dyn Module>> {
+    vec![
+        Box::new(disco::Disco),
+        Box::new(ping::Ping),
+        Box::new(version::Version),
+        Box::new(offline::Offline),
+        Box::new(register::Register),
+    ]
+}

@@ -1,0 +1,147 @@
+//! In-band registration (XEP-0077), off unless `auth.allow_registration`.
+//!
+//! Before authentication a client may create an account on the stream's
+//! virtual host; after it, change its password or remove its account.
+
+use xmpp::element::Element;
+use xmpp::error::StanzaError;
+use xmpp::jid::{nodeprep, BareJid};
+use xmpp::stanza::{error_reply, iq_result, ns, IqType};
+
+use super::{BoxFuture, IqRequest, IqTarget, Module};
+use crate::accounts::{self, AccountError};
+use crate::cluster::state_machine::ApplyError;
+use crate::Server;
+
+pub struct Register;
+
+fn err(iq: &Element, cond: StanzaError, text: Option<&str>) -> Element {
+    error_reply(iq, cond, text).unwrap_or_else(|| iq_result(iq))
+}
+
+fn form(registered: Option<&str>) -> Element {
+    let q = Element::new("query", ns::REGISTER);
+    match registered {
+        Some(user) => q
+            .child(Element::new("registered", ns::REGISTER))
+            .child(Element::new("username", ns::REGISTER).text(user)),
+        None => q
+            .child(
+                Element::new("instructions", ns::REGISTER).text("Choose a username and password."),
+            )
+            .child(Element::new("username", ns::REGISTER))
+            .child(Element::new("password", ns::REGISTER)),
+    }
+}
+
+/// Handles a `jabber:iq:register` IQ on a not yet authenticated stream.
+pub async fn preauth(server: &Server, vhost: &str, iq: &Element) -> Element {
+    if !server.config.auth.allow_registration {
+        return err(
+            iq,
+            StanzaError::ServiceUnavailable,
+            Some("registration is disabled on this server"),
+        );
+    }
+    let Some(query) = iq.get_child("query", ns::REGISTER) else {
+        return err(iq, StanzaError::BadRequest, None);
+    };
+    match IqType::of(iq) {
+        Some(IqType::Get) => iq_result(iq).child(form(None)),
+        Some(IqType::Set) => {
+            let (Some(user), Some(password)) = (
+                query.child_text("username", ns::REGISTER),
+                query.child_text("password", ns::REGISTER),
+            ) else {
+                return err(
+                    iq,
+                    StanzaError::NotAcceptable,
+                    Some("username and password are required"),
+                );
+            };
+            let Ok(node) = nodeprep(&user) else {
+                return err(
+                    iq,
+                    StanzaError::JidMalformed,
+                    Some("that username is not allowed"),
+                );
+            };
+            let Ok(jid) = BareJid::new(Some(&node), vhost) else {
+                return err(
+                    iq,
+                    StanzaError::JidMalformed,
+                    Some("that username is not allowed"),
+                );
+            };
+            match accounts::create(server, &jid, &password).await {
+                Ok(()) => {
+                    tracing::info!(user = %jid, "account registered in-band");
+                    iq_result(iq)
+                }
+                Err(AccountError::Apply(ApplyError::AccountExists(_))) => {
+                    err(iq, StanzaError::Conflict, Some("that username is taken"))
+                }
+                Err(AccountError::BadPassword) => {
+                    err(iq, StanzaError::NotAcceptable, Some("unusable password"))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "in-band registration failed");
+                    err(iq, StanzaError::InternalServerError, None)
+                }
+            }
+        }
+        _ => err(iq, StanzaError::BadRequest, None),
+    }
+}
+
+impl Module for Register {
+    fn name(&self) -> &'static str {
+        "register"
+    }
+
+    fn handles(&self, namespace: &str, target: &IqTarget) -> bool {
+        namespace == ns::REGISTER && matches!(target, IqTarget::Server(_))
+    }
+
+    fn features(&self) -> &'static [&'static str] {
+        &[ns::REGISTER]
+    }
+
+    fn handle_iq<'a>(&'a self, server: &'a Server, req: IqRequest<'a>) -> BoxFuture<'a, Element> {
+        Box::pin(async move {
+            let user = req.from.bare();
+            if !req.is_set() {
+                return iq_result(req.iq).child(form(user.node()));
+            }
+            // XEP-0077 §3.2: cancel the registration.
+            if req.payload.has_child("remove", ns::REGISTER) {
+                // Answer first: the stream is closed once the account is gone.
+                let reply = iq_result(req.iq);
+                if let Err(e) = accounts::delete(server, user).await {
+                    tracing::error!(error = %e, %user, "cannot remove account");
+                    return err(req.iq, StanzaError::InternalServerError, None);
+                }
+                return reply;
+            }
+            // XEP-0077 §3.3: change password.
+            let Some(password) = req.payload.child_text("password", ns::REGISTER) else {
+                return err(req.iq, StanzaError::BadRequest, None);
+            };
+            if req
+                .payload
+                .child_text("username", ns::REGISTER)
+                .is_some_and(|u| nodeprep(&u).ok().as_deref() != user.node())
+            {
+                return err(req.iq, StanzaError::NotAuthorized, None);
+            }
+            match accounts::set_password(server, user, &password).await {
+                Ok(()) => iq_result(req.iq),
+                Err(AccountError::BadPassword) => err(req.iq, StanzaError::NotAcceptable, None),
+                Err(e) => {
+                    tracing::error!(error = %e, %user, "cannot change password");
+                    err(req.iq, StanzaError::InternalServerError, None)
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,174 @@
+//! This node's live sessions: full JID -> the sender into its session task,
+//! with the presence state routing needs (available, priority).
+//!
+//! Binding a resource that is already online replaces the old session
+//! (RFC 6120 §7.7.2.2, "override"): the caller gets the old sender back and
+//! closes it with `<conflict/>`. Sessions are keyed by bare JID so that
+//! bare-JID routing reads one small vector.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::mpsc;
+use xmpp::error::StreamError;
+use xmpp::jid::{BareJid, FullJid};
+
+pub type SessionId = u64;
+
+/// What the router hands a session task.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A stanza, serialized once for every recipient (jabber:client default ns).
+    Xml(Arc<str>),
+    /// Close the stream with this error.
+    Close(StreamError, Option<String>),
+}
+
+pub type Sender = mpsc::UnboundedSender<Outbound>;
+
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub resource: String,
+    pub id: SessionId,
+    pub tx: Sender,
+    /// Sent initial presence and not yet unavailable (RFC 6121 §4.2).
+    pub available: bool,
+    pub priority: i8,
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    by_user: RwLock<HashMap<BareJid, Vec<Resource>>>,
+    next_id: AtomicU64,
+    count: AtomicUsize,
+}
+
+impl Sessions {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<BareJid, Vec<Resource>>> {
+        self.by_user.read().unwrap_or_else(|p| p.into_inner())
+    }
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<BareJid, Vec<Resource>>> {
+        self.by_user.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Binds `full`; returns the new session id and the session it replaced.
+    pub fn bind(
+        &self,
+        full: &FullJid,
+        tx: Sender,
+        peer: SocketAddr,
+        tls: bool,
+    ) -> (SessionId, Option<Resource>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let entry = Resource {
+            resource: full.resource().to_owned(),
+            id,
+            tx,
+            available: false,
+            priority: 0,
+            peer,
+            tls,
+        };
+        let mut map = self.write();
+        let list = map.entry(full.bare().clone()).or_default();
+        let old = match list.iter().position(|r| r.resource == full.resource()) {
+            Some(i) => Some(std::mem::replace(&mut list[i], entry)),
+            None => {
+                list.push(entry);
+                self.count.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        };
+        (id, old)
+    }
+
+    /// Removes the session if it is still the one bound to `full`.
+    pub fn unbind(&self, full: &FullJid, id: SessionId) -> bool {
+        let mut map = self.write();
+        let Some(list) = map.get_mut(full.bare()) else {
+            return false;
+        };
+        let Some(i) = list.iter().position(|r| r.id == id) else {
+            return false;
+        };
+        list.swap_remove(i);
+        if list.is_empty() {
+            map.remove(full.bare());
+        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Records the session's presence state; returns whether it was
+    /// available before (to tell initial presence from an update).
+    pub fn set_presence(
+        &self,
+        full: &FullJid,
+        id: SessionId,
+        available: bool,
+        priority: i8,
+    ) -> bool {
+        let mut map = self.write();
+        let Some(r) = map
+            .get_mut(full.bare())
+            .and_then(|l| l.iter_mut().find(|r| r.id == id))
+        else {
+            return false;
+        };
+        let was = r.available;
+        r.available = available;
+        r.priority = priority;
+        was
+    }
+
+    pub fn get(&self, full: &FullJid) -> Option<Resource> {
+        self.read()
+            .get(full.bare())?
+            .iter()
+            .find(|r| r.resource == full.resource())
+            .cloned()
+    }
+
+    /// All sessions of a user.
+    pub fn resources(&self, user: &BareJid) -> Vec<Resource> {
+        self.read().get(user).cloned().unwrap_or_default()
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Every session, optionally of one virtual host, as (full JID, resource).
+    pub fn list(&self, vhost: &str) -> Vec<(String, Resource)> {
+        let map = self.read();
+        let mut out: Vec<(String, Resource)> = map
+            .iter()
+            .filter(|(u, _)| vhost.is_empty() || u.domain() == vhost)
+            .flat_map(|(u, l)| {
+                l.iter()
+                    .map(move |r| (format!("{u}/{}", r.resource), r.clone()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Closes every session of `user` with `error`.
+    pub fn close_user(&self, user: &BareJid, error: StreamError, text: &str) {
+        for r in self.resources(user) {
+            let _ = r.tx.send(Outbound::Close(error, Some(text.to_owned())));
+        }
+    }
+
+    pub fn close_all(&self, error: StreamError) {
+        for list in self.read().values() {
+            for r in list {
+                let _ = r.tx.send(Outbound::Close(error, None));
+            }
+        }
+    }
+}
