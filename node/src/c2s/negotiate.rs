@@ -16,6 +16,9 @@ use xmpp::xml::Event;
 use super::io::Io;
 use super::stream::{ConnError, Stream};
 
+/// Mechanism refusals (not password failures) tolerated on one stream.
+const MAX_REFUSALS: u32 = 10;
+
 /// The outcome of negotiation: the bound full JID and the bind request to answer.
 pub struct Bound {
     pub jid: FullJid,
@@ -110,6 +113,8 @@ fn sasl_failure(f: SaslFailure, text: Option<&str>) -> Element {
 
 async fn authenticate(s: &mut Stream) -> Result<BareJid, ConnError> {
     let mut failures = 0u32;
+    let mut refusals = 0u32;
+    let mut plus_refused = false;
     loop {
         s.open().await?;
         let features = pre_auth_features(s);
@@ -131,12 +136,18 @@ async fn authenticate(s: &mut Stream) -> Result<BareJid, ConnError> {
                         .await?;
                     continue;
                 }
-                if let Some(user) = sasl(s, &e).await? {
-                    s.parser.reset();
-                    return Ok(user);
+                match sasl(s, &e, &mut plus_refused).await? {
+                    SaslOutcome::Success(user) => {
+                        s.parser.reset();
+                        return Ok(user);
+                    }
+                    SaslOutcome::BadCredentials => failures += 1,
+                    // Bounded too, so a client cannot loop here forever.
+                    SaslOutcome::Refused => refusals += 1,
                 }
-                failures += 1;
-                if failures >= s.server.config.auth.max_attempts_per_stream {
+                if failures >= s.server.config.auth.max_attempts_per_stream
+                    || refusals > MAX_REFUSALS
+                {
                     return Err(ConnError::stream(
                         StreamError::PolicyViolation,
                         "too many failed authentication attempts",
@@ -151,7 +162,7 @@ async fn authenticate(s: &mut Stream) -> Result<BareJid, ConnError> {
                 let reply = crate::modules::register::preauth(&server, &vhost, &e).await;
                 s.send(&reply).await?;
             } else {
-                // RFC 6120 §6.4.? stanzas before authentication.
+                // RFC 6120 §6.4.1: nothing but negotiation before authentication.
                 return Err(ConnError::stream(
                     StreamError::NotAuthorized,
                     if tls_needed {
@@ -188,8 +199,22 @@ fn decode(e: &Element) -> Option<Vec<u8>> {
     B64.decode(t).ok()
 }
 
-/// One SASL exchange. `Ok(None)` when it failed and the client may retry.
-async fn sasl(s: &mut Stream, auth: &Element) -> Result<Option<BareJid>, ConnError> {
+/// How a SASL exchange ended.
+enum SaslOutcome {
+    Success(BareJid),
+    /// Wrong credentials: counts towards the per-stream and per-address limits.
+    BadCredentials,
+    /// A protocol-level refusal (unknown mechanism, unsupported channel
+    /// binding, abort): the client may try another mechanism; no delay.
+    Refused,
+}
+
+/// One SASL exchange.
+async fn sasl(
+    s: &mut Stream,
+    auth: &Element,
+    plus_refused: &mut bool,
+) -> Result<SaslOutcome, ConnError> {
     let offered = mechanisms(s);
     let Some(mech) = auth
         .get_attr("mechanism")
@@ -198,16 +223,22 @@ async fn sasl(s: &mut Stream, auth: &Element) -> Result<Option<BareJid>, ConnErr
     else {
         s.send(&sasl_failure(SaslFailure::InvalidMechanism, None))
             .await?;
-        return Ok(None);
+        return Ok(SaslOutcome::Refused);
     };
-    let plus_offered = offered.iter().any(|m| matches!(m, Mechanism::ScramPlus(_)));
+    // RFC 5802 §6: flag `y` after we offered -PLUS means someone stripped
+    // -PLUS from our features, unless this client already tried -PLUS with
+    // a binding type we lack (tls-unique, which TLS 1.3 does not have, as
+    // slixmpp does). Such a client supports binding, just not ours: its `y`
+    // is honest, and refusing it would leave it only PLAIN.
+    let plus_offered =
+        offered.iter().any(|m| matches!(m, Mechanism::ScramPlus(_))) && !*plus_refused;
     let mut nonce = [0u8; 18];
     rand::thread_rng().fill_bytes(&mut nonce);
     let mut session = ServerSession::new(mech, s.cb.clone(), plus_offered, B64.encode(nonce));
     let Some(mut input) = decode(auth) else {
         s.send(&sasl_failure(SaslFailure::IncorrectEncoding, None))
             .await?;
-        return Ok(None);
+        return Ok(SaslOutcome::Refused);
     };
     let server = s.server.clone();
     let vhost = s.vhost.clone();
@@ -221,15 +252,19 @@ async fn sasl(s: &mut Stream, auth: &Element) -> Result<Option<BareJid>, ConnErr
             .credentials(hash)
             .cloned()
     };
+    // Whether the client has proven anything yet: a failure before any
+    // proof (a SCRAM client-first refused) is not a password guess.
+    let mut proof_checked = mech == Mechanism::Plain;
     loop {
-        match session.step(&input, &lookup) {
+        let step = session.step(&input, &lookup);
+        match step {
             Step::Challenge(data) => {
                 s.send(&Element::new("challenge", ns::SASL).text(B64.encode(data)))
                     .await?;
                 let e = next_element(s).await?;
                 if e.is("abort", ns::SASL) {
                     s.send(&sasl_failure(SaslFailure::Aborted, None)).await?;
-                    return Ok(None);
+                    return Ok(SaslOutcome::Refused);
                 }
                 if !e.is("response", ns::SASL) {
                     return Err(ConnError::stream(
@@ -237,12 +272,13 @@ async fn sasl(s: &mut Stream, auth: &Element) -> Result<Option<BareJid>, ConnErr
                         "expected a SASL <response/>",
                     ));
                 }
+                proof_checked = true;
                 match decode(&e) {
                     Some(d) => input = d,
                     None => {
                         s.send(&sasl_failure(SaslFailure::IncorrectEncoding, None))
                             .await?;
-                        return Ok(None);
+                        return Ok(SaslOutcome::Refused);
                     }
                 }
             }
@@ -256,7 +292,7 @@ async fn sasl(s: &mut Stream, auth: &Element) -> Result<Option<BareJid>, ConnErr
                 let Some(jid) = jid else {
                     s.send(&sasl_failure(SaslFailure::NotAuthorized, None))
                         .await?;
-                    return Ok(None);
+                    return Ok(SaslOutcome::Refused);
                 };
                 let mut ok = Element::new("success", ns::SASL);
                 if let Some(d) = additional_data {
@@ -264,16 +300,22 @@ async fn sasl(s: &mut Stream, auth: &Element) -> Result<Option<BareJid>, ConnErr
                 }
                 s.send(&ok).await?;
                 tracing::info!(user = %jid, peer = %s.peer, mechanism = mech.name(), "authenticated");
-                return Ok(Some(jid));
+                return Ok(SaslOutcome::Success(jid));
             }
             Step::Failure { failure, username } => {
-                if failure == SaslFailure::NotAuthorized {
-                    let delay = s.server.throttle.fail(s.peer.ip(), Instant::now());
-                    tracing::info!(user = ?username, peer = %s.peer, delay_ms = delay.as_millis() as u64, "authentication failed");
-                    tokio::time::sleep(delay).await;
+                if !proof_checked {
+                    if matches!(mech, Mechanism::ScramPlus(_)) {
+                        *plus_refused = true;
+                    }
+                    tracing::debug!(user = ?username, peer = %s.peer, mechanism = mech.name(), condition = failure.condition(), "SASL refused");
+                    s.send(&sasl_failure(failure, None)).await?;
+                    return Ok(SaslOutcome::Refused);
                 }
+                let delay = s.server.throttle.fail(s.peer.ip(), Instant::now());
+                tracing::info!(user = ?username, peer = %s.peer, mechanism = mech.name(), delay_ms = delay.as_millis() as u64, "authentication failed");
+                tokio::time::sleep(delay).await;
                 s.send(&sasl_failure(failure, None)).await?;
-                return Ok(None);
+                return Ok(SaslOutcome::BadCredentials);
             }
         }
     }
