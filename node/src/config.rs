@@ -291,7 +291,7 @@ impl Config {
                 path: path.to_owned(),
                 line,
                 column,
-                message: e.message().trim().to_owned(),
+                message: plain_words(e.message().trim()),
             }
         })?;
         // Where the file names vhosts, per-key semantic errors below refer
@@ -422,6 +422,20 @@ impl Config {
     pub fn is_local_domain(&self, domain: &str) -> bool {
         self.vhosts.iter().any(|v| v.name == domain)
     }
+}
+
+/// serde speaks Rust types; operators read "a whole number".
+fn plain_words(message: &str) -> String {
+    let mut m = message.to_owned();
+    for (rust, plain) in [
+        ("expected usize", "expected a whole number (no quotes)"),
+        ("expected u64", "expected a whole number (no quotes)"),
+        ("expected u32", "expected a whole number (no quotes)"),
+        ("expected a boolean", "expected true or false (no quotes)"),
+    ] {
+        m = m.replace(rust, plain);
+    }
+    m
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

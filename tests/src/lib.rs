@@ -1,1 +1,5 @@
-//! Test support: start a real `xmpp-node`, and a small XMPP client over real TLS.
+//! Test support for the end-to-end tests in `tests/tests/`: start a real
+//! `xmpp-node` process ([`node`]) and talk XMPP to it over real TLS
+//! ([`client`]).
+
+pub mod node;

@@ -1,0 +1,241 @@
+//! Starts the real `xmpp-node` binary as a separate process on its own
+//! loopback address, with a temporary data directory, and drives
+//! `clusterctl` against it.
+//!
+//! The binaries are found next to the running test (`target/<profile>/`);
+//! `cargo test --workspace` builds them because the `node` package has
+//! integration tests of its own. `XMPP_BIN_DIR` overrides the directory.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// Where `xmpp-node` and `clusterctl` are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XMPP_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A loopback address of its own for each test node (127.0.0.0/8 is all
+/// loopback), so parallel tests don't collide on ports.
+fn fresh_ip() -> Ipv4Addr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    Ipv4Addr::new(
+        127,
+        100 + (pid % 100) as u8,
+        (pid / 100 % 250) as u8,
+        1 + (n % 250) as u8,
+    )
+}
+
+fn free_port(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind((ip, 0)).with_context(|| format!("cannot bind {ip}"))?;
+    Ok(l.local_addr()?)
+}
+
+/// Options for a test node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub vhosts: Vec<String>,
+    /// Extra TOML appended to the generated config file.
+    pub extra_config: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            vhosts: vec!["localhost".into()],
+            extra_config: String::new(),
+        }
+    }
+}
+
+/// A running node. Killed on drop; its data dir is removed with it.
+pub struct TestNode {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub c2s: SocketAddr,
+    pub c2s_tls: SocketAddr,
+    pub grpc: SocketAddr,
+    pub domain: String,
+}
+
+impl TestNode {
+    pub fn start() -> anyhow::Result<TestNode> {
+        TestNode::start_with(NodeOptions::default())
+    }
+
+    pub fn start_with(opts: NodeOptions) -> anyhow::Result<TestNode> {
+        let dir = tempfile::tempdir()?;
+        let ip = fresh_ip();
+        let (c2s, c2s_tls, s2s, http, grpc) = (
+            free_port(ip)?,
+            free_port(ip)?,
+            free_port(ip)?,
+            free_port(ip)?,
+            free_port(ip)?,
+        );
+        let mut toml = format!("data_dir = {:?}\n", dir.path().join("data"));
+        toml.push_str("[listen]\n");
+        toml.push_str(&format!(
+            "c2s = \"{c2s}\"\nc2s_tls = \"{c2s_tls}\"\ns2s = \"{s2s}\"\nhttp = \"{http}\"\ngrpc = \"{grpc}\"\n"
+        ));
+        for v in &opts.vhosts {
+            toml.push_str(&format!("[[vhosts]]\nname = \"{v}\"\n"));
+        }
+        // Fast failure delays keep the auth tests short; the doubling is what they check.
+        toml.push_str("[auth]\nfailure_delay_ms = 100\nmax_failure_delay_ms = 1600\n");
+        toml.push_str(&opts.extra_config);
+        let config_path = dir.path().join("node.toml");
+        std::fs::write(&config_path, toml)?;
+        let mut node = TestNode {
+            child: None,
+            dir,
+            config_path,
+            c2s,
+            c2s_tls,
+            grpc,
+            domain: opts.vhosts.first().cloned().unwrap_or_default(),
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("node.log")
+    }
+
+    /// The node's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(bin("xmpp-node"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (build it with `cargo build --bins`)",
+                    bin("xmpp-node").display()
+                )
+            })?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("xmpp-node exited with {status}:\n{}", self.log());
+                }
+            }
+            let up = |a: SocketAddr| {
+                std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok()
+            };
+            if up(self.c2s) && up(self.c2s_tls) && up(self.grpc) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("xmpp-node did not start listening:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: the process dies without any chance to flush.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the graceful shutdown path.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id().to_string();
+            Command::new("kill").args(["-TERM", &pid]).status()?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while c.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    bail!("xmpp-node did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops gracefully and starts again on the same addresses and data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Runs `clusterctl --node <grpc> ARGS`; returns stdout, or an error with stderr.
+    pub fn clusterctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin("clusterctl"))
+            .arg("--node")
+            .arg(self.grpc.to_string())
+            .args(args)
+            .output()
+            .context("cannot run clusterctl")?;
+        if !out.status.success() {
+            bail!(
+                "clusterctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Creates `user@<domain>` with this password.
+    pub fn adduser(&self, user: &str, password: &str) -> anyhow::Result<()> {
+        let jid = format!("{user}@{}", self.domain);
+        self.clusterctl(&["adduser", &jid, "--password", password])
+            .map(|_| ())
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
