@@ -2,4 +2,5 @@
 //! `xmpp-node` process ([`node`]) and talk XMPP to it over real TLS
 //! ([`client`]).
 
+pub mod client;
 pub mod node;

@@ -54,7 +54,9 @@ fn free_port(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
     pub vhosts: Vec<String>,
-    /// Extra TOML appended to the generated config file.
+    /// Extra TOML appended to the generated config file. It follows the
+    /// generated `[auth]` table, so keys before its first table header are
+    /// `[auth]` keys (e.g. `allow_registration = true`).
     pub extra_config: String,
 }
 
@@ -202,6 +204,15 @@ impl TestNode {
     /// Stops gracefully and starts again on the same addresses and data.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop()?;
+        self.spawn()
+    }
+
+    /// Starts the node again on the same addresses and data after
+    /// [`TestNode::kill`] or [`TestNode::stop`].
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("xmpp-node is still running");
+        }
         self.spawn()
     }
 
