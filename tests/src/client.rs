@@ -203,12 +203,23 @@ pub struct Client {
 impl Client {
     /// TCP only, no TLS: for testing what the server refuses before STARTTLS.
     pub async fn connect_plain(addr: SocketAddr, domain: &str) -> anyhow::Result<Client> {
+        let mut c = Client::connect_tcp(addr, domain).await?;
+        c.open_stream().await?;
+        Ok(c)
+    }
+
+    /// A TCP connection on which not even our stream header is sent yet.
+    pub async fn connect_tcp(addr: SocketAddr, domain: &str) -> anyhow::Result<Client> {
         let tcp = TcpStream::connect(addr)
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;
         tcp.set_nodelay(true)?;
-        let mut c = Client {
-            conn: Conn::Plain(tcp),
+        Ok(Client::new(Conn::Plain(tcp), domain))
+    }
+
+    fn new(conn: Conn, domain: &str) -> Client {
+        Client {
+            conn,
             parser: StreamParser::new(Self::limits()),
             read_buf: vec![0; 16 * 1024],
             domain: domain.to_owned(),
@@ -219,9 +230,7 @@ impl Client {
             tls_exporter: None,
             tls_server_end_point: None,
             next_id: 0,
-        };
-        c.open_stream().await?;
-        Ok(c)
+        }
     }
 
     /// The standard port: plain TCP, then `<starttls/>` (RFC 6120 §5).
@@ -237,19 +246,7 @@ impl Client {
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;
         tcp.set_nodelay(true)?;
-        let mut c = Client {
-            conn: Conn::Upgrading,
-            parser: StreamParser::new(Self::limits()),
-            read_buf: vec![0; 16 * 1024],
-            domain: domain.to_owned(),
-            features: Element::new("features", ns::STREAM),
-            jid: None,
-            pending: VecDeque::new(),
-            closed: false,
-            tls_exporter: None,
-            tls_server_end_point: None,
-            next_id: 0,
-        };
+        let mut c = Client::new(Conn::Upgrading, domain);
         c.handshake(tcp).await?;
         c.open_stream().await?;
         Ok(c)
@@ -297,13 +294,7 @@ impl Client {
     /// Sends our stream header and reads the server's header and features
     /// (RFC 6120 §4.2, §4.3.2). Used at the start and after each restart.
     async fn open_stream(&mut self) -> anyhow::Result<()> {
-        let header = format!(
-            "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' to='{}' version='1.0'>",
-            ns::CLIENT,
-            ns::STREAM,
-            xmpp::element::escape(&self.domain)
-        );
-        self.send_raw(&header).await?;
+        self.send_stream_header().await?;
         let features = self
             .recv(WAIT)
             .await
@@ -316,6 +307,17 @@ impl Client {
         }
         self.features = features;
         Ok(())
+    }
+
+    /// Sends our `<stream:stream>` open tag to [`Client::domain`].
+    pub async fn send_stream_header(&mut self) -> anyhow::Result<()> {
+        let header = format!(
+            "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' to='{}' version='1.0'>",
+            ns::CLIENT,
+            ns::STREAM,
+            xmpp::element::escape(&self.domain)
+        );
+        self.send_raw(&header).await
     }
 
     /// The SASL mechanisms offered in the current features.
