@@ -12,7 +12,7 @@ use xmpp::error::StanzaError;
 use xmpp::jid::{BareJid, FullJid, Jid};
 use xmpp::stanza::{error_reply, iq_payload, ns, IqType, MessageType, PresenceType, StanzaKind};
 
-use crate::modules::{IqRequest, IqTarget};
+use crate::modules::{IqRequest, IqTarget, RouteCheck};
 use crate::sessions::{Outbound, Resource};
 use crate::Server;
 
@@ -35,6 +35,25 @@ pub async fn route(server: &Server, stanza: Element) {
             None => return,
         },
     };
+    if let Some(from) = stanza.get_attr("from").and_then(|f| Jid::parse(f).ok()) {
+        for m in server.modules.iter() {
+            match m.check_route(server, &stanza, &from, &to) {
+                RouteCheck::Pass => {}
+                RouteCheck::Drop => return,
+                RouteCheck::Refuse(condition, extra) => {
+                    if let Some(mut reply) = error_reply(&stanza, condition, None) {
+                        if let (Some(extra), Some(err)) =
+                            (extra, reply.get_child_mut("error", &stanza.ns))
+                        {
+                            err.children.push(xmpp::element::Node::Element(extra));
+                        }
+                        deliver_reply(server, reply);
+                    }
+                    return;
+                }
+            }
+        }
+    }
     if !server.config.is_local_domain(to.domain()) {
         // Federation is a later issue (DESIGN.md, s2s): until then a remote
         // domain is unreachable, and the sender is told so.
@@ -264,8 +283,9 @@ async fn route_iq(server: &Server, stanza: Element, to: Jid) {
         from: &from,
         target,
     };
-    let reply = module.handle_iq(server, req).await;
-    deliver_reply(server, reply);
+    if let Some(reply) = module.handle_iq(server, req).await {
+        deliver_reply(server, reply);
+    }
 }
 
 #[cfg(test)]
@@ -280,6 +300,8 @@ mod tests {
             tx,
             available,
             priority,
+            presence: None,
+            interested: false,
             peer: "127.0.0.1:1".parse().expect("addr"),
             tls: true,
         }

@@ -36,6 +36,11 @@ pub struct Resource {
     /// Sent initial presence and not yet unavailable (RFC 6121 §4.2).
     pub available: bool,
     pub priority: i8,
+    /// The last presence broadcast by this session (from = its full JID,
+    /// no `to`), sent to contacts who probe or newly subscribe.
+    pub presence: Option<Arc<str>>,
+    /// Requested the roster, so it gets roster pushes (RFC 6121 §2.1.6).
+    pub interested: bool,
     pub peer: SocketAddr,
     pub tls: bool,
 }
@@ -70,6 +75,8 @@ impl Sessions {
             tx,
             available: false,
             priority: 0,
+            presence: None,
+            interested: false,
             peer,
             tls,
         };
@@ -111,6 +118,7 @@ impl Sessions {
         id: SessionId,
         available: bool,
         priority: i8,
+        presence: Option<Arc<str>>,
     ) -> bool {
         let mut map = self.write();
         let Some(r) = map
@@ -122,7 +130,19 @@ impl Sessions {
         let was = r.available;
         r.available = available;
         r.priority = priority;
+        r.presence = presence;
         was
+    }
+
+    /// Marks the session as interested in roster pushes.
+    pub fn set_interested(&self, full: &FullJid) {
+        let mut map = self.write();
+        if let Some(r) = map
+            .get_mut(full.bare())
+            .and_then(|l| l.iter_mut().find(|r| r.resource == full.resource()))
+        {
+            r.interested = true;
+        }
     }
 
     pub fn get(&self, full: &FullJid) -> Option<Resource> {

@@ -11,11 +11,29 @@ use serde::{Deserialize, Serialize};
 use xmpp::jid::BareJid;
 use xmpp::sasl::{HashAlg, ScramCredentials};
 
-/// Key prefixes: `a:` accounts, `o:` offline messages, `m:` metadata.
+/// Key prefixes: `a:` accounts, `o:` offline messages, `r:` roster items,
+/// `rv:` roster versions, `rt:` roster removals (for versioned fetches),
+/// `b:` blocklists, `v:` vCards, `x:` private XML, `m:` metadata.
+/// Per-user keys are `<prefix><bare jid>\0<rest>`.
 pub(crate) mod keys {
     pub const ACCOUNT: &[u8] = b"a:";
     pub const OFFLINE: &[u8] = b"o:";
+    pub const ROSTER: &[u8] = b"r:";
+    pub const ROSTER_VER: &[u8] = b"rv:";
+    pub const ROSTER_GONE: &[u8] = b"rt:";
+    pub const BLOCK: &[u8] = b"b:";
+    pub const VCARD: &[u8] = b"v:";
+    pub const PRIVATE: &[u8] = b"x:";
     pub const APPLIED: &[u8] = b"m:applied";
+
+    /// `<prefix><user>\0`: everything of one user under a prefix.
+    pub fn user_prefix(prefix: &[u8], user: &str) -> Vec<u8> {
+        [prefix, user.as_bytes(), b"\0"].concat()
+    }
+
+    pub fn user_key(prefix: &[u8], user: &str, rest: &str) -> Vec<u8> {
+        [prefix, user.as_bytes(), b"\0", rest.as_bytes()].concat()
+    }
 
     pub fn account(user: &str) -> Vec<u8> {
         [ACCOUNT, user.as_bytes()].concat()
@@ -29,6 +47,31 @@ pub(crate) mod keys {
     pub fn offline(user: &str, seq: u64) -> Vec<u8> {
         [offline_prefix(user).as_slice(), &seq.to_be_bytes()].concat()
     }
+}
+
+/// One contact in a user's roster (RFC 6121 §2.1.2).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RosterItem {
+    pub name: Option<String>,
+    pub groups: Vec<String>,
+    pub sub: xmpp::roster::SubState,
+    /// The roster version at which this item last changed.
+    pub ver: u64,
+    /// False while the item only records subscription state the user has
+    /// not acted on (a contact's pending request, a pre-approval): such
+    /// items are not part of the roster the user sees (RFC 6121 §3.1.3).
+    pub visible: bool,
+    /// The contact's pending `subscribe` stanza, redelivered at each
+    /// login until answered (§3.1.3).
+    pub pending_request: Option<String>,
+}
+
+fn decode_item(bytes: &[u8]) -> Result<RosterItem, StoreError> {
+    Ok(postcard::from_bytes(bytes)?)
+}
+
+fn rest_of_key(key: &[u8], prefix_len: usize) -> String {
+    String::from_utf8_lossy(key.get(prefix_len..).unwrap_or_default()).into_owned()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +201,82 @@ impl Store {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// The roster item for `contact`, visible or not.
+    pub fn roster_item(&self, user: &str, contact: &str) -> Result<Option<RosterItem>, StoreError> {
+        self.get(&keys::user_key(keys::ROSTER, user, contact))?
+            .map(|b| decode_item(&b))
+            .transpose()
+    }
+
+    /// Every roster item of a user (hidden ones included), by contact JID.
+    pub fn roster(&self, user: &str) -> Result<Vec<(String, RosterItem)>, StoreError> {
+        let prefix = keys::user_prefix(keys::ROSTER, user);
+        self.scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((rest_of_key(&k, prefix.len()), decode_item(&v)?))
+            })
+            .collect()
+    }
+
+    pub fn roster_version(&self, user: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .get(&[keys::ROSTER_VER, user.as_bytes()].concat())?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Contacts removed from the roster, with the version of the removal.
+    pub fn roster_removals(&self, user: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let prefix = keys::user_prefix(keys::ROSTER_GONE, user);
+        self.scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let ver = <[u8; 8]>::try_from(v.as_slice())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                Ok((rest_of_key(&k, prefix.len()), ver))
+            })
+            .collect()
+    }
+
+    /// The user's blocklist (XEP-0191), as JID strings.
+    pub fn blocklist(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = keys::user_prefix(keys::BLOCK, user);
+        self.scan_prefix(&prefix)
+            .map(|kv| Ok(rest_of_key(&kv?.0, prefix.len())))
+            .collect()
+    }
+
+    pub fn blocklist_is_empty(&self, user: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tree
+            .scan_prefix(keys::user_prefix(keys::BLOCK, user))
+            .keys()
+            .next()
+            .transpose()?
+            .is_none())
+    }
+
+    pub fn is_blocked(&self, user: &str, jid: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tree
+            .contains_key(keys::user_key(keys::BLOCK, user, jid))?)
+    }
+
+    pub fn vcard(&self, user: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .get(&keys::user_key(keys::VCARD, user, ""))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    pub fn private(&self, user: &str, namespace: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .get(&keys::user_key(keys::PRIVATE, user, namespace))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
     pub fn applied_index(&self) -> Result<u64, StoreError> {

@@ -6,11 +6,13 @@
 //! - [`stanza`]: typed views over message/presence/iq, namespaces, error replies.
 //! - [`error`]: stream errors (RFC 6120 §4.9) and stanza errors (§8.3).
 //! - [`jid`]: bare and full JIDs with stringprep normalisation.
+//! - [`roster`]: the presence subscription state machine (RFC 6121 §3).
 //! - [`sasl`]: SCRAM (with channel binding) and PLAIN as pure state machines.
 
 pub mod element;
 pub mod error;
 pub mod jid;
+pub mod roster;
 pub mod sasl;
 pub mod stanza;
 pub mod xml;

@@ -327,7 +327,9 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Bound, ConnError> {
     let features = Element::new("features", ns::STREAM)
         .child(Element::new("bind", ns::BIND))
         // RFC 6121 is silent on it; RFC 3921 clients wait for it: offer it as optional.
-        .child(Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)));
+        .child(Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)))
+        // RFC 6121 §2.6.1: roster versioning.
+        .child(Element::new("ver", crate::modules::ROSTERVER_FEATURE));
     s.send(&features).await?;
     loop {
         let e = next_element(s).await?;

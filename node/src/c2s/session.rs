@@ -1,16 +1,18 @@
 //! The session task of a bound client: reads stanzas, stamps their true
 //! `from`, hands them to the router; writes what the router sends it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use xmpp::element::Element;
 use xmpp::error::StreamError;
 use xmpp::jid::{FullJid, Jid};
-use xmpp::stanza::{ns, presence_priority, PresenceType, StanzaKind};
+use xmpp::stanza::{ns, StanzaKind};
 use xmpp::xml::Event;
 
 use super::negotiate::{bind_result, Bound};
 use super::stream::{ConnError, Stream};
+use crate::modules::presence;
 use crate::router;
 use crate::sessions::{Outbound, SessionId};
 use crate::Server;
@@ -51,13 +53,28 @@ pub async fn run(s: &mut Stream, bound: Bound) -> Result<(), ConnError> {
     }
     s.send(&bind_result(&bound.bind_iq, &bound.jid)).await?;
     tracing::info!(jid = %bound.jid, peer = %s.peer, "session bound");
+    // Directed presence sent to non-subscribers (RFC 6121 §4.6).
+    let mut directed = HashSet::new();
+    let result = serve(s, &server, &bound, id, &mut rx, &mut directed).await;
+    // However the stream ended, contacts learn the session is gone (§4.5.2).
+    presence::session_closed(&server, &bound.jid, id, &mut directed).await;
+    result
+}
 
+async fn serve(
+    s: &mut Stream,
+    server: &Arc<Server>,
+    bound: &Bound,
+    id: SessionId,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Outbound>,
+    directed: &mut HashSet<String>,
+) -> Result<(), ConnError> {
     let mut shutdown = server.shutdown.subscribe();
     let mut out = String::with_capacity(1024);
     loop {
         while let Some(ev) = s.parse_buffered()? {
             match ev {
-                Event::Element(e) => handle(&server, s, &bound.jid, id, e).await?,
+                Event::Element(e) => handle(server, &bound.jid, id, e, directed).await?,
                 Event::StreamClose => return Err(ConnError::Closed),
                 Event::StreamOpen(_) => {
                     return Err(ConnError::stream(
@@ -105,10 +122,10 @@ pub async fn run(s: &mut Stream, bound: Bound) -> Result<(), ConnError> {
 /// One element from the client on a bound stream.
 async fn handle(
     server: &Server,
-    s: &mut Stream,
     me: &FullJid,
     id: SessionId,
     mut e: Element,
+    directed: &mut HashSet<String>,
 ) -> Result<(), ConnError> {
     let Some(kind) = StanzaKind::of(&e) else {
         if e.is("error", ns::STREAM) {
@@ -138,44 +155,14 @@ async fn handle(
     // Stanzas from the client are addressed in jabber:client; keep it so.
     e.ns = ns::CLIENT.to_owned();
 
-    if kind == StanzaKind::Presence && e.get_attr("to").is_none() {
-        return presence_broadcast(server, me, id, &e).await;
+    if kind == StanzaKind::Presence {
+        if e.get_attr("to").is_none() {
+            presence::broadcast(server, me, id, e, directed).await;
+        } else {
+            presence::outbound(server, me, e, directed).await;
+        }
+        return Ok(());
     }
-    let _ = s;
     router::route(server, e).await;
-    Ok(())
-}
-
-/// Presence without `to`: the session's own availability (RFC 6121 §4.2, §4.4).
-/// Broadcast to contacts comes with the roster (a later issue); here the
-/// session table learns availability and priority, which bare-JID routing
-/// and offline delivery depend on.
-async fn presence_broadcast(
-    server: &Server,
-    me: &FullJid,
-    id: SessionId,
-    e: &Element,
-) -> Result<(), ConnError> {
-    match PresenceType::of(e) {
-        Some(PresenceType::Available) => {
-            let was_available = server
-                .sessions
-                .set_presence(me, id, true, presence_priority(e));
-            for m in server.modules.iter() {
-                m.on_presence_available(server, me, !was_available).await;
-            }
-        }
-        Some(PresenceType::Unavailable) => {
-            server
-                .sessions
-                .set_presence(me, id, false, presence_priority(e));
-        }
-        _ => router::bounce(
-            server,
-            e,
-            xmpp::error::StanzaError::BadRequest,
-            Some("this presence type needs a 'to'"),
-        ),
-    }
     Ok(())
 }

@@ -7,10 +7,22 @@
 //! put this exact function under consensus, replaying the same log on every
 //! node to the same state.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+use xmpp::roster::{SubKind, Transition};
 use xmpp::sasl::ScramCredentials;
 
-use crate::store::{keys, Account, Batch, Store, StoreError};
+use crate::store::{keys, Account, Batch, RosterItem, Store, StoreError};
+
+/// Which side of a subscription stanza this server processes (RFC 6121 §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Direction {
+    /// The user sent it about the contact.
+    Outbound,
+    /// The user received it from the contact.
+    Inbound,
+}
 
 /// A state change, as it will travel in the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,7 +53,53 @@ pub enum Command {
     },
     /// Remove and return the user's queued messages, oldest first.
     TakeOffline { user: String },
+    /// Add or update a roster item's name and groups (RFC 6121 §2.4).
+    RosterSet {
+        user: String,
+        contact: String,
+        name: Option<String>,
+        groups: Vec<String>,
+    },
+    /// Remove a roster item (RFC 6121 §2.5). The caller sends the
+    /// unsubscribe/unsubscribed the old state calls for.
+    RosterRemove { user: String, contact: String },
+    /// One side of a subscription stanza (RFC 6121 §3). `stanza` is the
+    /// inbound `subscribe` to keep for redelivery while it is pending.
+    Subscription {
+        user: String,
+        contact: String,
+        direction: Direction,
+        kind: SubKind,
+        stanza: Option<String>,
+    },
+    /// A subscription stanza from one local user to another: the sender's
+    /// outbound side, then (if it is forwarded) the recipient's inbound
+    /// side, then (if the recipient's server answers on its behalf) the
+    /// sender's inbound side of that answer, all in one committed entry.
+    SubscriptionLocal {
+        from: String,
+        to: String,
+        kind: SubKind,
+        stanza: String,
+    },
+    /// Several commands applied atomically.
+    Batch(Vec<Command>),
+    /// XEP-0191: add JIDs to the blocklist.
+    Block { user: String, jids: Vec<String> },
+    /// XEP-0191: remove JIDs from the blocklist (all when empty).
+    Unblock { user: String, jids: Vec<String> },
+    /// XEP-0054: replace (or with `None`, remove) the user's vCard.
+    SetVcard { user: String, vcard: Option<String> },
+    /// XEP-0049: store one private XML element under its namespace.
+    SetPrivate {
+        user: String,
+        namespace: String,
+        xml: String,
+    },
 }
+
+/// A roster item that changed: `None` when it was removed (or hidden).
+pub type RosterChange = (String, Option<RosterItem>);
 
 /// What a successfully applied command reports back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +111,22 @@ pub enum Response {
         skipped: u64,
     },
     Offline(Vec<String>),
+    /// The roster after a change: its new version and the items to push.
+    Roster {
+        ver: u64,
+        changes: Vec<RosterChange>,
+        /// The item as it was before (for `RosterRemove`).
+        previous: Option<RosterItem>,
+    },
+    Subscription {
+        transition: Transition,
+        ver: u64,
+        /// The item to push when `transition.changed` (None: not visible).
+        item: Option<RosterItem>,
+    },
+    /// JIDs whose blocking state changed.
+    Blocking(Vec<String>),
+    Batch(Vec<Response>),
 }
 
 /// Why a command was refused. Deterministic refusals are part of the
@@ -65,46 +139,178 @@ pub enum ApplyError {
     NoSuchAccount(String),
     #[error("offline queue of {user} is full ({max} messages)")]
     OfflineFull { user: String, max: u32 },
+    #[error("no roster item {contact} for {user}")]
+    NoRosterItem { user: String, contact: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-fn encode(account: &Account) -> Vec<u8> {
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing a plain struct into a Vec cannot fail.
-    postcard::to_allocvec(account).unwrap_or_default()
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The writes of one command, readable before they are committed, so that
+/// a `Batch` sees its own earlier writes and commits as one sled batch.
+struct Tx<'a> {
+    store: &'a Store,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Tx<'a> {
+    fn new(store: &'a Store) -> Tx<'a> {
+        Tx {
+            store,
+            writes: BTreeMap::new(),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.get(key),
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    /// Keys and values under a prefix, in key order, with this command's writes applied.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        let mut all: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for kv in self.store.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            all.insert(k, v);
+        }
+        for (k, v) in self.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => all.insert(k.clone(), v.clone()),
+                None => all.remove(k),
+            };
+        }
+        Ok(all.into_iter().collect())
+    }
+
+    fn commit(self, index: u64) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => batch.put(&k, &v),
+                None => batch.delete(&k),
+            }
+        }
+        batch.put(keys::APPLIED, &index.to_be_bytes());
+        self.store.apply(batch)
+    }
+
+    fn roster_item(&self, user: &str, contact: &str) -> Result<Option<RosterItem>, ApplyError> {
+        match self.get(&keys::user_key(keys::ROSTER, user, contact))? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b).map_err(StoreError::from)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Bumps the user's roster version and returns it.
+    fn next_roster_version(&mut self, user: &str) -> Result<u64, StoreError> {
+        let key = [keys::ROSTER_VER, user.as_bytes()].concat();
+        let ver = self
+            .get(&key)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes)
+            + 1;
+        self.put(key, ver.to_be_bytes().to_vec());
+        Ok(ver)
+    }
+
+    fn roster_version(&self, user: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .get(&[keys::ROSTER_VER, user.as_bytes()].concat())?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Stores an item at a new version; a hidden item leaves a removal
+    /// mark so versioned fetches learn it is gone from the visible roster.
+    fn write_item(
+        &mut self,
+        user: &str,
+        contact: &str,
+        mut item: RosterItem,
+    ) -> Result<(u64, RosterItem), StoreError> {
+        let ver = self.next_roster_version(user)?;
+        item.ver = ver;
+        self.put(keys::user_key(keys::ROSTER, user, contact), encode(&item));
+        let gone = keys::user_key(keys::ROSTER_GONE, user, contact);
+        if item.visible {
+            self.delete(gone);
+        } else {
+            self.put(gone, ver.to_be_bytes().to_vec());
+        }
+        Ok((ver, item))
+    }
+
+    fn delete_user_prefix(&mut self, prefix: &[u8], user: &str) -> Result<(), StoreError> {
+        for (k, _) in self.scan(&keys::user_prefix(prefix, user))? {
+            self.delete(k);
+        }
+        Ok(())
+    }
 }
 
 /// Applies one command at log position `index`.
 pub fn apply(store: &Store, index: u64, cmd: Command) -> Result<Response, ApplyError> {
-    let mut batch = Batch::default();
-    batch.put(keys::APPLIED, &index.to_be_bytes());
-    let result = match cmd {
+    let mut tx = Tx::new(store);
+    match apply_in(&mut tx, cmd) {
+        Ok(r) => {
+            tx.commit(index)?;
+            Ok(r)
+        }
+        Err(e) => {
+            // A refused command still advances the applied index, as a Raft
+            // entry would, and leaves nothing else behind.
+            Tx::new(store).commit(index)?;
+            Err(e)
+        }
+    }
+}
+
+fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
+    match cmd {
         Command::CreateAccount { user, credentials } => {
             let key = keys::account(&user);
-            if store.get(&key)?.is_some() {
-                Err(ApplyError::AccountExists(user))
-            } else {
-                batch.put(&key, &encode(&Account { credentials }));
-                Ok(Response::Done)
+            if tx.get(&key)?.is_some() {
+                return Err(ApplyError::AccountExists(user));
             }
+            tx.put(key, encode(&Account { credentials }));
+            Ok(Response::Done)
         }
         Command::ImportAccounts {
             accounts,
             update_existing,
         } => {
             let (mut created, mut updated, mut skipped) = (0, 0, 0);
-            let mut seen = std::collections::HashSet::new();
             for (user, credentials) in accounts {
                 let key = keys::account(&user);
-                let exists = store.get(&key)?.is_some() || !seen.insert(user);
+                let exists = tx.get(&key)?.is_some();
                 match (exists, update_existing) {
-                    (true, false) => skipped += 1,
+                    (true, false) => {
+                        skipped += 1;
+                        continue;
+                    }
                     (true, true) => updated += 1,
                     (false, _) => created += 1,
                 }
-                if !exists || update_existing {
-                    batch.put(&key, &encode(&Account { credentials }));
-                }
+                tx.put(key, encode(&Account { credentials }));
             }
             Ok(Response::Imported {
                 created,
@@ -114,63 +320,248 @@ pub fn apply(store: &Store, index: u64, cmd: Command) -> Result<Response, ApplyE
         }
         Command::SetPassword { user, credentials } => {
             let key = keys::account(&user);
-            if store.get(&key)?.is_none() {
-                Err(ApplyError::NoSuchAccount(user))
-            } else {
-                batch.put(&key, &encode(&Account { credentials }));
-                Ok(Response::Done)
+            if tx.get(&key)?.is_none() {
+                return Err(ApplyError::NoSuchAccount(user));
             }
+            tx.put(key, encode(&Account { credentials }));
+            Ok(Response::Done)
         }
         Command::DeleteAccount { user } => {
             let key = keys::account(&user);
-            if store.get(&key)?.is_none() {
-                Err(ApplyError::NoSuchAccount(user))
-            } else {
-                batch.delete(&key);
-                for kv in store.scan_prefix(&keys::offline_prefix(&user)) {
-                    batch.delete(&kv?.0);
-                }
-                Ok(Response::Done)
+            if tx.get(&key)?.is_none() {
+                return Err(ApplyError::NoSuchAccount(user));
             }
+            tx.delete(key);
+            tx.delete([keys::ROSTER_VER, user.as_bytes()].concat());
+            for prefix in [
+                keys::OFFLINE,
+                keys::ROSTER,
+                keys::ROSTER_GONE,
+                keys::BLOCK,
+                keys::VCARD,
+                keys::PRIVATE,
+            ] {
+                tx.delete_user_prefix(prefix, &user)?;
+            }
+            Ok(Response::Done)
         }
         Command::StoreOffline { user, stanza, max } => {
             let prefix = keys::offline_prefix(&user);
-            let count = store.scan_prefix(&prefix).count();
-            if count >= max as usize {
-                Err(ApplyError::OfflineFull { user, max })
-            } else {
-                // Sequence numbers continue after the newest stored message,
-                // so order is kept without a counter of its own.
-                let next = match store.last_with_prefix(&prefix)? {
-                    Some(k) => k
-                        .get(prefix.len()..)
-                        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-                        .map_or(0, |b| u64::from_be_bytes(b) + 1),
-                    None => 0,
-                };
-                batch.put(&keys::offline(&user, next), stanza.as_bytes());
-                Ok(Response::Done)
+            let queued = tx.scan(&prefix)?;
+            if queued.len() >= max as usize {
+                return Err(ApplyError::OfflineFull { user, max });
             }
+            // Sequence numbers continue after the newest stored message,
+            // so order is kept without a counter of its own.
+            let next = queued
+                .last()
+                .and_then(|(k, _)| k.get(prefix.len()..))
+                .and_then(|s| <[u8; 8]>::try_from(s).ok())
+                .map_or(0, |b| u64::from_be_bytes(b) + 1);
+            tx.put(keys::offline(&user, next), stanza.into_bytes());
+            Ok(Response::Done)
         }
         Command::TakeOffline { user } => {
             let mut out = Vec::new();
-            for kv in store.scan_prefix(&keys::offline_prefix(&user)) {
-                let (k, v) = kv?;
-                batch.delete(&k);
+            for (k, v) in tx.scan(&keys::offline_prefix(&user))? {
+                tx.delete(k);
                 out.push(String::from_utf8_lossy(&v).into_owned());
             }
             Ok(Response::Offline(out))
         }
-    };
-    // A refused command still advances the applied index, as a Raft entry would.
-    if result.is_err() {
-        let mut only_index = Batch::default();
-        only_index.put(keys::APPLIED, &index.to_be_bytes());
-        store.apply(only_index)?;
-    } else {
-        store.apply(batch)?;
+        Command::RosterSet {
+            user,
+            contact,
+            name,
+            groups,
+        } => {
+            let previous = tx.roster_item(&user, &contact)?;
+            let mut item = previous.clone().unwrap_or_default();
+            item.name = name;
+            item.groups = groups;
+            item.visible = true;
+            let (ver, item) = tx.write_item(&user, &contact, item)?;
+            Ok(Response::Roster {
+                ver,
+                changes: vec![(contact, Some(item))],
+                previous,
+            })
+        }
+        Command::RosterRemove { user, contact } => {
+            let Some(previous) = tx.roster_item(&user, &contact)? else {
+                return Err(ApplyError::NoRosterItem { user, contact });
+            };
+            let ver = tx.next_roster_version(&user)?;
+            tx.delete(keys::user_key(keys::ROSTER, &user, &contact));
+            tx.put(
+                keys::user_key(keys::ROSTER_GONE, &user, &contact),
+                ver.to_be_bytes().to_vec(),
+            );
+            Ok(Response::Roster {
+                ver,
+                changes: vec![(contact, None)],
+                previous: Some(previous),
+            })
+        }
+        Command::Subscription {
+            user,
+            contact,
+            direction,
+            kind,
+            stanza,
+        } => {
+            let existing = tx.roster_item(&user, &contact)?;
+            let old = existing.clone().unwrap_or_default();
+            let transition = match direction {
+                Direction::Outbound => xmpp::roster::outbound(old.sub, kind),
+                Direction::Inbound => xmpp::roster::inbound(old.sub, kind),
+            };
+            let mut item = old;
+            item.sub = transition.state;
+            if !item.sub.pending_in {
+                item.pending_request = None;
+            } else if direction == Direction::Inbound && kind == SubKind::Subscribe {
+                item.pending_request = stanza;
+            }
+            // RFC 6121 §3.1.2 / §3.1.5: the user's own subscription acts put
+            // the contact in the visible roster.
+            if direction == Direction::Outbound
+                && matches!(kind, SubKind::Subscribe | SubKind::Subscribed)
+                && transition.changed
+            {
+                item.visible = true;
+            }
+            let nothing_left = !item.visible
+                && item.sub == xmpp::roster::SubState::default()
+                && item.pending_request.is_none();
+            if nothing_left {
+                if existing.is_some() {
+                    tx.delete(keys::user_key(keys::ROSTER, &user, &contact));
+                }
+                let ver = tx.roster_version(&user)?;
+                return Ok(Response::Subscription {
+                    transition,
+                    ver,
+                    item: None,
+                });
+            }
+            if Some(&item) == existing.as_ref() {
+                let ver = tx.roster_version(&user)?;
+                let item = item.visible.then_some(item);
+                return Ok(Response::Subscription {
+                    transition,
+                    ver,
+                    item,
+                });
+            }
+            let (ver, item) = tx.write_item(&user, &contact, item)?;
+            Ok(Response::Subscription {
+                transition,
+                ver,
+                item: item.visible.then_some(item),
+            })
+        }
+        Command::SubscriptionLocal {
+            from,
+            to,
+            kind,
+            stanza,
+        } => {
+            let mut out = Vec::with_capacity(3);
+            let sender = apply_in(
+                tx,
+                Command::Subscription {
+                    user: from.clone(),
+                    contact: to.clone(),
+                    direction: Direction::Outbound,
+                    kind,
+                    stanza: None,
+                },
+            )?;
+            let forward =
+                matches!(&sender, Response::Subscription { transition, .. } if transition.forward);
+            out.push(sender);
+            if forward && tx.get(&keys::account(&to))?.is_some() {
+                let recipient = apply_in(
+                    tx,
+                    Command::Subscription {
+                        user: to.clone(),
+                        contact: from.clone(),
+                        direction: Direction::Inbound,
+                        kind,
+                        stanza: Some(stanza),
+                    },
+                )?;
+                let reply = match &recipient {
+                    Response::Subscription { transition, .. } => transition.auto_reply,
+                    _ => None,
+                };
+                out.push(recipient);
+                if let Some(reply) = reply {
+                    out.push(apply_in(
+                        tx,
+                        Command::Subscription {
+                            user: from,
+                            contact: to,
+                            direction: Direction::Inbound,
+                            kind: reply,
+                            stanza: None,
+                        },
+                    )?);
+                }
+            }
+            Ok(Response::Batch(out))
+        }
+        Command::Batch(cmds) => {
+            let mut out = Vec::with_capacity(cmds.len());
+            for c in cmds {
+                out.push(apply_in(tx, c)?);
+            }
+            Ok(Response::Batch(out))
+        }
+        Command::Block { user, jids } => {
+            let mut changed = Vec::new();
+            for j in jids {
+                let key = keys::user_key(keys::BLOCK, &user, &j);
+                if tx.get(&key)?.is_none() {
+                    tx.put(key, Vec::new());
+                    changed.push(j);
+                }
+            }
+            Ok(Response::Blocking(changed))
+        }
+        Command::Unblock { user, jids } => {
+            let prefix = keys::user_prefix(keys::BLOCK, &user);
+            let mut changed = Vec::new();
+            for (k, _) in tx.scan(&prefix)? {
+                let j = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if jids.is_empty() || jids.contains(&j) {
+                    tx.delete(k);
+                    changed.push(j);
+                }
+            }
+            Ok(Response::Blocking(changed))
+        }
+        Command::SetVcard { user, vcard } => {
+            let key = keys::user_key(keys::VCARD, &user, "");
+            match vcard {
+                Some(v) => tx.put(key, v.into_bytes()),
+                None => tx.delete(key),
+            }
+            Ok(Response::Done)
+        }
+        Command::SetPrivate {
+            user,
+            namespace,
+            xml,
+        } => {
+            tx.put(
+                keys::user_key(keys::PRIVATE, &user, &namespace),
+                xml.into_bytes(),
+            );
+            Ok(Response::Done)
+        }
     }
-    result
 }
 
 #[cfg(test)]
@@ -334,6 +725,163 @@ mod tests {
                 skipped: 0
             }
         );
+    }
+
+    fn sub_of(r: &Response) -> Option<(Transition, Option<RosterItem>)> {
+        match r {
+            Response::Subscription {
+                transition, item, ..
+            } => Some((*transition, item.clone())),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn local_subscription_changes_both_rosters_in_one_entry() {
+        let (_d, s) = store();
+        for u in ["alice@x", "bob@x"] {
+            apply(
+                &s,
+                1,
+                Command::CreateAccount {
+                    user: u.into(),
+                    credentials: creds("1"),
+                },
+            )
+            .expect("create");
+        }
+        let r = apply(
+            &s,
+            2,
+            Command::SubscriptionLocal {
+                from: "alice@x".into(),
+                to: "bob@x".into(),
+                kind: SubKind::Subscribe,
+                stanza: "<presence type='subscribe'/>".into(),
+            },
+        )
+        .expect("sub");
+        let Response::Batch(parts) = r else {
+            panic!("batch")
+        };
+        assert_eq!(parts.len(), 2);
+        let (alice_t, alice_item) = sub_of(&parts[0]).expect("alice side");
+        assert!(alice_t.forward);
+        assert!(alice_item.expect("visible").sub.pending_out);
+        let (bob_t, bob_item) = sub_of(&parts[1]).expect("bob side");
+        assert!(bob_t.forward);
+        assert!(
+            bob_item.is_none(),
+            "a pending request is not a visible roster item"
+        );
+        let stored = s
+            .roster_item("bob@x", "alice@x")
+            .expect("read")
+            .expect("kept");
+        assert!(stored.sub.pending_in && stored.pending_request.is_some());
+
+        // Bob approves: bob gets `from`, alice gets `to`, in one entry.
+        apply(
+            &s,
+            3,
+            Command::SubscriptionLocal {
+                from: "bob@x".into(),
+                to: "alice@x".into(),
+                kind: SubKind::Subscribed,
+                stanza: String::new(),
+            },
+        )
+        .expect("approve");
+        use xmpp::roster::Subscription;
+        assert_eq!(
+            s.roster_item("bob@x", "alice@x")
+                .expect("r")
+                .expect("i")
+                .sub
+                .subscription,
+            Subscription::From
+        );
+        assert_eq!(
+            s.roster_item("alice@x", "bob@x")
+                .expect("r")
+                .expect("i")
+                .sub
+                .subscription,
+            Subscription::To
+        );
+        assert!(s
+            .roster_item("bob@x", "alice@x")
+            .expect("r")
+            .expect("i")
+            .pending_request
+            .is_none());
+
+        // A repeated request is answered for bob: no delivery, alice unchanged.
+        let r = apply(
+            &s,
+            4,
+            Command::SubscriptionLocal {
+                from: "alice@x".into(),
+                to: "bob@x".into(),
+                kind: SubKind::Subscribe,
+                stanza: String::new(),
+            },
+        )
+        .expect("dup");
+        let Response::Batch(parts) = r else {
+            panic!("batch")
+        };
+        let (bob_t, _) = sub_of(&parts[1]).expect("bob");
+        assert!(!bob_t.forward && bob_t.auto_reply == Some(SubKind::Subscribed));
+    }
+
+    #[test]
+    fn roster_versions_grow_and_removals_are_remembered() {
+        let (_d, s) = store();
+        let set = |i, c: &str| {
+            apply(
+                &s,
+                i,
+                Command::RosterSet {
+                    user: "a@x".into(),
+                    contact: c.into(),
+                    name: Some("N".into()),
+                    groups: vec!["G".into()],
+                },
+            )
+            .expect("set")
+        };
+        set(1, "b@x");
+        set(2, "c@x");
+        assert_eq!(s.roster_version("a@x").expect("ver"), 2);
+        apply(
+            &s,
+            3,
+            Command::RosterRemove {
+                user: "a@x".into(),
+                contact: "b@x".into(),
+            },
+        )
+        .expect("remove");
+        assert_eq!(s.roster_version("a@x").expect("ver"), 3);
+        assert_eq!(
+            s.roster_removals("a@x").expect("gone"),
+            vec![("b@x".to_string(), 3)]
+        );
+        let items = s.roster("a@x").expect("roster");
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].1.ver, 2);
+        assert!(matches!(
+            apply(
+                &s,
+                4,
+                Command::RosterRemove {
+                    user: "a@x".into(),
+                    contact: "zz@x".into()
+                }
+            ),
+            Err(ApplyError::NoRosterItem { .. })
+        ));
     }
 
     #[test]

@@ -36,51 +36,60 @@ impl Module for Disco {
         &[ns::DISCO_INFO, ns::DISCO_ITEMS]
     }
 
-    fn handle_iq<'a>(&'a self, server: &'a Server, req: IqRequest<'a>) -> BoxFuture<'a, Element> {
+    fn handle_iq<'a>(
+        &'a self,
+        server: &'a Server,
+        req: IqRequest<'a>,
+    ) -> BoxFuture<'a, Option<Element>> {
         Box::pin(async move {
-            if req.is_set() {
-                return error_reply(req.iq, StanzaError::BadRequest, None)
-                    .unwrap_or_else(|| iq_result(req.iq));
-            }
-            // Nodes (XEP-0030 §3.2) are not offered by any module yet.
-            if req.payload.get_attr("node").is_some() {
-                return error_reply(req.iq, StanzaError::ItemNotFound, None)
-                    .unwrap_or_else(|| iq_result(req.iq));
-            }
-            let mut query = Element::new("query", req.payload.ns.clone());
-            if req.payload.ns == ns::DISCO_INFO {
-                match &req.target {
-                    IqTarget::Server(_) => {
-                        query = query.child(identity(&SERVER_IDENTITY));
-                        let mut features: Vec<&str> = Vec::new();
-                        for m in server.modules.iter() {
-                            for i in m.identities() {
-                                query = query.child(identity(i));
+            let reply: Element = async move {
+                if req.is_set() {
+                    return error_reply(req.iq, StanzaError::BadRequest, None)
+                        .unwrap_or_else(|| iq_result(req.iq));
+                }
+                // Nodes (XEP-0030 §3.2) are not offered by any module yet.
+                if req.payload.get_attr("node").is_some() {
+                    return error_reply(req.iq, StanzaError::ItemNotFound, None)
+                        .unwrap_or_else(|| iq_result(req.iq));
+                }
+                let mut query = Element::new("query", req.payload.ns.clone());
+                if req.payload.ns == ns::DISCO_INFO {
+                    match &req.target {
+                        IqTarget::Server(_) => {
+                            query = query.child(identity(&SERVER_IDENTITY));
+                            let mut features: Vec<&str> = Vec::new();
+                            for m in server.modules.iter() {
+                                for i in m.identities() {
+                                    query = query.child(identity(i));
+                                }
+                                features.extend(m.features());
                             }
-                            features.extend(m.features());
+                            features.sort_unstable();
+                            features.dedup();
+                            for f in features {
+                                query = query
+                                    .child(Element::new("feature", ns::DISCO_INFO).attr("var", f));
+                            }
                         }
-                        features.sort_unstable();
-                        features.dedup();
-                        for f in features {
-                            query =
-                                query.child(Element::new("feature", ns::DISCO_INFO).attr("var", f));
+                        IqTarget::Account(_) => {
+                            // XEP-0030 §3.1: an account answers with its registered identity.
+                            query = query
+                                .child(identity(&Identity {
+                                    category: "account",
+                                    kind: "registered",
+                                    name: "",
+                                }))
+                                .child(
+                                    Element::new("feature", ns::DISCO_INFO)
+                                        .attr("var", ns::DISCO_INFO),
+                                );
                         }
-                    }
-                    IqTarget::Account(_) => {
-                        // XEP-0030 §3.1: an account answers with its registered identity.
-                        query = query
-                            .child(identity(&Identity {
-                                category: "account",
-                                kind: "registered",
-                                name: "",
-                            }))
-                            .child(
-                                Element::new("feature", ns::DISCO_INFO).attr("var", ns::DISCO_INFO),
-                            );
                     }
                 }
+                iq_result(req.iq).child(query)
             }
-            iq_result(req.iq).child(query)
+            .await;
+            Some(reply)
         })
     }
 }

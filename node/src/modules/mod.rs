@@ -6,17 +6,25 @@
 //!
 //! A new XEP is a new file here plus one line in [`all`].
 
+mod blocking;
 mod disco;
 mod offline;
 mod ping;
+pub mod presence;
+mod private;
 pub mod register;
+mod roster;
+mod vcard;
 mod version;
+
+pub use roster::ROSTERVER_FEATURE;
 
 use std::future::Future;
 use std::pin::Pin;
 
 use xmpp::element::Element;
-use xmpp::jid::{BareJid, FullJid};
+use xmpp::error::StanzaError;
+use xmpp::jid::{BareJid, FullJid, Jid};
 
 use crate::Server;
 
@@ -46,6 +54,15 @@ impl IqRequest<'_> {
     }
 }
 
+/// A module's verdict on a stanza about to be routed.
+pub enum RouteCheck {
+    Pass,
+    /// Drop silently.
+    Drop,
+    /// Answer the sender with this error (plus an application-specific condition).
+    Refuse(StanzaError, Option<Element>),
+}
+
 /// A disco identity (XEP-0030 §3.1).
 pub struct Identity {
     pub category: &'static str,
@@ -71,12 +88,27 @@ pub trait Module: Send + Sync {
     }
 
     /// Answers an IQ request this module `handles`; returns the reply
-    /// (a result or an error), which the router sends back.
-    fn handle_iq<'a>(&'a self, _server: &'a Server, req: IqRequest<'a>) -> BoxFuture<'a, Element> {
-        let reply =
-            xmpp::stanza::error_reply(req.iq, xmpp::error::StanzaError::ServiceUnavailable, None)
-                .unwrap_or_else(|| xmpp::stanza::iq_result(req.iq));
+    /// (a result or an error), which the router sends back, or `None` when
+    /// the module has sent its answer itself.
+    fn handle_iq<'a>(
+        &'a self,
+        _server: &'a Server,
+        req: IqRequest<'a>,
+    ) -> BoxFuture<'a, Option<Element>> {
+        let reply = xmpp::stanza::error_reply(req.iq, StanzaError::ServiceUnavailable, None);
         Box::pin(async move { reply })
+    }
+
+    /// Hook: may a stanza from `from` go to `to`? Asked by the router for
+    /// every stanza it carries.
+    fn check_route(
+        &self,
+        _server: &Server,
+        _stanza: &Element,
+        _from: &Jid,
+        _to: &Jid,
+    ) -> RouteCheck {
+        RouteCheck::Pass
     }
 
     /// Hook: a session sent available presence (`initial` for the first).
@@ -110,5 +142,10 @@ pub fn all() -> Vec<Box<dyn Module>> {
         Box::new(version::Version),
         Box::new(offline::Offline),
         Box::new(register::Register),
+        Box::new(roster::Roster),
+        Box::new(presence::Presence),
+        Box::new(blocking::Blocking),
+        Box::new(vcard::VCard),
+        Box::new(private::Private),
     ]
 }

@@ -22,8 +22,12 @@ impl Module for Ping {
         &[ns::PING]
     }
 
-    fn handle_iq<'a>(&'a self, _server: &'a Server, req: IqRequest<'a>) -> BoxFuture<'a, Element> {
+    fn handle_iq<'a>(
+        &'a self,
+        _server: &'a Server,
+        req: IqRequest<'a>,
+    ) -> BoxFuture<'a, Option<Element>> {
         let reply = iq_result(req.iq);
-        Box::pin(async move { reply })
+        Box::pin(async move { Some(reply) })
     }
 }

@@ -107,41 +107,49 @@ impl Module for Register {
         &[ns::REGISTER]
     }
 
-    fn handle_iq<'a>(&'a self, server: &'a Server, req: IqRequest<'a>) -> BoxFuture<'a, Element> {
+    fn handle_iq<'a>(
+        &'a self,
+        server: &'a Server,
+        req: IqRequest<'a>,
+    ) -> BoxFuture<'a, Option<Element>> {
         Box::pin(async move {
-            let user = req.from.bare();
-            if !req.is_set() {
-                return iq_result(req.iq).child(form(user.node()));
-            }
-            // XEP-0077 §3.2: cancel the registration.
-            if req.payload.has_child("remove", ns::REGISTER) {
-                // Answer first: the stream is closed once the account is gone.
-                let reply = iq_result(req.iq);
-                if let Err(e) = accounts::delete(server, user).await {
-                    tracing::error!(error = %e, %user, "cannot remove account");
-                    return err(req.iq, StanzaError::InternalServerError, None);
+            let reply: Element = async move {
+                let user = req.from.bare();
+                if !req.is_set() {
+                    return iq_result(req.iq).child(form(user.node()));
                 }
-                return reply;
-            }
-            // XEP-0077 §3.3: change password.
-            let Some(password) = req.payload.child_text("password", ns::REGISTER) else {
-                return err(req.iq, StanzaError::BadRequest, None);
-            };
-            if req
-                .payload
-                .child_text("username", ns::REGISTER)
-                .is_some_and(|u| nodeprep(&u).ok().as_deref() != user.node())
-            {
-                return err(req.iq, StanzaError::NotAuthorized, None);
-            }
-            match accounts::set_password(server, user, &password).await {
-                Ok(()) => iq_result(req.iq),
-                Err(AccountError::BadPassword) => err(req.iq, StanzaError::NotAcceptable, None),
-                Err(e) => {
-                    tracing::error!(error = %e, %user, "cannot change password");
-                    err(req.iq, StanzaError::InternalServerError, None)
+                // XEP-0077 §3.2: cancel the registration.
+                if req.payload.has_child("remove", ns::REGISTER) {
+                    // Answer first: the stream is closed once the account is gone.
+                    let reply = iq_result(req.iq);
+                    if let Err(e) = accounts::delete(server, user).await {
+                        tracing::error!(error = %e, %user, "cannot remove account");
+                        return err(req.iq, StanzaError::InternalServerError, None);
+                    }
+                    return reply;
+                }
+                // XEP-0077 §3.3: change password.
+                let Some(password) = req.payload.child_text("password", ns::REGISTER) else {
+                    return err(req.iq, StanzaError::BadRequest, None);
+                };
+                if req
+                    .payload
+                    .child_text("username", ns::REGISTER)
+                    .is_some_and(|u| nodeprep(&u).ok().as_deref() != user.node())
+                {
+                    return err(req.iq, StanzaError::NotAuthorized, None);
+                }
+                match accounts::set_password(server, user, &password).await {
+                    Ok(()) => iq_result(req.iq),
+                    Err(AccountError::BadPassword) => err(req.iq, StanzaError::NotAcceptable, None),
+                    Err(e) => {
+                        tracing::error!(error = %e, %user, "cannot change password");
+                        err(req.iq, StanzaError::InternalServerError, None)
+                    }
                 }
             }
+            .await;
+            Some(reply)
         })
     }
 }

@@ -23,7 +23,11 @@ impl Module for Version {
         &[ns::VERSION]
     }
 
-    fn handle_iq<'a>(&'a self, _server: &'a Server, req: IqRequest<'a>) -> BoxFuture<'a, Element> {
+    fn handle_iq<'a>(
+        &'a self,
+        _server: &'a Server,
+        req: IqRequest<'a>,
+    ) -> BoxFuture<'a, Option<Element>> {
         let reply = if req.is_set() {
             error_reply(req.iq, StanzaError::BadRequest, None).unwrap_or_else(|| iq_result(req.iq))
         } else {
@@ -33,6 +37,6 @@ impl Module for Version {
                     .child(Element::new("version", ns::VERSION).text(env!("CARGO_PKG_VERSION"))),
             )
         };
-        Box::pin(async move { reply })
+        Box::pin(async move { Some(reply) })
     }
 }

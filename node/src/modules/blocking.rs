@@ -1,0 +1,179 @@
+//! Blocking Command (XEP-0191): a user's blocklist, managed by IQ, and
+//! enforced on every stanza the router carries to or from that user.
+
+use std::sync::Arc;
+
+use xmpp::element::Element;
+use xmpp::error::StanzaError;
+use xmpp::jid::{BareJid, Jid};
+use xmpp::stanza::{error_reply, iq_result, ns, StanzaKind};
+
+use super::{BoxFuture, IqRequest, IqTarget, Module, RouteCheck};
+use crate::cluster::state_machine::{Command, Response};
+use crate::sessions::Outbound;
+use crate::Server;
+
+pub const NS: &str = "urn:xmpp:blocking";
+const NS_ERRORS: &str = "urn:xmpp:blocking:errors";
+
+pub struct Blocking;
+
+/// Whether `user` blocks `other`: an entry for its full JID, its bare JID
+/// or its domain matches (XEP-0191 §3.3, after XEP-0016 §2.1 matching).
+pub fn blocks(server: &Server, user: &BareJid, other: &Jid) -> bool {
+    let store = server.store();
+    let u = user.to_string();
+    let check = |j: &str| store.is_blocked(&u, j).unwrap_or(false);
+    // Most users block nobody: one seek answers for them.
+    if store.blocklist_is_empty(&u).unwrap_or(true) {
+        return false;
+    }
+    check(&other.to_string()) || check(&other.bare().to_string()) || check(other.domain())
+}
+
+fn err(iq: &Element, cond: StanzaError) -> Element {
+    error_reply(iq, cond, None).unwrap_or_else(|| iq_result(iq))
+}
+
+fn items(payload: &Element) -> Option<Vec<String>> {
+    payload
+        .elements()
+        .filter(|e| e.is("item", NS))
+        .map(|e| {
+            e.get_attr("jid")
+                .and_then(|j| Jid::parse(j).ok())
+                .map(|j| j.to_string())
+        })
+        .collect()
+}
+
+impl Module for Blocking {
+    fn name(&self) -> &'static str {
+        "blocking"
+    }
+
+    fn handles(&self, namespace: &str, target: &IqTarget) -> bool {
+        namespace == NS && matches!(target, IqTarget::Account(_))
+    }
+
+    fn features(&self) -> &'static [&'static str] {
+        &[NS]
+    }
+
+    fn handle_iq<'a>(
+        &'a self,
+        server: &'a Server,
+        req: IqRequest<'a>,
+    ) -> BoxFuture<'a, Option<Element>> {
+        Box::pin(async move {
+            let user = req.from.bare();
+            if !matches!(&req.target, IqTarget::Account(t) if t == user) {
+                return Some(err(req.iq, StanzaError::Forbidden));
+            }
+            let u = user.to_string();
+            if !req.is_set() {
+                if !req.payload.is("blocklist", NS) {
+                    return Some(err(req.iq, StanzaError::BadRequest));
+                }
+                let mut list = Element::new("blocklist", NS);
+                for j in server.store().blocklist(&u).unwrap_or_default() {
+                    list = list.child(Element::new("item", NS).attr("jid", j));
+                }
+                return Some(iq_result(req.iq).child(list));
+            }
+            let block = req.payload.is("block", NS);
+            if !block && !req.payload.is("unblock", NS) {
+                return Some(err(req.iq, StanzaError::BadRequest));
+            }
+            let Some(jids) = items(req.payload) else {
+                return Some(err(req.iq, StanzaError::JidMalformed));
+            };
+            // §3.3: a block must name at least one JID; an empty unblock clears the list.
+            if block && jids.is_empty() {
+                return Some(err(req.iq, StanzaError::BadRequest));
+            }
+            let cmd = if block {
+                Command::Block {
+                    user: u.clone(),
+                    jids,
+                }
+            } else {
+                Command::Unblock {
+                    user: u.clone(),
+                    jids,
+                }
+            };
+            let changed = match server.cluster.write(cmd).await {
+                Ok(Response::Blocking(c)) => c,
+                Ok(_) => Vec::new(),
+                Err(e) => {
+                    tracing::error!(error = %e, "blocklist change failed");
+                    return Some(err(req.iq, StanzaError::InternalServerError));
+                }
+            };
+            if block {
+                // §3.3: the blocked contact sees the user go offline.
+                for j in &changed {
+                    for r in server.sessions.resources(user) {
+                        if r.available {
+                            let p = Element::new("presence", ns::CLIENT)
+                                .attr("type", "unavailable")
+                                .attr("from", format!("{user}/{}", r.resource))
+                                .attr("to", j.as_str());
+                            crate::router::route(server, p).await;
+                        }
+                    }
+                }
+            }
+            // §3.3, §3.4: push the change to the user's resources.
+            if !changed.is_empty() {
+                let mut push = Element::new(if block { "block" } else { "unblock" }, NS);
+                for j in &changed {
+                    push = push.child(Element::new("item", NS).attr("jid", j.as_str()));
+                }
+                for r in server.sessions.resources(user) {
+                    let iq = Element::new("iq", ns::CLIENT)
+                        .attr("type", "set")
+                        .attr("id", "block-push")
+                        .attr("to", format!("{user}/{}", r.resource))
+                        .child(push.clone());
+                    let _ =
+                        r.tx.send(Outbound::Xml(Arc::from(iq.to_string_in(ns::CLIENT))));
+                }
+            }
+            Some(iq_result(req.iq))
+        })
+    }
+
+    fn check_route(&self, server: &Server, stanza: &Element, from: &Jid, to: &Jid) -> RouteCheck {
+        let kind = StanzaKind::of(stanza);
+        // Errors and results are let through: they answer something already sent.
+        let answer = matches!(stanza.get_attr("type"), Some("error" | "result"));
+        if from.node().is_some()
+            && server.config.is_local_domain(from.domain())
+            && blocks(server, from.bare(), to)
+        {
+            // §3.5: the user writes to someone they block.
+            return match kind {
+                Some(StanzaKind::Presence) => RouteCheck::Drop,
+                _ if answer => RouteCheck::Pass,
+                _ => RouteCheck::Refuse(
+                    StanzaError::NotAcceptable,
+                    Some(Element::new("blocked", NS_ERRORS)),
+                ),
+            };
+        }
+        if to.node().is_some()
+            && server.config.is_local_domain(to.domain())
+            && blocks(server, to.bare(), from)
+        {
+            // §3.4: a blocked contact writes to the user.
+            return match kind {
+                Some(StanzaKind::Presence) => RouteCheck::Drop,
+                _ if answer => RouteCheck::Drop,
+                _ => RouteCheck::Refuse(StanzaError::ServiceUnavailable, None),
+            };
+        }
+        RouteCheck::Pass
+    }
+}

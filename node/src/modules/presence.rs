@@ -1,0 +1,416 @@
+//! Presence (RFC 6121 §4) and subscriptions (§3): broadcast along the
+//! roster, answers to probes, directed presence, unavailable on behalf of
+//! a session that ends, and the subscription handshake with both sides of
+//! a local contact committed in one command.
+//!
+//! Contacts on other domains get nothing from the broadcast yet: that is
+//! federation's issue; their subscription stanzas are routed (and answered
+//! with `remote-server-not-found` until then).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use xmpp::element::{Element, Node};
+use xmpp::error::StanzaError;
+use xmpp::jid::{BareJid, FullJid, Jid};
+use xmpp::roster::SubKind;
+use xmpp::stanza::{ns, presence_priority, PresenceType};
+
+use super::{blocking, roster, Module};
+use crate::cluster::state_machine::{Command, Direction, Response};
+use crate::router;
+use crate::sessions::{Outbound, SessionId};
+use crate::Server;
+
+pub struct Presence;
+
+impl Module for Presence {
+    fn name(&self) -> &'static str {
+        "presence"
+    }
+}
+
+fn xml(e: &Element) -> Arc<str> {
+    Arc::from(e.to_string_in(ns::CLIENT))
+}
+
+/// Sends to every available resource of a local user; returns how many.
+fn to_available(server: &Server, user: &BareJid, xml: &Arc<str>) -> usize {
+    server
+        .sessions
+        .resources(user)
+        .iter()
+        .filter(|r| r.available)
+        .filter(|r| r.tx.send(Outbound::Xml(xml.clone())).is_ok())
+        .count()
+}
+
+fn to_session(server: &Server, full: &FullJid, xml: Arc<str>) {
+    if let Some(r) = server.sessions.get(full) {
+        let _ = r.tx.send(Outbound::Xml(xml));
+    }
+}
+
+fn with_to(stanza: &Element, to: &str) -> Element {
+    let mut e = stanza.clone();
+    e.set_attr("to", to);
+    e
+}
+
+fn is_local(server: &Server, jid: &BareJid) -> bool {
+    jid.node().is_some() && server.config.is_local_domain(jid.domain())
+}
+
+/// The current presence of every available resource of `contact`, sent to
+/// `user`'s available resources (§3.1.5 after approval, §4.3 probes).
+fn send_current_presence(server: &Server, contact: &BareJid, user: &BareJid) {
+    for r in server.sessions.resources(contact) {
+        if let (true, Some(p)) = (r.available, &r.presence) {
+            let mut e = match xmpp::xml::parse_element(p, ns::CLIENT) {
+                Ok(e) => e,
+                Err(_) => continue,
+            };
+            e.set_attr("to", user.to_string());
+            to_available(server, user, &xml(&e));
+        }
+    }
+}
+
+/// Unavailable from every available resource of `contact` to `user`
+/// (§3.2.3, §3.3.3: a subscription ended).
+fn send_unavailable(server: &Server, contact: &BareJid, user: &BareJid) {
+    for r in server.sessions.resources(contact) {
+        if r.available {
+            let e = Element::new("presence", ns::CLIENT)
+                .attr("type", "unavailable")
+                .attr("from", format!("{contact}/{}", r.resource))
+                .attr("to", user.to_string());
+            to_available(server, user, &xml(&e));
+        }
+    }
+}
+
+fn has_to(server: &Server, user: &BareJid, contact: &BareJid) -> bool {
+    server
+        .store()
+        .roster_item(&user.to_string(), &contact.to_string())
+        .ok()
+        .flatten()
+        .is_some_and(|i| i.sub.subscription.has_to())
+}
+
+/// Applies the pushes and deliveries one side's subscription change asks for.
+fn after_side(
+    server: &Server,
+    user: &BareJid,
+    contact: &str,
+    response: &Response,
+    deliver: Option<&Arc<str>>,
+) {
+    if let Response::Subscription {
+        transition,
+        ver,
+        item,
+    } = response
+    {
+        if transition.changed {
+            if let Some(item) = item {
+                roster::push(server, user, *ver, contact, Some(item));
+            }
+        }
+        if let (true, Some(x)) = (transition.forward, deliver) {
+            to_available(server, user, x);
+        }
+    }
+}
+
+/// A subscription stanza from `user` about `contact` (RFC 6121 §3),
+/// `original` carrying the status text the user gave.
+pub async fn subscription(
+    server: &Server,
+    user: &BareJid,
+    contact: &BareJid,
+    kind: SubKind,
+    original: Option<&Element>,
+) {
+    let u = user.to_string();
+    let c = contact.to_string();
+    // §3.1.2: stamped with bare JIDs on both ends.
+    let mut stanza = Element::new("presence", ns::CLIENT)
+        .attr("from", u.as_str())
+        .attr("to", c.as_str())
+        .attr("type", kind.as_str());
+    if let Some(o) = original {
+        stanza.children = o
+            .children
+            .iter()
+            .filter(|n| matches!(n, Node::Element(_)))
+            .cloned()
+            .collect();
+    }
+    let stanza_xml = xml(&stanza);
+    let local = is_local(server, contact);
+    let (user_had_to, contact_had_to) = (
+        has_to(server, user, contact),
+        local && has_to(server, contact, user),
+    );
+    let cmd = if local {
+        Command::SubscriptionLocal {
+            from: u.clone(),
+            to: c.clone(),
+            kind,
+            stanza: stanza_xml.to_string(),
+        }
+    } else {
+        Command::Subscription {
+            user: u.clone(),
+            contact: c.clone(),
+            direction: Direction::Outbound,
+            kind,
+            stanza: None,
+        }
+    };
+    let response = match server.cluster.write(cmd).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, %user, %contact, "subscription change failed");
+            return;
+        }
+    };
+    match &response {
+        Response::Batch(parts) => {
+            if let Some(sender) = parts.first() {
+                after_side(server, user, &c, sender, None);
+            }
+            if let Some(recipient) = parts.get(1) {
+                after_side(server, contact, &u, recipient, Some(&stanza_xml));
+            }
+            if let Some(reply) = parts.get(2) {
+                // The contact's server answered for the contact (§3.1.3).
+                let answer = Element::new("presence", ns::CLIENT)
+                    .attr("from", c.as_str())
+                    .attr("to", u.as_str())
+                    .attr("type", SubKind::Subscribed.as_str());
+                after_side(server, user, &c, reply, Some(&xml(&answer)));
+            }
+        }
+        Response::Subscription { transition, .. } => {
+            after_side(server, user, &c, &response, None);
+            if transition.forward {
+                router::route(server, stanza).await;
+            }
+        }
+        _ => {}
+    }
+    if local {
+        let (user_has_to, contact_has_to) =
+            (has_to(server, user, contact), has_to(server, contact, user));
+        match (user_had_to, user_has_to) {
+            (false, true) => send_current_presence(server, contact, user),
+            (true, false) => send_unavailable(server, contact, user),
+            _ => {}
+        }
+        match (contact_had_to, contact_has_to) {
+            (false, true) => send_current_presence(server, user, contact),
+            (true, false) => send_unavailable(server, user, contact),
+            _ => {}
+        }
+    }
+}
+
+/// Presence without `to` from a session: its own availability, broadcast
+/// to subscribers and the user's other resources (§4.2, §4.4, §4.5).
+pub async fn broadcast(
+    server: &Server,
+    me: &FullJid,
+    id: SessionId,
+    stanza: Element,
+    directed: &mut HashSet<String>,
+) {
+    match PresenceType::of(&stanza) {
+        Some(PresenceType::Available) => {
+            let own = xml(&stanza);
+            let was_available =
+                server
+                    .sessions
+                    .set_presence(me, id, true, presence_priority(&stanza), Some(own));
+            to_subscribers(server, me, &stanza);
+            if !was_available {
+                initial(server, me);
+            }
+            for m in server.modules.iter() {
+                m.on_presence_available(server, me, !was_available).await;
+            }
+        }
+        Some(PresenceType::Unavailable) => {
+            server.sessions.set_presence(me, id, false, 0, None);
+            to_subscribers(server, me, &stanza);
+            for to in directed.drain() {
+                router::route(server, with_to(&stanza, &to)).await;
+            }
+        }
+        _ => router::bounce(
+            server,
+            &stanza,
+            StanzaError::BadRequest,
+            Some("this presence type needs a 'to'"),
+        ),
+    }
+}
+
+/// To every contact subscribed to the user (`from`/`both`) and to the
+/// user's other available resources.
+fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
+    let user = me.bare();
+    let roster = server.store().roster(&user.to_string()).unwrap_or_default();
+    for (c, item) in roster {
+        if !item.sub.subscription.has_from() {
+            continue;
+        }
+        let Ok(contact) = BareJid::parse(&c) else {
+            continue;
+        };
+        if !is_local(server, &contact) {
+            continue;
+        }
+        let contact_jid = Jid::Bare(contact.clone());
+        let me_jid = Jid::Full(me.clone());
+        if blocking::blocks(server, user, &contact_jid)
+            || blocking::blocks(server, &contact, &me_jid)
+        {
+            continue;
+        }
+        to_available(server, &contact, &xml(&with_to(stanza, &c)));
+    }
+    let own = xml(&with_to(stanza, &user.to_string()));
+    for r in server.sessions.resources(user) {
+        if r.available && r.resource != me.resource() {
+            let _ = r.tx.send(Outbound::Xml(own.clone()));
+        }
+    }
+}
+
+/// After initial presence (§4.2.2): the presence of contacts the user is
+/// subscribed to (probes answered locally), of the user's other resources,
+/// and subscription requests still waiting for an answer (§3.1.3).
+fn initial(server: &Server, me: &FullJid) {
+    let user = me.bare();
+    let roster = server.store().roster(&user.to_string()).unwrap_or_default();
+    for (c, item) in &roster {
+        let Ok(contact) = BareJid::parse(c) else {
+            continue;
+        };
+        if item.sub.subscription.has_to() && is_local(server, &contact) {
+            for r in server.sessions.resources(&contact) {
+                if let (true, Some(p)) = (r.available, &r.presence) {
+                    to_session(server, me, p.clone());
+                }
+            }
+        }
+        if let Some(request) = &item.pending_request {
+            to_session(server, me, Arc::from(request.as_str()));
+        }
+    }
+    for r in server.sessions.resources(user) {
+        if let (true, Some(p)) = (r.available && r.resource != me.resource(), &r.presence) {
+            to_session(server, me, p.clone());
+        }
+    }
+}
+
+/// Presence with a `to` from a session: subscriptions, probes, directed presence.
+pub async fn outbound(
+    server: &Server,
+    me: &FullJid,
+    stanza: Element,
+    directed: &mut HashSet<String>,
+) {
+    let Some(ptype) = PresenceType::of(&stanza) else {
+        return router::bounce(
+            server,
+            &stanza,
+            StanzaError::BadRequest,
+            Some("unknown presence type"),
+        );
+    };
+    let Some(to) = stanza.get_attr("to").and_then(|t| Jid::parse(t).ok()) else {
+        return router::bounce(server, &stanza, StanzaError::JidMalformed, None);
+    };
+    let kind = match ptype {
+        PresenceType::Subscribe => Some(SubKind::Subscribe),
+        PresenceType::Subscribed => Some(SubKind::Subscribed),
+        PresenceType::Unsubscribe => Some(SubKind::Unsubscribe),
+        PresenceType::Unsubscribed => Some(SubKind::Unsubscribed),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        if to.node().is_none() {
+            return router::bounce(
+                server,
+                &stanza,
+                StanzaError::BadRequest,
+                Some("subscribe to a user, not a server"),
+            );
+        }
+        return subscription(server, me.bare(), to.bare(), kind, Some(&stanza)).await;
+    }
+    match ptype {
+        PresenceType::Probe => {
+            // §4.3.2: answered only to subscribers.
+            let contact = to.bare();
+            if is_local(server, contact) && has_from(server, contact, me.bare()) {
+                for r in server.sessions.resources(contact) {
+                    if let (true, Some(p)) = (r.available, &r.presence) {
+                        to_session(server, me, p.clone());
+                    }
+                }
+            }
+        }
+        PresenceType::Available | PresenceType::Unavailable => {
+            if blocking::blocks(server, me.bare(), &to) {
+                return;
+            }
+            // §4.6: remember directed presence to non-subscribers, so they
+            // get unavailable when the session ends.
+            if !has_from(server, me.bare(), to.bare()) {
+                let key = to.to_string();
+                if ptype == PresenceType::Available {
+                    directed.insert(key);
+                } else {
+                    directed.remove(&key);
+                }
+            }
+            router::route(server, stanza).await;
+        }
+        _ => router::route(server, stanza).await,
+    }
+}
+
+fn has_from(server: &Server, user: &BareJid, contact: &BareJid) -> bool {
+    server
+        .store()
+        .roster_item(&user.to_string(), &contact.to_string())
+        .ok()
+        .flatten()
+        .is_some_and(|i| i.sub.subscription.has_from())
+}
+
+/// The session ended (cleanly or not): unavailable on its behalf (§4.5.2)
+/// if it was available, and to everyone it sent directed presence to.
+pub async fn session_closed(
+    server: &Server,
+    me: &FullJid,
+    id: SessionId,
+    directed: &mut HashSet<String>,
+) {
+    let was_available = server.sessions.set_presence(me, id, false, 0, None);
+    let unavailable = Element::new("presence", ns::CLIENT)
+        .attr("type", "unavailable")
+        .attr("from", me.to_string());
+    if was_available {
+        to_subscribers(server, me, &unavailable);
+    }
+    for to in directed.drain() {
+        router::route(server, with_to(&unavailable, &to)).await;
+    }
+}

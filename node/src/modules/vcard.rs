@@ -1,0 +1,81 @@
+//! vcard-temp (XEP-0054): each user's vCard, readable by anyone, written
+//! only by its owner. Pidgin and others fetch it at login.
+
+use xmpp::element::Element;
+use xmpp::error::StanzaError;
+use xmpp::stanza::{error_reply, iq_result};
+
+use super::{BoxFuture, IqRequest, IqTarget, Module};
+use crate::cluster::state_machine::Command;
+use crate::Server;
+
+pub const NS: &str = "vcard-temp";
+
+pub struct VCard;
+
+fn err(iq: &Element, cond: StanzaError) -> Element {
+    error_reply(iq, cond, None).unwrap_or_else(|| iq_result(iq))
+}
+
+impl Module for VCard {
+    fn name(&self) -> &'static str {
+        "vcard"
+    }
+
+    fn handles(&self, namespace: &str, _target: &IqTarget) -> bool {
+        namespace == NS
+    }
+
+    fn features(&self) -> &'static [&'static str] {
+        &[NS]
+    }
+
+    fn handle_iq<'a>(
+        &'a self,
+        server: &'a Server,
+        req: IqRequest<'a>,
+    ) -> BoxFuture<'a, Option<Element>> {
+        Box::pin(async move {
+            if !req.payload.is("vCard", NS) {
+                return Some(err(req.iq, StanzaError::BadRequest));
+            }
+            let owner = match &req.target {
+                IqTarget::Account(u) => u.clone(),
+                // The server has no vCard of its own.
+                IqTarget::Server(_) => {
+                    return Some(if req.is_set() {
+                        err(req.iq, StanzaError::NotAllowed)
+                    } else {
+                        iq_result(req.iq).child(Element::new("vCard", NS))
+                    })
+                }
+            };
+            if req.is_set() {
+                if &owner != req.from.bare() {
+                    return Some(err(req.iq, StanzaError::Forbidden));
+                }
+                // An empty vCard element removes it.
+                let vcard =
+                    (!req.payload.children.is_empty()).then(|| req.payload.to_string_in(""));
+                let cmd = Command::SetVcard {
+                    user: owner.to_string(),
+                    vcard,
+                };
+                return Some(match server.cluster.write(cmd).await {
+                    Ok(_) => iq_result(req.iq),
+                    Err(e) => {
+                        tracing::error!(error = %e, "vCard store failed");
+                        err(req.iq, StanzaError::InternalServerError)
+                    }
+                });
+            }
+            let stored = server.store().vcard(&owner.to_string()).ok().flatten();
+            let vcard = match stored.and_then(|x| xmpp::xml::parse_element(&x, NS).ok()) {
+                Some(v) => v,
+                // XEP-0054 §3.1: no vCard yet is an empty one.
+                None => Element::new("vCard", NS),
+            };
+            Some(iq_result(req.iq).child(vcard))
+        })
+    }
+}
