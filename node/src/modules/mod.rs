@@ -14,6 +14,7 @@ pub mod presence;
 mod private;
 pub mod register;
 mod roster;
+mod session;
 mod vcard;
 mod version;
 
@@ -147,5 +148,6 @@ pub fn all() -> Vec<Box<dyn Module>> {
         Box::new(blocking::Blocking),
         Box::new(vcard::VCard),
         Box::new(private::Private),
+        Box::new(session::LegacySession),
     ]
 }
