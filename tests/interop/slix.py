@@ -72,8 +72,8 @@ class Client(ClientXMPP):
         self.online.set()
 
     async def _start(self, _):
-        # A real client fetches its roster first (RFC 6121 2.2); the node
-        # may not serve rosters yet, which is reported but not fatal here.
+        # A real client fetches its roster first (RFC 6121 2.2). An error is
+        # reported (the tests assert on it) rather than hanging the login.
         try:
             await self.get_roster(timeout=TIMEOUT)
             out("ROSTER", self.user, "ok")

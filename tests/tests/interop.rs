@@ -245,6 +245,9 @@ fn slixmpp_clients_log_in_with_scram_over_starttls_and_exchange_messages() {
     let out = run_slix(&node, &["chat", "alice-pw", "bob-pw"]);
     assert_scram(&node, "alice", &out);
     assert_scram(&node, "bob", &out);
+    // slixmpp fetches the roster before its initial presence (RFC 6121 §2.2).
+    assert!(has(&out, "ROSTER alice ok"), "{out:#?}");
+    assert!(has(&out, "ROSTER bob ok"), "{out:#?}");
     assert!(has(&out, "ONLINE alice@localhost/a"), "{out:#?}");
     assert!(has(&out, "ONLINE bob@localhost/b"), "{out:#?}");
     assert!(
