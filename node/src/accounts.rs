@@ -19,6 +19,8 @@ pub enum AccountError {
     BadPassword,
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Parses `user@vhost`, requiring a localpart and a served domain.
@@ -104,17 +106,31 @@ pub async fn import(
     let iterations = server.config.auth.scram_iterations;
     let (mut c, mut u, mut s) = (0, 0, 0);
     // 500 per command keeps each log entry small enough to replicate.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     for chunk in users.chunks(500) {
-        let owned: Vec<(BareJid, String)> = chunk.to_vec();
-        // PBKDF2 is the expensive part: run it off the async workers.
-        let accounts = tokio::task::spawn_blocking(move || {
-            owned
-                .into_iter()
-                .map(|(jid, pw)| credentials(&pw, iterations).map(|cr| (jid.to_string(), cr)))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|_| AccountError::BadPassword)??;
+        // PBKDF2 is the expensive part: spread it over every core, off the
+        // async workers.
+        let per_worker = chunk.len().div_ceil(workers).max(1);
+        let jobs: Vec<_> = chunk
+            .chunks(per_worker)
+            .map(|part| {
+                let part = part.to_vec();
+                tokio::task::spawn_blocking(move || {
+                    part.into_iter()
+                        .map(|(jid, pw)| {
+                            credentials(&pw, iterations).map(|cr| (jid.to_string(), cr))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        let mut accounts = Vec::with_capacity(chunk.len());
+        for job in jobs {
+            accounts.extend(
+                job.await
+                    .map_err(|e| AccountError::Internal(e.to_string()))??,
+            );
+        }
         if let Response::Imported {
             created,
             updated,

@@ -38,7 +38,7 @@ fn status_of(e: AccountError) -> Status {
         }
         AccountError::Apply(ApplyError::AccountExists(_)) => Status::already_exists(e.to_string()),
         AccountError::Apply(ApplyError::NoSuchAccount(_)) => Status::not_found(e.to_string()),
-        AccountError::Apply(_) => Status::internal(e.to_string()),
+        AccountError::Apply(_) | AccountError::Internal(_) => Status::internal(e.to_string()),
     }
 }
 
