@@ -56,6 +56,39 @@ pub struct Flags {
     /// PBKDF2 iteration count for newly stored SCRAM credentials.
     #[arg(long, env = "XMPP_SCRAM_ITERATIONS")]
     pub scram_iterations: Option<u32>,
+    /// This node's id in the cluster.
+    #[arg(long, env = "XMPP_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Log format: text or json.
+    #[arg(long, env = "XMPP_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// [auth] failure_delay_ms
+    #[arg(long, env = "XMPP_FAILURE_DELAY_MS")]
+    pub failure_delay_ms: Option<u64>,
+    /// [auth] max_failure_delay_ms
+    #[arg(long, env = "XMPP_MAX_FAILURE_DELAY_MS")]
+    pub max_failure_delay_ms: Option<u64>,
+    /// [auth] failure_memory_secs
+    #[arg(long, env = "XMPP_FAILURE_MEMORY_SECS")]
+    pub failure_memory_secs: Option<u64>,
+    /// [auth] max_attempts_per_stream
+    #[arg(long, env = "XMPP_MAX_ATTEMPTS_PER_STREAM")]
+    pub max_attempts_per_stream: Option<u32>,
+    /// [limits] max_stanza_bytes
+    #[arg(long, env = "XMPP_MAX_STANZA_BYTES")]
+    pub max_stanza_bytes: Option<usize>,
+    /// [limits] max_depth
+    #[arg(long, env = "XMPP_MAX_DEPTH")]
+    pub max_depth: Option<usize>,
+    /// [limits] max_attrs
+    #[arg(long, env = "XMPP_MAX_ATTRS")]
+    pub max_attrs: Option<usize>,
+    /// [limits] negotiation_timeout_secs
+    #[arg(long, env = "XMPP_NEGOTIATION_TIMEOUT_SECS")]
+    pub negotiation_timeout_secs: Option<u64>,
+    /// [limits] offline_max_messages
+    #[arg(long, env = "XMPP_OFFLINE_MAX_MESSAGES")]
+    pub offline_max_messages: Option<usize>,
 }
 
 /// The whole configuration, after file, flags and defaults are merged.
@@ -149,7 +182,7 @@ pub struct Log {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -341,6 +374,31 @@ impl Config {
         if let Some(i) = f.scram_iterations {
             self.auth.scram_iterations = i;
         }
+        fn set<T: Copy>(target: &mut T, value: Option<T>) {
+            if let Some(v) = value {
+                *target = v;
+            }
+        }
+        set(&mut self.node_id, f.node_id);
+        set(&mut self.log.format, f.log_format);
+        set(&mut self.auth.failure_delay_ms, f.failure_delay_ms);
+        set(&mut self.auth.max_failure_delay_ms, f.max_failure_delay_ms);
+        set(&mut self.auth.failure_memory_secs, f.failure_memory_secs);
+        set(
+            &mut self.auth.max_attempts_per_stream,
+            f.max_attempts_per_stream,
+        );
+        set(&mut self.limits.max_stanza_bytes, f.max_stanza_bytes);
+        set(&mut self.limits.max_depth, f.max_depth);
+        set(&mut self.limits.max_attrs, f.max_attrs);
+        set(
+            &mut self.limits.negotiation_timeout_secs,
+            f.negotiation_timeout_secs,
+        );
+        set(
+            &mut self.limits.offline_max_messages,
+            f.offline_max_messages,
+        );
     }
 
     /// Checks what serde cannot: domains, certificate pairs, ranges.
