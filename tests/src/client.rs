@@ -676,15 +676,37 @@ impl Client {
         self.recv_until(|e| e.name == "message", timeout).await
     }
 
-    /// Asserts that no element arrives within `window`.
+    /// Asserts that no element arrives within `window`, not even presence.
     pub async fn expect_nothing(&mut self, window: Duration) -> anyhow::Result<()> {
-        if let Some(e) = self.pending.front() {
+        self.expect_none(|_| true, window).await
+    }
+
+    /// Asserts that no `<message/>` arrives within `window` (presence
+    /// broadcasts and the like may; they are kept).
+    pub async fn expect_no_message(&mut self, window: Duration) -> anyhow::Result<()> {
+        self.expect_none(|e| e.name == "message", window).await
+    }
+
+    /// Asserts that no element matching `pred` is pending or arrives within
+    /// `window`; others are kept for later `recv`s.
+    pub async fn expect_none(
+        &mut self,
+        mut pred: impl FnMut(&Element) -> bool,
+        window: Duration,
+    ) -> anyhow::Result<()> {
+        if let Some(e) = self.pending.iter().find(|e| pred(e)) {
             bail!("unexpected element: {}", e.to_string_in(ns::CLIENT));
         }
-        match tokio::time::timeout(window, self.read_element()).await {
-            Err(_) => Ok(()),
-            Ok(Ok(e)) => bail!("unexpected element: {}", e.to_string_in(ns::CLIENT)),
-            Ok(Err(e)) => Err(e.context("expected a quiet, open stream")),
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            match tokio::time::timeout_at(deadline, self.read_element()).await {
+                Err(_) => return Ok(()),
+                Ok(Ok(e)) if pred(&e) => {
+                    bail!("unexpected element: {}", e.to_string_in(ns::CLIENT))
+                }
+                Ok(Ok(e)) => self.pending.push_back(e),
+                Ok(Err(e)) => return Err(e.context("expected a quiet, open stream")),
+            }
         }
     }
 

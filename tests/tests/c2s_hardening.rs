@@ -63,8 +63,8 @@ async fn spoofed_from_closes_the_stream_with_invalid_from() {
         mallory.expect_stream_error(WAIT).await.unwrap(),
         "invalid-from"
     );
-    bob.expect_nothing(QUIET).await.unwrap();
-    alice.expect_nothing(Duration::ZERO).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
+    alice.expect_no_message(Duration::ZERO).await.unwrap();
     still_serving(&node, &mut alice, &mut bob).await;
 }
 
@@ -100,7 +100,7 @@ async fn malformed_xml_is_not_well_formed_and_others_keep_working() {
     )
     .await;
     assert_eq!(cond, "not-well-formed");
-    bob.expect_nothing(QUIET).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
     still_serving(&node, &mut alice, &mut bob).await;
 }
 
@@ -146,7 +146,7 @@ async fn processing_instruction_inside_a_stanza_is_restricted_xml() {
     )
     .await;
     assert_eq!(cond, "restricted-xml");
-    bob.expect_nothing(QUIET).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
     still_serving(&node, &mut alice, &mut bob).await;
 }
 
@@ -164,7 +164,7 @@ async fn undefined_entity_is_refused() {
         cond == "not-well-formed" || cond == "restricted-xml",
         "undefined entity gave {cond}"
     );
-    bob.expect_nothing(QUIET).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
     still_serving(&node, &mut alice, &mut bob).await;
 }
 
@@ -195,7 +195,7 @@ async fn stanza_over_max_stanza_bytes_is_a_policy_violation() {
     let big = message("bob@localhost", &"b".repeat(20_000)).to_string_in(ns::CLIENT);
     let cond = attack(&node, &big).await;
     assert_eq!(cond, "policy-violation");
-    bob.expect_nothing(QUIET).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
     still_serving(&node, &mut alice, &mut bob).await;
 }
 

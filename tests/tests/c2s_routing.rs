@@ -49,7 +49,7 @@ async fn message_to_a_full_jid_goes_only_to_that_resource() {
     let m = expect_body(&mut a2, "for B").await;
     assert_eq!(m.get_attr("from"), Some("bob@localhost/pc"));
     assert_eq!(m.get_attr("to"), Some("alice@localhost/B"));
-    a1.expect_nothing(QUIET).await.unwrap();
+    a1.expect_no_message(QUIET).await.unwrap();
 }
 
 #[tokio::test]
@@ -61,8 +61,8 @@ async fn bare_jid_message_goes_to_highest_priority_resource() {
     let mut bob = online(&node, "bob", "pc", 0).await;
     bob.chat("alice@localhost", "where are you?").await.unwrap();
     expect_body(&mut home, "where are you?").await;
-    office.expect_nothing(QUIET).await.unwrap();
-    mobile.expect_nothing(QUIET).await.unwrap();
+    office.expect_no_message(QUIET).await.unwrap();
+    mobile.expect_no_message(QUIET).await.unwrap();
 }
 
 #[tokio::test]
@@ -73,7 +73,7 @@ async fn negative_priority_resource_never_gets_bare_jid_messages() {
     let mut bob = online(&node, "bob", "pc", 0).await;
     bob.chat("alice@localhost", "hello").await.unwrap();
     expect_body(&mut zero, "hello").await;
-    shy.expect_nothing(QUIET).await.unwrap();
+    shy.expect_no_message(QUIET).await.unwrap();
     // It still gets what is addressed to it.
     bob.chat("alice@localhost/Shy", "just you").await.unwrap();
     expect_body(&mut shy, "just you").await;
@@ -86,9 +86,9 @@ async fn only_negative_priority_resources_online_means_offline_storage() {
     let mut bob = online(&node, "bob", "pc", 0).await;
     bob.chat("alice@localhost", "for later").await.unwrap();
     bob.sync().await.unwrap();
-    shy.expect_nothing(QUIET).await.unwrap();
+    shy.expect_no_message(QUIET).await.unwrap();
     // No error to bob: the message was stored.
-    bob.expect_nothing(QUIET).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
     let mut later = online(&node, "alice", "Later", 0).await;
     let m = expect_body(&mut later, "for later").await;
     assert!(
@@ -96,7 +96,7 @@ async fn only_negative_priority_resources_online_means_offline_storage() {
         "{}",
         m.to_string_in(ns::CLIENT)
     );
-    shy.expect_nothing(QUIET).await.unwrap();
+    shy.expect_no_message(QUIET).await.unwrap();
 }
 
 #[tokio::test]
@@ -127,7 +127,7 @@ async fn error_message_to_unknown_user_is_not_bounced() {
         );
     bob.send(&e).await.unwrap();
     bob.sync().await.unwrap();
-    bob.expect_nothing(QUIET).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
 }
 
 #[tokio::test]
@@ -137,7 +137,7 @@ async fn message_to_offline_full_jid_falls_back_to_bare_jid_rules() {
     let mut bob = online(&node, "bob", "pc", 0).await;
     bob.chat("alice@localhost/Gone", "fallback").await.unwrap();
     expect_body(&mut home, "fallback").await;
-    bob.expect_nothing(QUIET).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
 }
 
 #[tokio::test]
@@ -146,7 +146,7 @@ async fn message_to_offline_full_jid_of_offline_user_is_stored() {
     let mut bob = online(&node, "bob", "pc", 0).await;
     bob.chat("alice@localhost/Gone", "stored").await.unwrap();
     bob.sync().await.unwrap();
-    bob.expect_nothing(QUIET).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
     let mut alice = online(&node, "alice", "Home", 0).await;
     expect_body(&mut alice, "stored").await;
 }
@@ -164,7 +164,7 @@ async fn offline_message_is_delivered_after_initial_presence_with_delay() {
         .await
         .unwrap();
     // XEP-0160 §3: not before initial presence.
-    alice.expect_nothing(QUIET).await.unwrap();
+    alice.expect_no_message(QUIET).await.unwrap();
     alice.presence(0).await.unwrap();
     let m = expect_body(&mut alice, "while you were out").await;
     assert_eq!(m.get_attr("from"), Some("bob@localhost/pc"));
@@ -177,7 +177,7 @@ async fn offline_message_is_delivered_after_initial_presence_with_delay() {
     );
     // Delivered once: a second session does not get it again.
     let mut again = online(&node, "alice", "Again", 0).await;
-    again.expect_nothing(QUIET).await.unwrap();
+    again.expect_no_message(QUIET).await.unwrap();
 }
 
 /// Stores a message for offline alice, runs `bounce` on the node, and
@@ -224,7 +224,7 @@ async fn offline_queue_is_bounded_and_the_sender_is_told() {
         bob.chat("alice@localhost", &format!("m{i}")).await.unwrap();
     }
     bob.sync().await.unwrap();
-    bob.expect_nothing(QUIET).await.unwrap();
+    bob.expect_no_message(QUIET).await.unwrap();
     bob.send(&message("alice@localhost", "m4").attr("id", "fourth"))
         .await
         .unwrap();
@@ -244,5 +244,5 @@ async fn offline_queue_is_bounded_and_the_sender_is_told() {
     for i in 1..=3 {
         expect_body(&mut alice, &format!("m{i}")).await;
     }
-    alice.expect_nothing(QUIET).await.unwrap();
+    alice.expect_no_message(QUIET).await.unwrap();
 }
