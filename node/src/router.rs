@@ -54,6 +54,15 @@ pub async fn route(server: &Server, stanza: Element) {
             }
         }
     }
+    if kind == StanzaKind::Message {
+        if let Some(from) = stanza.get_attr("from").and_then(|f| FullJid::parse(f).ok()) {
+            if server.config.is_local_domain(from.domain()) {
+                for m in server.modules.iter() {
+                    m.on_message_sent(server, &from, &stanza);
+                }
+            }
+        }
+    }
     if !server.config.is_local_domain(to.domain()) {
         // Federation is a later issue (DESIGN.md, s2s): until then a remote
         // domain is unreachable, and the sender is told so.
@@ -118,6 +127,7 @@ async fn route_message(server: &Server, stanza: Element, to: Jid) {
         Jid::Full(full) => {
             if let Some(r) = server.sessions.get(full) {
                 if r.tx.send(Outbound::Xml(serialize(&stanza))).is_ok() {
+                    delivered(server, &stanza, full.bare(), &[full.resource()]);
                     return;
                 }
             }
@@ -162,10 +172,18 @@ async fn route_message(server: &Server, stanza: Element, to: Jid) {
         MessageType::Chat | MessageType::Normal => {
             let targets = highest_priority(&resources);
             if !targets.is_empty() && send_to(&targets, &serialize(&stanza)) > 0 {
+                let names: Vec<&str> = targets.iter().map(|r| r.resource.as_str()).collect();
+                delivered(server, &stanza, &bare, &names);
                 return;
             }
             store_offline(server, &bare, &stanza).await;
         }
+    }
+}
+
+fn delivered(server: &Server, message: &Element, user: &BareJid, resources: &[&str]) {
+    for m in server.modules.iter() {
+        m.on_message_delivered(server, message, user, resources);
     }
 }
 
@@ -302,6 +320,7 @@ mod tests {
             priority,
             presence: None,
             interested: false,
+            carbons: false,
             peer: "127.0.0.1:1".parse().expect("addr"),
             tls: true,
         }

@@ -41,6 +41,8 @@ pub struct Resource {
     pub presence: Option<Arc<str>>,
     /// Requested the roster, so it gets roster pushes (RFC 6121 §2.1.6).
     pub interested: bool,
+    /// Enabled Message Carbons (XEP-0280).
+    pub carbons: bool,
     pub peer: SocketAddr,
     pub tls: bool,
 }
@@ -77,6 +79,7 @@ impl Sessions {
             priority: 0,
             presence: None,
             interested: false,
+            carbons: false,
             peer,
             tls,
         };
@@ -134,15 +137,25 @@ impl Sessions {
         was
     }
 
-    /// Marks the session as interested in roster pushes.
-    pub fn set_interested(&self, full: &FullJid) {
+    /// Changes one session's flags in place.
+    fn update(&self, full: &FullJid, f: impl FnOnce(&mut Resource)) {
         let mut map = self.write();
         if let Some(r) = map
             .get_mut(full.bare())
             .and_then(|l| l.iter_mut().find(|r| r.resource == full.resource()))
         {
-            r.interested = true;
+            f(r);
         }
+    }
+
+    /// Marks the session as interested in roster pushes.
+    pub fn set_interested(&self, full: &FullJid) {
+        self.update(full, |r| r.interested = true);
+    }
+
+    /// Turns Message Carbons on or off for the session.
+    pub fn set_carbons(&self, full: &FullJid, on: bool) {
+        self.update(full, |r| r.carbons = on);
     }
 
     pub fn get(&self, full: &FullJid) -> Option<Resource> {

@@ -7,6 +7,7 @@
 //! A new XEP is a new file here plus one line in [`all`].
 
 mod blocking;
+mod carbons;
 mod disco;
 mod offline;
 mod ping;
@@ -100,6 +101,19 @@ pub trait Module: Send + Sync {
         Box::pin(async move { reply })
     }
 
+    /// Hook: a message reached these resources of a local user.
+    fn on_message_delivered(
+        &self,
+        _server: &Server,
+        _message: &Element,
+        _user: &BareJid,
+        _resources: &[&str],
+    ) {
+    }
+
+    /// Hook: a local session sent a message (after routing checks passed).
+    fn on_message_sent(&self, _server: &Server, _from: &FullJid, _message: &Element) {}
+
     /// Hook: may a stanza from `from` go to `to`? Asked by the router for
     /// every stanza it carries.
     fn check_route(
@@ -149,5 +163,6 @@ pub fn all() -> Vec<Box<dyn Module>> {
         Box::new(vcard::VCard),
         Box::new(private::Private),
         Box::new(session::LegacySession),
+        Box::new(carbons::Carbons),
     ]
 }

@@ -1,0 +1,110 @@
+//! Message Carbons (XEP-0280): a user's other devices see the chats that
+//! one device sends and receives, so a conversation reads the same on
+//! the phone and the desktop.
+
+use std::sync::Arc;
+
+use xmpp::element::Element;
+use xmpp::error::StanzaError;
+use xmpp::jid::{BareJid, FullJid};
+use xmpp::stanza::{error_reply, iq_result, ns, MessageType};
+
+use super::{BoxFuture, IqRequest, IqTarget, Module};
+use crate::sessions::Outbound;
+use crate::Server;
+
+pub const NS: &str = "urn:xmpp:carbons:2";
+const NS_FORWARD: &str = "urn:xmpp:forward:0";
+const NS_HINTS: &str = "urn:xmpp:hints";
+
+pub struct Carbons;
+
+/// XEP-0280 §6: chat messages, and normal ones with a body, are copied;
+/// a `<private/>` or `<no-copy/>` message is not.
+fn eligible(m: &Element) -> bool {
+    let kind = MessageType::of(m);
+    let chatty =
+        kind == MessageType::Chat || (kind == MessageType::Normal && m.has_child("body", &m.ns));
+    chatty
+        && !m.has_child("private", NS)
+        && !m.has_child("no-copy", NS_HINTS)
+        && !m.has_child("received", NS)
+        && !m.has_child("sent", NS)
+}
+
+/// Sends a `<sent/>` or `<received/>` copy to the user's carbons-enabled
+/// available resources other than `skip`.
+fn copy(server: &Server, user: &BareJid, skip: &[&str], wrapper: &str, m: &Element) {
+    let resources = server.sessions.resources(user);
+    let targets: Vec<_> = resources
+        .iter()
+        .filter(|r| r.carbons && r.available && !skip.contains(&r.resource.as_str()))
+        .collect();
+    if targets.is_empty() {
+        return;
+    }
+    let forwarded =
+        Element::new(wrapper, NS).child(Element::new("forwarded", NS_FORWARD).child(m.clone()));
+    for r in targets {
+        let carbon = Element::new("message", ns::CLIENT)
+            .attr("from", user.to_string())
+            .attr("to", format!("{user}/{}", r.resource))
+            .attr("type", m.get_attr("type").unwrap_or("normal"))
+            .child(forwarded.clone());
+        let _ =
+            r.tx.send(Outbound::Xml(Arc::from(carbon.to_string_in(ns::CLIENT))));
+    }
+}
+
+impl Module for Carbons {
+    fn name(&self) -> &'static str {
+        "carbons"
+    }
+
+    fn handles(&self, namespace: &str, target: &IqTarget) -> bool {
+        namespace == NS && matches!(target, IqTarget::Account(_))
+    }
+
+    fn features(&self) -> &'static [&'static str] {
+        &[NS]
+    }
+
+    fn handle_iq<'a>(
+        &'a self,
+        server: &'a Server,
+        req: IqRequest<'a>,
+    ) -> BoxFuture<'a, Option<Element>> {
+        let reply = if !req.is_set()
+            || !matches!(&req.target, IqTarget::Account(t) if t == req.from.bare())
+        {
+            error_reply(req.iq, StanzaError::BadRequest, None)
+        } else if req.payload.is("enable", NS) {
+            server.sessions.set_carbons(req.from, true);
+            Some(iq_result(req.iq))
+        } else if req.payload.is("disable", NS) {
+            server.sessions.set_carbons(req.from, false);
+            Some(iq_result(req.iq))
+        } else {
+            error_reply(req.iq, StanzaError::BadRequest, None)
+        };
+        Box::pin(async move { reply })
+    }
+
+    fn on_message_delivered(
+        &self,
+        server: &Server,
+        message: &Element,
+        user: &BareJid,
+        resources: &[&str],
+    ) {
+        if eligible(message) {
+            copy(server, user, resources, "received", message);
+        }
+    }
+
+    fn on_message_sent(&self, server: &Server, from: &FullJid, message: &Element) {
+        if eligible(message) {
+            copy(server, from.bare(), &[from.resource()], "sent", message);
+        }
+    }
+}
