@@ -627,6 +627,49 @@ async fn pre_approved_subscription_is_granted_without_asking_the_contact() {
     assert_sub(&mut bob, &aj, "from", None).await;
 }
 
+#[tokio::test]
+async fn unsubscribe_and_roster_remove_cancel_subscriptions() {
+    let node = node_with(&["alice", "bob"]);
+    let mut alice = interested(&node, "alice", "pc").await;
+    let mut bob = interested(&node, "bob", "pc").await;
+    befriend(&mut alice, &mut bob).await;
+    alice.presence(0).await.unwrap();
+    bob.presence(0).await.unwrap();
+    expect_presence(&mut alice, "bob@localhost/pc", None).await;
+    expect_presence(&mut bob, "alice@localhost/pc", None).await;
+    let (aj, bj) = (jid("alice"), jid("bob"));
+
+    // §3.3: alice no longer wants bob's presence.
+    send_sub(&mut alice, &bj, "unsubscribe").await;
+    expect_sub_push(&mut alice, &bj, "from", None).await;
+    expect_sub_push(&mut bob, &aj, "to", None).await;
+    expect_presence(&mut bob, &aj, Some("unsubscribe")).await;
+    expect_presence(&mut alice, "bob@localhost/pc", Some("unavailable")).await;
+    assert_sub(&mut alice, &bj, "from", None).await;
+    assert_sub(&mut bob, &aj, "to", None).await;
+
+    // §2.5.2: removing bob also cancels his subscription to alice.
+    let remove = Element::new("item", ns::ROSTER)
+        .attr("jid", bj.as_str())
+        .attr("subscription", "remove");
+    assert_result(&roster_set(&mut alice, remove).await);
+    expect_sub_push(&mut alice, &bj, "remove", None).await;
+    expect_sub_push(&mut bob, &aj, "none", None).await;
+    expect_presence(&mut bob, &aj, Some("unsubscribed")).await;
+    expect_presence(&mut bob, "alice@localhost/pc", Some("unavailable")).await;
+    assert_eq!(sub_state(&mut alice, &bj).await, None);
+    assert_sub(&mut bob, &aj, "none", None).await;
+    // And alice's presence no longer reaches bob.
+    alice
+        .send(
+            &Element::new("presence", ns::CLIENT)
+                .child(Element::new("status", ns::CLIENT).text("gone")),
+        )
+        .await
+        .unwrap();
+    expect_no_presence_from(&mut bob, "alice@").await;
+}
+
 // ============================================================ 5. presence
 
 #[tokio::test]
@@ -678,6 +721,13 @@ async fn presence_is_broadcast_to_subscribers_only_and_unavailable_on_disconnect
     assert_eq!(p.child_text("status", ns::CLIENT).as_deref(), Some("lunch"));
     expect_presence(&mut phone, "bob@localhost/pc", None).await;
     expect_presence(&mut bob, "bob@localhost/phone", None).await;
+
+    // An explicit probe (§4.3) from a subscriber is answered.
+    bob.send(&presence(Some(&jid("alice")), Some("probe")))
+        .await
+        .unwrap();
+    let p = expect_presence(&mut bob, "alice@localhost/pc", None).await;
+    assert_eq!(p.child_text("status", ns::CLIENT).as_deref(), Some("lunch"));
 
     // Alice's TCP connection dies without a closing stream tag.
     drop(alice);
@@ -914,6 +964,27 @@ async fn blocked_subscriber_gets_no_later_presence_and_sends_none() {
     let mut m2 = interested(&node, "mallory", "phone").await;
     m2.send(&presence(None, None)).await.unwrap();
     expect_no_presence_from(&mut m2, "alice@").await;
+}
+
+#[tokio::test]
+async fn blocked_subscriber_probe_is_not_answered() {
+    let node = node_with(&["alice", "mallory"]);
+    let mut alice = interested(&node, "alice", "pc").await;
+    let mut mallory = interested(&node, "mallory", "pc").await;
+    subscribe_to(&mut mallory, &mut alice).await;
+    mallory.presence(0).await.unwrap();
+    alice.presence(0).await.unwrap();
+    expect_presence(&mut mallory, "alice@localhost/pc", None).await;
+    let iq = block_iq(&mut alice, "block", &[&jid("mallory")]);
+    assert_result(&alice.iq(iq).await.unwrap());
+    drain(&mut mallory, Duration::from_millis(300)).await;
+
+    // RFC 6121 §4.3 probe; XEP-0191 §3.4: nothing from alice reaches mallory.
+    mallory
+        .send(&presence(Some(&jid("alice")), Some("probe")))
+        .await
+        .unwrap();
+    expect_no_presence_from(&mut mallory, "alice@").await;
 }
 
 // ===================================================== 9. vCard, private XML
