@@ -89,6 +89,12 @@ pub struct Flags {
     /// [limits] offline_max_messages
     #[arg(long, env = "XMPP_OFFLINE_MAX_MESSAGES")]
     pub offline_max_messages: Option<usize>,
+    /// [limits] session_queue
+    #[arg(long, env = "XMPP_SESSION_QUEUE")]
+    pub session_queue: Option<usize>,
+    /// [limits] write_timeout_secs
+    #[arg(long, env = "XMPP_WRITE_TIMEOUT_SECS")]
+    pub write_timeout_secs: Option<u64>,
 }
 
 /// The whole configuration, after file, flags and defaults are merged.
@@ -171,6 +177,11 @@ pub struct Limits {
     pub negotiation_timeout_secs: u64,
     /// Messages kept per offline user (XEP-0160); more are refused with an error.
     pub offline_max_messages: usize,
+    /// Stanzas queued for one session before it counts as not reading;
+    /// then it is closed and what it missed goes to offline storage.
+    pub session_queue: usize,
+    /// Seconds a write to a client may block before the client counts as gone.
+    pub write_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -252,6 +263,8 @@ impl Default for Limits {
             max_attrs: 64,
             negotiation_timeout_secs: 60,
             offline_max_messages: 500,
+            session_queue: 10_000,
+            write_timeout_secs: 60,
         }
     }
 }
@@ -268,6 +281,10 @@ impl Default for Log {
 impl Limits {
     pub fn negotiation_timeout(&self) -> Duration {
         Duration::from_secs(self.negotiation_timeout_secs)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs)
     }
 
     pub fn parser(&self) -> xmpp::xml::Limits {
@@ -466,6 +483,13 @@ impl Config {
             return Err(ConfigError::Invalid {
                 origin: origin("limits"),
                 message: "max_depth must be at least 4 and max_attrs at least 8, or ordinary stanzas are refused".into(),
+            });
+        }
+        if self.limits.session_queue < 16 || self.limits.write_timeout_secs == 0 {
+            return Err(ConfigError::Invalid {
+                origin: origin("limits"),
+                message: "session_queue must be at least 16 and write_timeout_secs at least 1"
+                    .into(),
             });
         }
         if self.limits.offline_max_messages == 0 {

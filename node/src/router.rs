@@ -311,7 +311,7 @@ mod tests {
     use super::*;
 
     fn res(name: &str, priority: i8, available: bool) -> Resource {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, _rx) = crate::sessions::queue(1);
         Resource {
             resource: name.into(),
             id: 0,

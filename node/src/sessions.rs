@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc;
@@ -26,7 +26,67 @@ pub enum Outbound {
     Close(StreamError, Option<String>),
 }
 
-pub type Sender = mpsc::UnboundedSender<Outbound>;
+/// The router's end of a session's queue. Bounded: a client that stops
+/// reading fills it, and then [`Sender::send`] fails (the router falls back
+/// to offline storage, so nothing is lost) and the session is marked to be
+/// closed.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    tx: mpsc::Sender<Outbound>,
+    overflow: Arc<AtomicBool>,
+}
+
+impl Sender {
+    pub fn send(&self, o: Outbound) -> Result<(), Outbound> {
+        match self.tx.try_send(o) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(o)) => {
+                self.overflow.store(true, Ordering::Relaxed);
+                Err(o)
+            }
+            Err(mpsc::error::TrySendError::Closed(o)) => Err(o),
+        }
+    }
+}
+
+/// The session task's end of its queue.
+pub struct Receiver {
+    rx: mpsc::Receiver<Outbound>,
+    overflow: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        self.rx.recv().await
+    }
+
+    /// No more sends succeed; what is queued can still be taken.
+    pub fn close(&mut self) {
+        self.rx.close();
+    }
+
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Something could not be queued because the queue was full.
+    pub fn overflowed(&self) -> bool {
+        self.overflow.load(Ordering::Relaxed)
+    }
+}
+
+/// A session queue holding at most `capacity` stanzas.
+pub fn queue(capacity: usize) -> (Sender, Receiver) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let overflow = Arc::new(AtomicBool::new(false));
+    (
+        Sender {
+            tx,
+            overflow: overflow.clone(),
+        },
+        Receiver { rx, overflow },
+    )
+}
 
 #[derive(Debug, Clone)]
 pub struct Resource {

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use xmpp::element::Element;
 use xmpp::error::StreamError;
 use xmpp::jid::{FullJid, Jid};
-use xmpp::stanza::{ns, StanzaKind};
+use xmpp::stanza::{ns, MessageType, StanzaKind};
 use xmpp::xml::Event;
 
 use super::negotiate::{bind_result, Bound};
 use super::stream::{ConnError, Stream};
 use crate::modules::presence;
 use crate::router;
-use crate::sessions::{Outbound, SessionId};
+use crate::sessions::{self, Outbound, SessionId};
 use crate::Server;
 
 /// Most queued stanzas written in one go (one TLS write, one syscall).
@@ -37,7 +37,7 @@ impl Drop for BoundGuard {
 
 pub async fn run(s: &mut Stream, bound: Bound) -> Result<(), ConnError> {
     let server = s.server.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = sessions::queue(server.config.limits.session_queue);
     let (id, replaced) = server.sessions.bind(&bound.jid, tx, s.peer, s.io.is_tls());
     let _guard = BoundGuard {
         server: server.clone(),
@@ -52,13 +52,47 @@ pub async fn run(s: &mut Stream, bound: Bound) -> Result<(), ConnError> {
         ));
     }
     s.send(&bind_result(&bound.bind_iq, &bound.jid)).await?;
-    tracing::info!(jid = %bound.jid, peer = %s.peer, "session bound");
+    tracing::debug!(jid = %bound.jid, peer = %s.peer, "session bound");
     // Directed presence sent to non-subscribers (RFC 6121 §4.6).
     let mut directed = HashSet::new();
     let result = serve(s, &server, &bound, id, &mut rx, &mut directed).await;
     // However the stream ended, contacts learn the session is gone (§4.5.2).
     presence::session_closed(&server, &bound.jid, id, &mut directed).await;
+    server.sessions.unbind(&bound.jid, id);
+    requeue(&server, &bound.jid, &mut rx).await;
     result
+}
+
+/// Messages still queued for a session that ended were never written to
+/// the client: route them again now that the session is gone, so they
+/// reach another resource or offline storage instead of being lost.
+async fn requeue(server: &Server, me: &FullJid, rx: &mut sessions::Receiver) {
+    rx.close();
+    let own = me.bare().to_string();
+    // An entry may hold several stanzas (offline delivery, roster pushes):
+    // frame them as a stream would.
+    let mut parser = xmpp::xml::StreamParser::new(server.config.limits.parser());
+    parser.feed(
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>",
+    );
+    while let Some(o) = rx.try_recv() {
+        let Outbound::Xml(xml) = o else { continue };
+        if !xml.contains("<message") {
+            continue;
+        }
+        parser.feed(xml.as_bytes());
+        while let Ok(Some(ev)) = parser.next_event() {
+            let xmpp::xml::Event::Element(m) = ev else {
+                continue;
+            };
+            // Carbons copies (from our own bare JID) are not worth keeping.
+            let chat = m.name == "message"
+                && matches!(MessageType::of(&m), MessageType::Chat | MessageType::Normal);
+            if chat && m.get_attr("from") != Some(own.as_str()) {
+                router::route(server, m).await;
+            }
+        }
+    }
 }
 
 async fn serve(
@@ -66,7 +100,7 @@ async fn serve(
     server: &Arc<Server>,
     bound: &Bound,
     id: SessionId,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Outbound>,
+    rx: &mut sessions::Receiver,
     directed: &mut HashSet<String>,
 ) -> Result<(), ConnError> {
     let mut shutdown = server.shutdown.subscribe();
@@ -102,11 +136,28 @@ async fn serve(
                     }
                     n += 1;
                     if n < WRITE_BATCH {
-                        next = rx.try_recv().ok();
+                        next = rx.try_recv();
                     }
                 }
                 if !out.is_empty() {
-                    s.write_raw(&out).await?;
+                    let limit = server.config.limits.write_timeout();
+                    match tokio::time::timeout(limit, s.write_raw(&out)).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            return Err(ConnError::stream(
+                                StreamError::ConnectionTimeout,
+                                "the client stopped reading",
+                            ))
+                        }
+                    }
+                }
+                if rx.overflowed() {
+                    // The router could not queue for this client: it reads
+                    // too slowly. What it missed went to offline storage.
+                    return Err(ConnError::stream(
+                        StreamError::PolicyViolation,
+                        "too many stanzas waiting; the client reads too slowly",
+                    ));
                 }
                 if let Some((e, t)) = close {
                     return Err(ConnError::Stream(e, t));

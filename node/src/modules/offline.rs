@@ -36,12 +36,15 @@ impl Module for Offline {
     ) -> BoxFuture<'a, Option<Result<(), Element>>> {
         Box::pin(async move {
             let mut stored = message.clone();
-            stored.remove_children("delay", ns::DELAY);
-            stored.children.push(xmpp::element::Node::Element(
-                Element::new("delay", ns::DELAY)
-                    .attr("from", to.domain())
-                    .attr("stamp", utc_stamp(SystemTime::now())),
-            ));
+            // A message stored before (then requeued from a session that
+            // died) keeps its first stamp.
+            if !stored.has_child("delay", ns::DELAY) {
+                stored.children.push(xmpp::element::Node::Element(
+                    Element::new("delay", ns::DELAY)
+                        .attr("from", to.domain())
+                        .attr("stamp", utc_stamp(SystemTime::now())),
+                ));
+            }
             let cmd = Command::StoreOffline {
                 user: to.to_string(),
                 stanza: stored.to_string_in(ns::CLIENT),
@@ -99,20 +102,27 @@ impl Module for Offline {
                 })
                 .await
             {
-                Ok(Response::Offline(messages)) => {
+                Ok(Response::Offline(messages)) if !messages.is_empty() => {
                     tracing::debug!(%session, count = messages.len(), "delivering offline messages");
-                    for m in messages {
-                        if res.tx.send(Outbound::Xml(Arc::from(m.as_str()))).is_err() {
-                            // The session went away while we read the queue:
-                            // put the message back rather than lose it.
-                            let back = Command::StoreOffline {
-                                user: user.to_string(),
-                                stanza: m,
-                                max: u32::MAX,
-                            };
-                            if let Err(e) = server.cluster.write(back).await {
-                                tracing::error!(error = %e, %user, "lost an offline message");
-                            }
+                    // One queue entry for the lot: this runs inside the
+                    // session's own task, which cannot drain its queue
+                    // until this returns.
+                    let all = Outbound::Xml(Arc::from(messages.concat()));
+                    if res.tx.send(all).is_err() {
+                        // The session went away while we read the queue:
+                        // put the messages back, in order, rather than lose them.
+                        let back = Command::Batch(
+                            messages
+                                .into_iter()
+                                .map(|stanza| Command::StoreOffline {
+                                    user: user.to_string(),
+                                    stanza,
+                                    max: u32::MAX,
+                                })
+                                .collect(),
+                        );
+                        if let Err(e) = server.cluster.write(back).await {
+                            tracing::error!(error = %e, %user, "lost offline messages");
                         }
                     }
                 }

@@ -295,6 +295,8 @@ fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
 /// and subscription requests still waiting for an answer (§3.1.3).
 fn initial(server: &Server, me: &FullJid) {
     let user = me.bare();
+    // Collected into one queue entry: this runs in the session's own task.
+    let mut out = String::new();
     let roster = server.store().roster(&user.to_string()).unwrap_or_default();
     for (c, item) in &roster {
         let Ok(contact) = BareJid::parse(c) else {
@@ -303,18 +305,21 @@ fn initial(server: &Server, me: &FullJid) {
         if item.sub.subscription.has_to() && is_local(server, &contact) {
             for r in server.sessions.resources(&contact) {
                 if let (true, Some(p)) = (r.available, &r.presence) {
-                    to_session(server, me, p.clone());
+                    out.push_str(p);
                 }
             }
         }
         if let Some(request) = &item.pending_request {
-            to_session(server, me, Arc::from(request.as_str()));
+            out.push_str(request);
         }
     }
     for r in server.sessions.resources(user) {
         if let (true, Some(p)) = (r.available && r.resource != me.resource(), &r.presence) {
-            to_session(server, me, p.clone());
+            out.push_str(p);
         }
+    }
+    if !out.is_empty() {
+        to_session(server, me, Arc::from(out));
     }
 }
 

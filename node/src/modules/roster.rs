@@ -138,9 +138,9 @@ fn get(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Option<Element> 
                 .collect();
             pushes.sort_by_key(|(v, _)| *v);
             if let Some(r) = server.sessions.get(&from) {
-                // The result goes first, through the same queue, so order holds.
-                let _ =
-                    r.tx.send(Outbound::Xml(Arc::from(result.to_string_in(ns::CLIENT))));
+                // The result first, then the pushes, as one queue entry
+                // (this runs in the session's own task).
+                let mut out = result.to_string_in(ns::CLIENT);
                 for (i, (ver, item)) in pushes.into_iter().enumerate() {
                     let iq = Element::new("iq", ns::CLIENT)
                         .attr("type", "set")
@@ -151,9 +151,9 @@ fn get(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Option<Element> 
                                 .attr("ver", ver.to_string())
                                 .child(item),
                         );
-                    let _ =
-                        r.tx.send(Outbound::Xml(Arc::from(iq.to_string_in(ns::CLIENT))));
+                    iq.write_to(&mut out, ns::CLIENT);
                 }
+                let _ = r.tx.send(Outbound::Xml(Arc::from(out)));
             }
             // Answered above, in order with the pushes.
             return None;
