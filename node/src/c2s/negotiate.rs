@@ -329,7 +329,9 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Bound, ConnError> {
         // RFC 6121 is silent on it; RFC 3921 clients wait for it: offer it as optional.
         .child(Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)))
         // RFC 6121 §2.6.1: roster versioning.
-        .child(Element::new("ver", crate::modules::ROSTERVER_FEATURE));
+        .child(Element::new("ver", crate::modules::ROSTERVER_FEATURE))
+        // RFC 6121 §3.4.1: subscription pre-approval.
+        .child(Element::new("sub", "urn:xmpp:features:pre-approval"));
     s.send(&features).await?;
     loop {
         let e = next_element(s).await?;

@@ -454,6 +454,30 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                     item,
                 });
             }
+            // A change the user cannot see in the roster (a pending inbound
+            // request) is stored without a new version or a push.
+            let seen = |i: &RosterItem| {
+                (
+                    i.visible,
+                    i.sub.subscription,
+                    i.sub.pending_out,
+                    i.sub.approved,
+                )
+            };
+            if existing
+                .as_ref()
+                .is_some_and(|e| e.visible && seen(e) == seen(&item))
+            {
+                tx.put(keys::user_key(keys::ROSTER, &user, &contact), encode(&item));
+                let ver = tx.roster_version(&user)?;
+                let mut transition = transition;
+                transition.changed = false;
+                return Ok(Response::Subscription {
+                    transition,
+                    ver,
+                    item: None,
+                });
+            }
             let (ver, item) = tx.write_item(&user, &contact, item)?;
             Ok(Response::Subscription {
                 transition,

@@ -112,15 +112,26 @@ impl Module for Blocking {
                 }
             };
             if block {
-                // §3.3: the blocked contact sees the user go offline.
+                // §3.3: the blocked contact sees the user go offline. Sent
+                // directly: the router would now (rightly) drop it.
                 for j in &changed {
+                    let Ok(contact) = Jid::parse(j) else { continue };
+                    let contact = contact.bare().clone();
+                    if contact.node().is_none() || !server.config.is_local_domain(contact.domain())
+                    {
+                        continue;
+                    }
                     for r in server.sessions.resources(user) {
                         if r.available {
                             let p = Element::new("presence", ns::CLIENT)
                                 .attr("type", "unavailable")
                                 .attr("from", format!("{user}/{}", r.resource))
                                 .attr("to", j.as_str());
-                            crate::router::route(server, p).await;
+                            super::presence::to_available(
+                                server,
+                                &contact,
+                                &Arc::from(p.to_string_in(ns::CLIENT)),
+                            );
                         }
                     }
                 }

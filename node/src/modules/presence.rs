@@ -35,7 +35,7 @@ fn xml(e: &Element) -> Arc<str> {
 }
 
 /// Sends to every available resource of a local user; returns how many.
-fn to_available(server: &Server, user: &BareJid, xml: &Arc<str>) -> usize {
+pub(crate) fn to_available(server: &Server, user: &BareJid, xml: &Arc<str>) -> usize {
     server
         .sessions
         .resources(user)
@@ -64,6 +64,9 @@ fn is_local(server: &Server, jid: &BareJid) -> bool {
 /// The current presence of every available resource of `contact`, sent to
 /// `user`'s available resources (§3.1.5 after approval, §4.3 probes).
 fn send_current_presence(server: &Server, contact: &BareJid, user: &BareJid) {
+    if blocked_either_way(server, contact, user) {
+        return;
+    }
     for r in server.sessions.resources(contact) {
         if let (true, Some(p)) = (r.available, &r.presence) {
             let mut e = match xmpp::xml::parse_element(p, ns::CLIENT) {
@@ -88,6 +91,13 @@ fn send_unavailable(server: &Server, contact: &BareJid, user: &BareJid) {
             to_available(server, user, &xml(&e));
         }
     }
+}
+
+/// Presence does not flow between a user and someone either of them blocks
+/// (XEP-0191 §3.3), whatever the subscription says.
+pub(crate) fn blocked_either_way(server: &Server, a: &BareJid, b: &BareJid) -> bool {
+    blocking::blocks(server, a, &Jid::Bare(b.clone()))
+        || blocking::blocks(server, b, &Jid::Bare(a.clone()))
 }
 
 fn has_to(server: &Server, user: &BareJid, contact: &BareJid) -> bool {
@@ -273,11 +283,7 @@ fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
         if !is_local(server, &contact) {
             continue;
         }
-        let contact_jid = Jid::Bare(contact.clone());
-        let me_jid = Jid::Full(me.clone());
-        if blocking::blocks(server, user, &contact_jid)
-            || blocking::blocks(server, &contact, &me_jid)
-        {
+        if blocked_either_way(server, user, &contact) {
             continue;
         }
         to_available(server, &contact, &xml(&with_to(stanza, &c)));
@@ -302,7 +308,10 @@ fn initial(server: &Server, me: &FullJid) {
         let Ok(contact) = BareJid::parse(c) else {
             continue;
         };
-        if item.sub.subscription.has_to() && is_local(server, &contact) {
+        if item.sub.subscription.has_to()
+            && is_local(server, &contact)
+            && !blocked_either_way(server, user, &contact)
+        {
             for r in server.sessions.resources(&contact) {
                 if let (true, Some(p)) = (r.available, &r.presence) {
                     out.push_str(p);
@@ -363,7 +372,10 @@ pub async fn outbound(
         PresenceType::Probe => {
             // §4.3.2: answered only to subscribers.
             let contact = to.bare();
-            if is_local(server, contact) && has_from(server, contact, me.bare()) {
+            if is_local(server, contact)
+                && has_from(server, contact, me.bare())
+                && !blocked_either_way(server, contact, me.bare())
+            {
                 for r in server.sessions.resources(contact) {
                     if let (true, Some(p)) = (r.available, &r.presence) {
                         to_session(server, me, p.clone());
