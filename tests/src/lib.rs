@@ -3,4 +3,5 @@
 //! ([`client`]).
 
 pub mod client;
+pub mod load;
 pub mod node;

@@ -1,0 +1,514 @@
+//! `xmpp-load`: drives any RFC 6120 server over real sockets and measures
+//! it. See the binary's `--help` for the flags and `report` for what is
+//! measured.
+//!
+//! # How the work is laid out, and why
+//!
+//! `--threads` worker threads (one by default, so "one core of xmpp-load"
+//! is what a run measures) each run a current-thread tokio runtime with
+//! **one task driving all of that worker's connections** through a
+//! `FuturesUnordered`. A connection is a plain future that polls its
+//! socket's reads and writes and its send timer together
+//! ([`conn::Conn`]); the task polls only the connections that were woken.
+//! Compared with one spawned task per connection on a multi-thread
+//! runtime, nothing is shared between threads on the hot path except a few
+//! relaxed atomic counters and the duplicate-detection bitmap; latency
+//! histograms and buffers are per worker, so recording takes no lock, and
+//! there is no work stealing moving connections between cores.
+//!
+//! The main thread is the controller: it starts the workers, moves them
+//! through the phases of a run (log in, go, stop) over a `watch` channel,
+//! prints progress, reads the server's `/proc` figures and builds the report.
+
+pub mod chat;
+pub mod conn;
+pub mod framer;
+pub mod hist;
+pub mod hold;
+pub mod login;
+pub mod presence;
+pub mod report;
+pub mod session;
+pub mod sys;
+
+use std::io::IsTerminal as _;
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use tokio::sync::watch;
+
+use report::Report;
+use session::{LoginError, Mech, Session, Target, TlsMode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Connection + authentication rate: each login closes its connection.
+    Login,
+    /// N authenticated TLS connections held idle (memory per connection).
+    Hold,
+    /// Online users send chat messages to each other at an offered rate.
+    Chat,
+    /// Status changes fanned out over rosters of --roster-size contacts.
+    Presence,
+    /// Print the generated accounts as `user@domain;password` lines (the
+    /// format of `clusterctl import-users`) and exit.
+    Accounts,
+}
+
+/// Command-line options.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "xmpp-load",
+    about = "Load generator for XMPP servers (RFC 6120/6121 over TLS)",
+    after_help = "Generated accounts are user1..userN with passwords pw1..pwN (see --user-pattern, --password-pattern); \
+`xmpp-load accounts --users N --domain D > FILE` writes them for `clusterctl import-users FILE`.\n\
+Exit status: 0 on success; 1 when the run failed (cannot connect, login errors before the run, messages lost or duplicated); 2 on bad flags."
+)]
+pub struct Options {
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Server address (HOST:PORT).
+    #[arg(long, default_value = "127.0.0.1:5222")]
+    pub server: String,
+    /// XMPP domain (virtual host) of the accounts.
+    #[arg(long, default_value = "localhost")]
+    pub domain: String,
+    #[arg(long, value_enum, default_value = "starttls")]
+    pub tls: TlsMode,
+    #[arg(long, value_enum, default_value = "plain")]
+    pub mechanism: Mech,
+    /// Number of users (generated accounts, or the first N of --accounts).
+    #[arg(long, default_value_t = 100)]
+    pub users: usize,
+    /// Accounts file: `user;password` or `user@domain;password` lines.
+    #[arg(long)]
+    pub accounts: Option<PathBuf>,
+    /// Local part of generated accounts; `{i}` is the number (1-based).
+    #[arg(long, default_value = "user{i}")]
+    pub user_pattern: String,
+    /// Password of generated accounts; `{i}` is the number.
+    #[arg(long, default_value = "pw{i}")]
+    pub password_pattern: String,
+    /// Logins started per second (0: as fast as --concurrency allows).
+    #[arg(long, default_value_t = 200.0)]
+    pub arrival_rate: f64,
+    /// Most logins in flight at once.
+    #[arg(long, default_value_t = 200)]
+    pub concurrency: usize,
+    /// Seconds of measurement (after every user is logged in, for hold,
+    /// chat and presence).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Messages (chat) or status changes (presence) per second offered, in total.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Bytes of each message body (at least the ~30-byte marker).
+    #[arg(long, default_value_t = 64)]
+    pub body_size: usize,
+    /// Seconds to wait for late deliveries after sending stops; what is
+    /// still missing then is lost.
+    #[arg(long, default_value_t = 5.0)]
+    pub grace: f64,
+    /// Contacts per user in the presence scenario.
+    #[arg(long, default_value_t = 10)]
+    pub roster_size: usize,
+    /// The server's PID, for its memory (VmRSS) and CPU time from /proc.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Worker threads, each driving its share of the connections.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Seconds each negotiation step may take.
+    #[arg(long, default_value_t = 30.0)]
+    pub step_timeout: f64,
+    /// Print one JSON object with every figure on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress line on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Local part only.
+    pub user: String,
+    pub password: String,
+}
+
+/// Accounts from a file of `user;password` or `user@domain;password` lines
+/// (blank lines and `#` comments skipped).
+pub fn parse_accounts(text: &str, domain: &str) -> anyhow::Result<Vec<Account>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((user, password)) = line.split_once(';') else {
+            bail!(
+                "line {}: expected `user;password` or `user@domain;password`",
+                n + 1
+            );
+        };
+        let user = match user.split_once('@') {
+            Some((local, d)) if d == domain => local,
+            Some((_, d)) => bail!(
+                "line {}: account of domain {d}, but --domain is {domain}",
+                n + 1
+            ),
+            None => user,
+        };
+        out.push(Account {
+            user: user.trim().to_owned(),
+            password: password.to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+pub fn generate_accounts(n: usize, user_pattern: &str, password_pattern: &str) -> Vec<Account> {
+    (1..=n)
+        .map(|i| Account {
+            user: user_pattern.replace("{i}", &i.to_string()),
+            password: password_pattern.replace("{i}", &i.to_string()),
+        })
+        .collect()
+}
+
+/// What a run failed on, for the exit status and the JSON `error` field.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub report: Option<Box<Report>>,
+}
+
+/// Runs one scenario. `Ok` holds the report of a run that went well; a run
+/// that lost messages or could not start is a [`Failure`] (with the report
+/// when there is one).
+pub fn run(opts: Options) -> Result<Report, Failure> {
+    let fail = |e: anyhow::Error| Failure {
+        message: format!("{e:#}"),
+        report: None,
+    };
+    let accounts = match &opts.accounts {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(fail)?;
+            let mut a = parse_accounts(&text, &opts.domain)
+                .with_context(|| path.display().to_string())
+                .map_err(fail)?;
+            if opts.users < a.len() {
+                a.truncate(opts.users);
+            }
+            a
+        }
+        None => generate_accounts(opts.users, &opts.user_pattern, &opts.password_pattern),
+    };
+    if opts.scenario == Scenario::Accounts {
+        for a in &accounts {
+            println!("{}@{};{}", a.user, opts.domain, a.password);
+        }
+        return Ok(Report::empty(&opts));
+    }
+    if accounts.is_empty() {
+        return Err(fail(anyhow::anyhow!(
+            "no accounts: --users is 0 or the file is empty"
+        )));
+    }
+    let addr = resolve(&opts.server).map_err(fail)?;
+    let mut target = Target::new(addr, &opts.domain, opts.tls, opts.mechanism).map_err(fail)?;
+    target.step_timeout = Duration::from_secs_f64(opts.step_timeout);
+    let fds = sys::raise_fd_limit();
+    if (fds as usize) < accounts.len() + 64 && opts.scenario != Scenario::Login {
+        eprintln!(
+            "xmpp-load: warning: the open-files limit is {fds}, below the {} connections asked for",
+            accounts.len()
+        );
+    }
+    let ctx = Arc::new(RunCtx {
+        progress: !opts.quiet,
+        opts,
+        target,
+        accounts,
+        counters: Counters::default(),
+        phase: watch::channel(Phase::Setup).0,
+        clock: Instant::now(),
+    });
+    match ctx.opts.scenario {
+        Scenario::Login => login::run(&ctx),
+        Scenario::Hold => hold::run(&ctx),
+        Scenario::Chat => chat::run(&ctx),
+        Scenario::Presence => presence::run(&ctx),
+        Scenario::Accounts => unreachable!("handled above"),
+    }
+}
+
+fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
+    server
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {server} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("{server} resolves to no address"))
+}
+
+/// Where a run is; workers follow it through [`RunCtx::phase`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Phase {
+    Setup,
+    /// Measurement starts at this instant.
+    Go(Instant),
+    /// Stop everything (end of the run, or a failed setup).
+    Stop,
+}
+
+/// Counters shared by the workers; relaxed atomics, read by the controller
+/// for progress and the report.
+#[derive(Default)]
+pub struct Counters {
+    pub logged_in: AtomicU64,
+    pub logins_failed: AtomicU64,
+    pub sent: AtomicU64,
+    pub delivered: AtomicU64,
+    pub duplicated: AtomicU64,
+    /// Messages that came back as `type='error'`.
+    pub bounced: AtomicU64,
+    /// Connections that broke after login.
+    pub conn_errors: AtomicU64,
+    pub first_conn_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Counters {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    pub fn conn_error(&self, e: &std::io::Error) {
+        self.conn_errors.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_conn_error.lock().expect("not poisoned");
+        if first.is_none() {
+            *first = Some(e.to_string());
+        }
+    }
+}
+
+pub struct RunCtx {
+    pub opts: Options,
+    pub target: Target,
+    pub accounts: Vec<Account>,
+    pub counters: Counters,
+    pub phase: watch::Sender<Phase>,
+    /// Time base of the send timestamps carried in messages.
+    pub clock: Instant,
+    pub progress: bool,
+}
+
+impl RunCtx {
+    /// Nanoseconds since [`RunCtx::clock`].
+    pub fn now_ns(&self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+
+    /// The global account indices worker `w` drives.
+    pub fn share(&self, w: usize) -> impl Iterator<Item = usize> {
+        (w..self.accounts.len()).step_by(self.threads())
+    }
+
+    pub fn threads(&self) -> usize {
+        self.opts.threads.max(1)
+    }
+
+    /// Starts one thread per worker, each with a current-thread runtime
+    /// running `f(worker index)`.
+    pub fn spawn_workers<F, Fut, R>(self: &Arc<Self>, f: F) -> Vec<std::thread::JoinHandle<R>>
+    where
+        F: Fn(Arc<RunCtx>, usize) -> Fut + Send + Sync + Clone + 'static,
+        Fut: std::future::Future<Output = R>,
+        R: Send + 'static,
+    {
+        (0..self.threads())
+            .map(|w| {
+                let ctx = self.clone();
+                let f = f.clone();
+                std::thread::Builder::new()
+                    .name(format!("xmpp-load-{w}"))
+                    .spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("a tokio runtime");
+                        rt.block_on(f(ctx, w))
+                    })
+                    .expect("a worker thread")
+            })
+            .collect()
+    }
+
+    /// Waits until the phase is `Go` (returning its instant) or `Stop`.
+    pub async fn wait_go(&self) -> Option<Instant> {
+        let mut rx = self.phase.subscribe();
+        loop {
+            match *rx.borrow_and_update() {
+                Phase::Go(t0) => return Some(t0),
+                Phase::Stop => return None,
+                Phase::Setup => {}
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    pub async fn wait_stop(&self) {
+        let mut rx = self.phase.subscribe();
+        let _ = rx.wait_for(|p| *p == Phase::Stop).await;
+    }
+
+    /// Logs in the given accounts, at most `--arrival-rate` per second
+    /// (split across workers) and `--concurrency` at once; stops at the
+    /// first failure, which it returns.
+    pub async fn login_all(
+        &self,
+        indices: Vec<usize>,
+    ) -> Result<Vec<(usize, Session)>, LoginError> {
+        let per_worker_rate = self.opts.arrival_rate / self.threads() as f64;
+        let max_inflight = (self.opts.concurrency / self.threads()).max(1);
+        let start = Instant::now();
+        let mut next = 0;
+        let mut inflight = FuturesUnordered::new();
+        let mut done = Vec::with_capacity(indices.len());
+        while done.len() < indices.len() {
+            let due = if per_worker_rate > 0.0 {
+                (start.elapsed().as_secs_f64() * per_worker_rate) as usize + 1
+            } else {
+                usize::MAX
+            };
+            while next < indices.len() && next < due && inflight.len() < max_inflight {
+                let i = indices[next];
+                next += 1;
+                let t = &self.target;
+                let a = &self.accounts[i];
+                inflight.push(async move { (i, Session::login(t, a).await) });
+            }
+            let tick = tokio::time::sleep(Duration::from_millis(2));
+            tokio::select! {
+                Some((i, r)) = inflight.next(), if !inflight.is_empty() => {
+                    let s = r?;
+                    self.counters.logged_in.fetch_add(1, Ordering::Relaxed);
+                    done.push((i, s));
+                }
+                _ = tick, if next < indices.len() => {}
+            }
+        }
+        Ok(done)
+    }
+
+    /// Shows how far the setup logins are.
+    pub fn progress_logins(&self, started: Instant, label: &str) {
+        if self.progress {
+            let c = &self.counters;
+            status_line(&format!(
+                "{label}: logged in {}/{} ({:.0}/s)",
+                Counters::get(&c.logged_in),
+                self.accounts.len(),
+                Counters::get(&c.logged_in) as f64 / started.elapsed().as_secs_f64().max(1e-3)
+            ));
+        }
+    }
+}
+
+/// A progress line on stderr: rewritten in place on a terminal, one line
+/// each time otherwise (logs, CI).
+pub fn status_line(s: &str) {
+    use std::io::Write as _;
+    let mut e = std::io::stderr().lock();
+    if std::io::stderr().is_terminal() {
+        let _ = write!(e, "\r\x1b[2K{s}");
+    } else {
+        let _ = writeln!(e, "{s}");
+    }
+    let _ = e.flush();
+}
+
+/// Ends an in-place progress line before other output.
+pub fn end_status() {
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+}
+
+/// Login results of all workers, gathered by the controller while it shows
+/// progress. The first failure stops every worker and is returned.
+pub fn await_logins(
+    ctx: &RunCtx,
+    rx: std::sync::mpsc::Receiver<Result<(), LoginError>>,
+    label: &str,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let mut pending = ctx.threads();
+    let mut last = Instant::now();
+    while pending > 0 {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(())) => pending -= 1,
+            Ok(Err(e)) => {
+                ctx.phase.send_replace(Phase::Stop);
+                end_status();
+                return Err(Failure {
+                    message: format!("login failed: {e}"),
+                    report: None,
+                });
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Failure {
+                    message: "a worker thread died during login".into(),
+                    report: None,
+                })
+            }
+        }
+        if last.elapsed() >= Duration::from_secs(1) {
+            ctx.progress_logins(started, label);
+            last = Instant::now();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accounts_file_takes_both_line_forms() {
+        let a = parse_accounts("# c\nuser1;pw;1\n\nuser2@localhost;x\n", "localhost").unwrap();
+        assert_eq!(
+            a,
+            vec![
+                Account {
+                    user: "user1".into(),
+                    password: "pw;1".into()
+                },
+                Account {
+                    user: "user2".into(),
+                    password: "x".into()
+                }
+            ]
+        );
+        assert!(parse_accounts("u@other;x", "localhost").is_err());
+        assert!(parse_accounts("nopassword", "localhost").is_err());
+    }
+
+    #[test]
+    fn generated_accounts_follow_the_patterns() {
+        let a = generate_accounts(2, "u{i}", "p{i}");
+        assert_eq!(a[1].user, "u2");
+        assert_eq!(a[1].password, "p2");
+    }
+}

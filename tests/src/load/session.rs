@@ -1,0 +1,522 @@
+//! The load generator's own client: connect, TLS, SASL, bind, roster get,
+//! initial presence, as RFC 6120/6121 describe them, against any server.
+//!
+//! It is separate from the test client (`crate::client`) because it serves
+//! a different purpose: negotiation happens once per connection and may
+//! build elements, but what follows must stay cheap, so a logged-in
+//! [`Session`] hands over its socket and a [`Framer`] holding any bytes the
+//! server already sent; the scenarios frame and scan those bytes
+//! themselves.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use rand::Rng as _;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use xmpp::element::{escape, Element};
+use xmpp::sasl::client::{plain_initial_response, ClientChannelBinding, ScramClient};
+use xmpp::sasl::HashAlg;
+use xmpp::stanza::ns;
+use xmpp::xml::{Event, Limits, StreamParser};
+
+use super::framer::{Frame, Framer};
+use super::Account;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain TCP, then `<starttls/>` (RFC 6120 §5), the standard c2s port.
+    Starttls,
+    /// TLS from the first byte (XEP-0368), the "direct TLS" port.
+    Direct,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Mech {
+    #[value(name = "plain")]
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[value(name = "scram-sha-1")]
+    #[serde(rename = "SCRAM-SHA-1")]
+    ScramSha1,
+    #[value(name = "scram-sha-256")]
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+}
+
+impl Mech {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mech::Plain => "PLAIN",
+            Mech::ScramSha1 => "SCRAM-SHA-1",
+            Mech::ScramSha256 => "SCRAM-SHA-256",
+        }
+    }
+}
+
+/// Why a login failed. [`LoginError::cause`] is the short key the report
+/// counts errors by; `Display` is the sentence an operator reads.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("cannot connect to {addr}: connection refused — is the server running?")]
+    Refused { addr: SocketAddr },
+    #[error("cannot connect to {addr}: {source}")]
+    Unreachable {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS with {addr} failed: {detail}")]
+    Tls { addr: SocketAddr, detail: String },
+    #[error("authentication failed for {jid}: {condition}{}", auth_hint(condition))]
+    Auth { jid: String, condition: String },
+    #[error("the server closed the stream with a stream error: {condition}{}", text.as_deref().map(|t| format!(" ({t})")).unwrap_or_default())]
+    Stream {
+        condition: String,
+        text: Option<String>,
+    },
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    #[error("connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+fn auth_hint(condition: &str) -> &'static str {
+    match condition {
+        "not-authorized" => " — wrong password or unknown account",
+        "invalid-mechanism" => " — the server does not allow this mechanism; try --mechanism",
+        _ => "",
+    }
+}
+
+impl LoginError {
+    pub fn cause(&self) -> String {
+        match self {
+            LoginError::Refused { .. } => "connection-refused".into(),
+            LoginError::Unreachable { .. } => "unreachable".into(),
+            LoginError::Tls { .. } => "tls".into(),
+            LoginError::Auth { condition, .. } => format!("auth:{condition}"),
+            LoginError::Stream { condition, .. } => format!("stream-error:{condition}"),
+            LoginError::Timeout(_, what) => format!("timeout:{what}"),
+            LoginError::Io(_) => "connection-lost".into(),
+            LoginError::Protocol(_) => "protocol".into(),
+        }
+    }
+}
+
+/// Where and how to log in; shared by every connection of a run.
+pub struct Target {
+    pub addr: SocketAddr,
+    pub domain: String,
+    pub tls: TlsMode,
+    pub mech: Mech,
+    /// Each negotiation step must answer within this time.
+    pub step_timeout: Duration,
+    /// Send `<presence/>` after the roster get.
+    pub initial_presence: bool,
+    connector: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl Target {
+    pub fn new(addr: SocketAddr, domain: &str, tls: TlsMode, mech: Mech) -> anyhow::Result<Target> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Benchmark servers run with self-signed certificates, so any
+        // certificate is accepted: this tool measures, it does not protect.
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+            .with_no_client_auth();
+        let server_name = ServerName::try_from(domain.to_owned())
+            .map_err(|_| anyhow::anyhow!("{domain} is not a valid domain name"))?;
+        Ok(Target {
+            addr,
+            domain: domain.to_owned(),
+            tls,
+            mech,
+            step_timeout: Duration::from_secs(30),
+            initial_presence: true,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+}
+
+/// A logged-in, bound session whose roster was fetched.
+pub struct Session {
+    pub io: TlsStream<TcpStream>,
+    /// Holds whatever the server sent after the roster result.
+    pub framer: Framer,
+    pub jid: String,
+}
+
+impl Session {
+    /// Connects and logs in `account`.
+    pub async fn login(t: &Target, account: &Account) -> Result<Session, LoginError> {
+        let tcp = match tokio::time::timeout(t.step_timeout, TcpStream::connect(t.addr)).await {
+            Err(_) => return Err(LoginError::Timeout(t.step_timeout, "TCP connect")),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(LoginError::Refused { addr: t.addr })
+            }
+            Ok(Err(e)) => {
+                return Err(LoginError::Unreachable {
+                    addr: t.addr,
+                    source: e,
+                })
+            }
+            Ok(Ok(s)) => s,
+        };
+        tcp.set_nodelay(true)?;
+        let mut n = Negotiator {
+            t,
+            framer: Framer::new(),
+            parser: StreamParser::new(Limits::default()),
+        };
+        let tcp = match t.tls {
+            TlsMode::Direct => tcp,
+            TlsMode::Starttls => {
+                let mut tcp = tcp;
+                let features = n.open_stream(&mut tcp).await.map_err(|e| match e {
+                    LoginError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        LoginError::Protocol(format!(
+                            "{} closed the connection before sending a stream header: is it a direct-TLS port? (try --tls direct)",
+                            t.addr
+                        ))
+                    }
+                    e => e,
+                })?;
+                if !features.has_child("starttls", ns::TLS) {
+                    return Err(LoginError::Protocol(
+                        "the server does not offer STARTTLS on this port (direct TLS port? use --tls direct)".into(),
+                    ));
+                }
+                tcp.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+                    .await?;
+                let reply = n.recv(&mut tcp, "<proceed/>").await?;
+                if !reply.is("proceed", ns::TLS) {
+                    return Err(LoginError::Tls {
+                        addr: t.addr,
+                        detail: "STARTTLS refused by the server".into(),
+                    });
+                }
+                // RFC 6120 §5.4.3.3: nothing from the plaintext stream carries over.
+                n.framer.clear();
+                tcp
+            }
+        };
+        let mut io = t
+            .connector
+            .connect(t.server_name.clone(), tcp)
+            .await
+            .map_err(|e| LoginError::Tls {
+                addr: t.addr,
+                detail: e.to_string(),
+            })?;
+        let features = n.open_stream(&mut io).await?;
+        n.authenticate(&mut io, &features, account).await?;
+        // RFC 6120 §6.4.6: a new stream after SASL success.
+        let features = n.open_stream(&mut io).await?;
+        if !features.has_child("bind", ns::BIND) {
+            return Err(LoginError::Protocol(
+                "no resource binding offered after authentication".into(),
+            ));
+        }
+        io.write_all(
+            b"<iq type='set' id='xl-bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>",
+        )
+        .await?;
+        let reply = n.recv_iq(&mut io, "xl-bind", "the bind result").await?;
+        let jid = reply
+            .get_child("bind", ns::BIND)
+            .and_then(|b| b.child_text("jid", ns::BIND))
+            .ok_or_else(|| {
+                LoginError::Protocol(format!("bind failed: {}", reply.to_string_in(ns::CLIENT)))
+            })?;
+        // RFC 3921 session establishment, only where a server still requires it.
+        if let Some(s) = features.get_child("session", ns::SESSION) {
+            if !s.has_child("optional", ns::SESSION) {
+                io.write_all(b"<iq type='set' id='xl-sess'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>")
+                    .await?;
+                n.recv_iq(&mut io, "xl-sess", "the session result").await?;
+            }
+        }
+        // RFC 6121 §2.2 roster get, then initial presence (§4.2), pipelined:
+        // the server answers the roster get first.
+        let mut req: &[u8] =
+            b"<iq type='get' id='xl-roster'><query xmlns='jabber:iq:roster'/></iq><presence/>";
+        if !t.initial_presence {
+            req = &req[..req.len() - b"<presence/>".len()];
+        }
+        io.write_all(req).await?;
+        n.recv_iq(&mut io, "xl-roster", "the roster result").await?;
+        Ok(Session {
+            io,
+            framer: n.framer,
+            jid,
+        })
+    }
+}
+
+struct Negotiator<'a> {
+    t: &'a Target,
+    framer: Framer,
+    parser: StreamParser,
+}
+
+impl Negotiator<'_> {
+    /// Sends our stream header and reads the server's header and features.
+    async fn open_stream<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+    ) -> Result<Element, LoginError> {
+        let header = format!(
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{}' version='1.0' xml:lang='en'>",
+            escape(&self.t.domain)
+        );
+        io.write_all(header.as_bytes()).await?;
+        self.framer.restart();
+        self.parser = StreamParser::new(Limits::default());
+        let features = self.recv(io, "<stream:features/>").await?;
+        if !features.is("features", ns::STREAM) {
+            return Err(LoginError::Protocol(format!(
+                "expected <stream:features/>, got {}",
+                features.to_string_in(ns::CLIENT)
+            )));
+        }
+        Ok(features)
+    }
+
+    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        features: &Element,
+        account: &Account,
+    ) -> Result<(), LoginError> {
+        let offered: Vec<String> = features
+            .get_child("mechanisms", ns::SASL)
+            .map(|m| m.elements().map(Element::text_content).collect())
+            .unwrap_or_default();
+        let mech = self.t.mech;
+        if !offered.iter().any(|m| m == mech.name()) {
+            return Err(LoginError::Protocol(format!(
+                "the server does not offer {}; it offers {}",
+                mech.name(),
+                offered.join(", ")
+            )));
+        }
+        let jid = format!("{}@{}", account.user, self.t.domain);
+        let auth_failed = |reply: &Element| LoginError::Auth {
+            jid: jid.clone(),
+            condition: reply
+                .elements()
+                .find(|c| c.name != "text")
+                .map(|c| c.name.clone())
+                .unwrap_or_else(|| "failure".into()),
+        };
+        let hash = match mech {
+            Mech::Plain => {
+                let initial = plain_initial_response(None, &account.user, &account.password);
+                io.write_all(auth(mech.name(), &initial).as_bytes()).await?;
+                let reply = self.recv(io, "the SASL outcome").await?;
+                if reply.is("success", ns::SASL) {
+                    return Ok(());
+                }
+                return Err(auth_failed(&reply));
+            }
+            Mech::ScramSha1 => HashAlg::Sha1,
+            Mech::ScramSha256 => HashAlg::Sha256,
+        };
+        let nonce = B64.encode(rand::thread_rng().gen::<[u8; 18]>());
+        let mut scram = ScramClient::new(
+            hash,
+            &account.user,
+            &account.password,
+            ClientChannelBinding::None,
+            nonce,
+        )
+        .map_err(|e| LoginError::Protocol(format!("SCRAM: {e:?}")))?;
+        io.write_all(auth(mech.name(), &scram.client_first()).as_bytes())
+            .await?;
+        let reply = self.recv(io, "the SASL challenge").await?;
+        if !reply.is("challenge", ns::SASL) {
+            return Err(auth_failed(&reply));
+        }
+        let server_first = B64
+            .decode(reply.text_content().trim())
+            .map_err(|_| LoginError::Protocol("challenge is not base64".into()))?;
+        let client_final = scram
+            .handle_server_first(&server_first)
+            .map_err(|e| LoginError::Protocol(format!("SCRAM server-first: {e:?}")))?;
+        io.write_all(
+            format!(
+                "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>",
+                B64.encode(client_final)
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let reply = self.recv(io, "the SASL outcome").await?;
+        if !reply.is("success", ns::SASL) {
+            return Err(auth_failed(&reply));
+        }
+        let data = B64
+            .decode(reply.text_content().trim())
+            .map_err(|_| LoginError::Protocol("success data is not base64".into()))?;
+        // RFC 5802 §3: the server proves it knows the credentials too.
+        scram
+            .verify_server_final(&data)
+            .map_err(|e| LoginError::Protocol(format!("SCRAM server signature: {e:?}")))
+    }
+
+    /// Waits for the IQ reply with this id; other stanzas are skipped.
+    async fn recv_iq<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        id: &str,
+        what: &'static str,
+    ) -> Result<Element, LoginError> {
+        loop {
+            let e = self.recv(io, what).await?;
+            if e.name == "iq" && e.get_attr("id") == Some(id) {
+                if e.get_attr("type") == Some("error") {
+                    return Err(LoginError::Protocol(format!(
+                        "{what} is an error: {}",
+                        e.to_string_in(ns::CLIENT)
+                    )));
+                }
+                return Ok(e);
+            }
+        }
+    }
+
+    /// The next first-level element, the stream header being skipped.
+    async fn recv<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        what: &'static str,
+    ) -> Result<Element, LoginError> {
+        let limit = self.t.step_timeout;
+        tokio::time::timeout(limit, self.recv_inner(io))
+            .await
+            .map_err(|_| LoginError::Timeout(limit, what))?
+    }
+
+    async fn recv_inner<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+    ) -> Result<Element, LoginError> {
+        loop {
+            while let Some(frame) = self.framer.next_frame() {
+                let (s, e) = match frame {
+                    Frame::Header(s, e) | Frame::Stanza(s, e) => (s, e),
+                    Frame::Close => {
+                        return Err(LoginError::Protocol("the server closed the stream".into()))
+                    }
+                };
+                self.parser.feed(&self.framer.buffer()[s..e]);
+                while let Some(ev) = self
+                    .parser
+                    .next_event()
+                    .map_err(|e| LoginError::Protocol(format!("server sent bad XML: {e}")))?
+                {
+                    match ev {
+                        Event::StreamOpen(_) => {}
+                        Event::StreamClose => {
+                            return Err(LoginError::Protocol("the server closed the stream".into()))
+                        }
+                        Event::Element(el) if el.is("error", ns::STREAM) => {
+                            return Err(LoginError::Stream {
+                                condition: el
+                                    .elements()
+                                    .find(|c| c.name != "text")
+                                    .map(|c| c.name.clone())
+                                    .unwrap_or_default(),
+                                text: el.child_text("text", ns::STREAMS),
+                            });
+                        }
+                        Event::Element(el) => return Ok(el),
+                    }
+                }
+            }
+            let buf = self.framer.read_buf(4096);
+            let n = io.read(buf).await?;
+            if n == 0 {
+                return Err(LoginError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+            self.framer.filled(n);
+        }
+    }
+}
+
+fn auth(mechanism: &str, initial: &[u8]) -> String {
+    // RFC 6120 §6.4.2: an empty initial response is "=".
+    let data = if initial.is_empty() {
+        "=".to_owned()
+    } else {
+        B64.encode(initial)
+    };
+    format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{mechanism}'>{data}</auth>")
+}
+
+/// Accepts any server certificate (see [`Target::new`]).
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

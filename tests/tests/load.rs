@@ -1,0 +1,164 @@
+//! The load generator against the real node: a clean chat run delivers
+//! everything, and failures name their cause. No speed or latency figure
+//! is asserted (the machine is shared and noisy).
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::{Command, Output};
+
+use tests::node::TestNode;
+
+fn xmpp_load(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xmpp-load"))
+        .args(args)
+        .output()
+        .expect("xmpp-load runs")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Creates user1..userN (passwords pw1..pwN) through `clusterctl import-users`,
+/// with the file xmpp-load itself writes.
+fn import_users(node: &TestNode, n: usize) {
+    let out = xmpp_load(&[
+        "accounts",
+        "--users",
+        &n.to_string(),
+        "--domain",
+        &node.domain,
+    ]);
+    assert!(out.status.success());
+    let file = node.dir.path().join("users.txt");
+    std::fs::write(&file, &out.stdout).unwrap();
+    node.clusterctl(&["import-users", file.to_str().unwrap()])
+        .expect("import-users");
+}
+
+#[test]
+fn chat_run_delivers_every_message_once() {
+    let node = TestNode::start().unwrap();
+    import_users(&node, 10);
+    let server = node.c2s.to_string();
+    let pid = node.pid().unwrap().to_string();
+    let out = xmpp_load(&[
+        "chat",
+        "--server",
+        &server,
+        "--domain",
+        &node.domain,
+        "--users",
+        "10",
+        "--rate",
+        "200",
+        "--duration",
+        "3",
+        "--server-pid",
+        &pid,
+        "--json",
+        "--quiet",
+    ]);
+    let r = json(&out);
+    assert!(
+        out.status.success(),
+        "{r:#}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chat = &r["chat"];
+    assert_eq!(chat["sent"], 600, "{r:#}");
+    assert_eq!(chat["delivered"], chat["sent"], "{r:#}");
+    assert_eq!(chat["lost"], 0, "{r:#}");
+    assert_eq!(chat["duplicated"], 0, "{r:#}");
+    assert_eq!(chat["bounced"], 0, "{r:#}");
+    assert_eq!(chat["latency"]["count"], 600, "{r:#}");
+    assert_eq!(r["ok"], true);
+    assert!(r["server_process"]["cpu_s"].is_number(), "{r:#}");
+}
+
+#[test]
+fn hold_and_login_runs_over_direct_tls_with_scram() {
+    let node = TestNode::start().unwrap();
+    import_users(&node, 5);
+    let server = node.c2s_tls.to_string();
+    for scenario in ["login", "hold"] {
+        let out = xmpp_load(&[
+            scenario,
+            "--server",
+            &server,
+            "--tls",
+            "direct",
+            "--mechanism",
+            "scram-sha-256",
+            "--users",
+            "5",
+            "--arrival-rate",
+            "20",
+            "--duration",
+            "1",
+            "--json",
+            "--quiet",
+        ]);
+        let r = json(&out);
+        assert!(out.status.success(), "{scenario}: {r:#}");
+        assert_eq!(r["ok"], true);
+    }
+}
+
+#[test]
+fn wrong_password_fails_naming_the_authentication_failure() {
+    let node = TestNode::start().unwrap();
+    import_users(&node, 2);
+    let out = xmpp_load(&[
+        "login",
+        "--server",
+        &node.c2s.to_string(),
+        "--users",
+        "2",
+        "--password-pattern",
+        "not-the-password",
+        "--duration",
+        "1",
+        "--quiet",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("authentication failed for user1@localhost: not-authorized")
+            && err.contains("wrong password or unknown account"),
+        "{err}"
+    );
+}
+
+#[test]
+fn closed_port_fails_naming_the_refused_connection() {
+    // A port nobody listens on: bind, note it, close.
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = xmpp_load(&[
+        "chat",
+        "--server",
+        &port.to_string(),
+        "--users",
+        "2",
+        "--duration",
+        "1",
+        "--json",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot connect to {port}: connection refused")),
+        "{err}"
+    );
+    let r = json(&out);
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("connection refused"));
+}
