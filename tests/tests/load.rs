@@ -162,3 +162,31 @@ fn closed_port_fails_naming_the_refused_connection() {
     assert_eq!(r["ok"], false);
     assert!(r["error"].as_str().unwrap().contains("connection refused"));
 }
+
+#[test]
+fn presence_run_builds_rosters_and_fans_out_status_changes() {
+    let node = TestNode::start().unwrap();
+    import_users(&node, 8);
+    let out = xmpp_load(&[
+        "presence",
+        "--server",
+        &node.c2s.to_string(),
+        "--users",
+        "8",
+        "--roster-size",
+        "4",
+        "--rate",
+        "16",
+        "--duration",
+        "1",
+        "--json",
+        "--quiet",
+    ]);
+    let r = json(&out);
+    assert!(out.status.success(), "{r:#}");
+    let p = &r["presence"];
+    assert_eq!(p["min_roster"], 4, "{r:#}");
+    assert_eq!(p["status_changes_sent"], 16, "{r:#}");
+    assert_eq!(p["expected"], 64, "{r:#}");
+    assert_eq!(p["received"], p["expected"], "{r:#}");
+}

@@ -30,7 +30,7 @@ use super::hist::Latency;
 use super::report::{ChatFigures, ProcFigures, Report};
 use super::{await_logins, end_status, status_line, sys, Counters, Failure, Phase, RunCtx};
 
-const MARKER: &[u8] = b"~xl~";
+pub(super) const MARKER: &[u8] = b"~xl~";
 
 /// What every connection of the run needs to build and check messages.
 struct Plan {
@@ -359,7 +359,7 @@ fn on_message(ctx: &RunCtx, plan: &Plan, hist: &RefCell<Latency>, stanza: &[u8])
 }
 
 /// Lower-case hex of `v` without leading zeros, in `buf`.
-fn hex(mut v: u64, buf: &mut [u8; 16]) -> &[u8] {
+pub(super) fn hex(mut v: u64, buf: &mut [u8; 16]) -> &[u8] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut i = buf.len();
     loop {
@@ -373,7 +373,7 @@ fn hex(mut v: u64, buf: &mut [u8; 16]) -> &[u8] {
     &buf[i..]
 }
 
-fn parse_hex(s: &[u8]) -> Option<u64> {
+pub(super) fn parse_hex(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 16 {
         return None;
     }
