@@ -95,6 +95,9 @@ pub struct Flags {
     /// [limits] write_timeout_secs
     #[arg(long, env = "XMPP_WRITE_TIMEOUT_SECS")]
     pub write_timeout_secs: Option<u64>,
+    /// [limits] resume_timeout_secs
+    #[arg(long, env = "XMPP_RESUME_TIMEOUT_SECS")]
+    pub resume_timeout_secs: Option<u64>,
 }
 
 /// The whole configuration, after file, flags and defaults are merged.
@@ -182,6 +185,9 @@ pub struct Limits {
     pub session_queue: usize,
     /// Seconds a write to a client may block before the client counts as gone.
     pub write_timeout_secs: u64,
+    /// Seconds a session with stream management (XEP-0198) waits for its
+    /// client to resume after the connection drops.
+    pub resume_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -265,6 +271,7 @@ impl Default for Limits {
             offline_max_messages: 500,
             session_queue: 10_000,
             write_timeout_secs: 60,
+            resume_timeout_secs: 300,
         }
     }
 }
@@ -281,6 +288,10 @@ impl Default for Log {
 impl Limits {
     pub fn negotiation_timeout(&self) -> Duration {
         Duration::from_secs(self.negotiation_timeout_secs)
+    }
+
+    pub fn resume_timeout(&self) -> Duration {
+        Duration::from_secs(self.resume_timeout_secs)
     }
 
     pub fn write_timeout(&self) -> Duration {
@@ -416,6 +427,9 @@ impl Config {
             &mut self.limits.offline_max_messages,
             f.offline_max_messages,
         );
+        set(&mut self.limits.session_queue, f.session_queue);
+        set(&mut self.limits.write_timeout_secs, f.write_timeout_secs);
+        set(&mut self.limits.resume_timeout_secs, f.resume_timeout_secs);
     }
 
     /// Checks what serde cannot: domains, certificate pairs, ranges.
@@ -602,6 +616,57 @@ max_stanza_bytes = 65536
             .expect_err("pair")
             .to_string();
         assert!(msg.contains("tls_key"), "{msg}");
+    }
+
+    #[test]
+    fn every_limit_flag_is_applied() {
+        use clap::Parser as _;
+        let flags = Flags::try_parse_from([
+            "xmpp-node",
+            "--node-id=7",
+            "--log-format=json",
+            "--failure-delay-ms=1",
+            "--max-failure-delay-ms=2",
+            "--failure-memory-secs=3",
+            "--max-attempts-per-stream=4",
+            "--max-stanza-bytes=20000",
+            "--max-depth=9",
+            "--max-attrs=10",
+            "--negotiation-timeout-secs=11",
+            "--offline-max-messages=12",
+            "--session-queue=130",
+            "--write-timeout-secs=14",
+            "--resume-timeout-secs=15",
+            "--scram-iterations=5000",
+        ])
+        .expect("flags parse");
+        let mut c = Config::default();
+        c.apply_flags(&flags);
+        assert_eq!(c.node_id, 7);
+        assert_eq!(c.log.format, LogFormat::Json);
+        let a = &c.auth;
+        assert_eq!(
+            (
+                a.failure_delay_ms,
+                a.max_failure_delay_ms,
+                a.failure_memory_secs
+            ),
+            (1, 2, 3)
+        );
+        assert_eq!((a.max_attempts_per_stream, a.scram_iterations), (4, 5000));
+        let l = &c.limits;
+        assert_eq!(
+            (l.max_stanza_bytes, l.max_depth, l.max_attrs),
+            (20000, 9, 10)
+        );
+        assert_eq!(
+            (l.negotiation_timeout_secs, l.offline_max_messages),
+            (11, 12)
+        );
+        assert_eq!(
+            (l.session_queue, l.write_timeout_secs, l.resume_timeout_secs),
+            (130, 14, 15)
+        );
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct Server {
     pub sessions: Sessions,
     pub modules: Vec<Box<dyn Module>>,
     pub throttle: AuthThrottle,
+    /// Sessions that can be resumed (XEP-0198), by stream id.
+    pub resumable: c2s::sm::Registry,
     pub started: Instant,
     /// Flips to `true` once: every listener and session task watches it.
     pub shutdown: tokio::sync::watch::Sender<bool>,
@@ -62,6 +64,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let server = Arc::new(Server {
         throttle: AuthThrottle::new(&config.auth),
+        resumable: c2s::sm::Registry::default(),
         config,
         tls,
         cluster,

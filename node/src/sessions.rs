@@ -22,6 +22,10 @@ pub type SessionId = u64;
 pub enum Outbound {
     /// A stanza, serialized once for every recipient (jabber:client default ns).
     Xml(Arc<str>),
+    /// Several stanzas at once, in order: what a session's own task sends
+    /// itself (offline messages, roster changes, presence at login), which
+    /// must take one queue slot since that task cannot drain meanwhile.
+    Batch(Vec<Arc<str>>),
     /// Close the stream with this error.
     Close(StreamError, Option<String>),
 }

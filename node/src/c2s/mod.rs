@@ -5,6 +5,7 @@
 mod io;
 mod negotiate;
 mod session;
+pub mod sm;
 mod stream;
 pub mod throttle;
 
@@ -12,9 +13,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use xmpp::error::StreamError;
 
 use io::Io;
+use negotiate::Negotiated;
 use stream::{ConnError, Stream};
 
 use crate::Server;
@@ -57,21 +60,39 @@ async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direc
     if let Io::Tls(t) = &s.io {
         s.cb = server.tls.channel_bindings(t.get_ref().1);
     }
-    let result = match tokio::time::timeout(timeout, negotiate::negotiate(&mut s)).await {
-        Ok(Ok(bound)) => session::run(&mut s, bound).await,
-        Ok(Err(e)) => Err(e),
+    let negotiated = match tokio::time::timeout(timeout, negotiate::negotiate(&mut s)).await {
+        Ok(r) => r,
         Err(_) => Err(ConnError::stream(
             StreamError::ConnectionTimeout,
             "no resource bound in time",
         )),
     };
+    match negotiated {
+        Ok(Negotiated::Bound(bound)) => session::run(s, bound).await,
+        Ok(Negotiated::Resume { tx, h }) => {
+            // The waiting session takes the stream over (XEP-0198 §5).
+            if let Err(mpsc::error::SendError(mut handoff)) =
+                tx.send(sm::Handoff { stream: s, h }).await
+            {
+                let _ = handoff.stream.send(&sm::failed("item-not-found")).await;
+                finish(&mut handoff.stream, Err(ConnError::Closed)).await;
+            }
+        }
+        Err(e) => finish(&mut s, Err(e)).await,
+    }
+}
+
+/// Ends a stream the way its result asks: a stream error, a clean close,
+/// or nothing for a connection that is already gone.
+pub(crate) async fn finish(s: &mut Stream, result: Result<(), ConnError>) {
+    let peer = s.peer;
     match result {
-        Ok(()) => s.close().await,
-        Err(ConnError::Closed) => s.close().await,
+        Ok(()) | Err(ConnError::Closed) => s.close().await,
         Err(ConnError::Stream(e, text)) => {
             tracing::debug!(%peer, error = %e, text = ?text, "closing stream with error");
             s.close_with_error(e, text.as_deref()).await;
         }
+        Err(ConnError::Lost) => tracing::debug!(%peer, "connection lost"),
         Err(ConnError::Io(e)) => tracing::debug!(%peer, error = %e, "connection lost"),
     }
 }

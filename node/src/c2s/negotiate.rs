@@ -26,9 +26,18 @@ pub struct Bound {
 }
 
 /// Runs TLS (unless already on TLS), SASL, and binding.
-pub async fn negotiate(s: &mut Stream) -> Result<Bound, ConnError> {
+pub async fn negotiate(s: &mut Stream) -> Result<Negotiated, ConnError> {
     let user = authenticate(s).await?;
     bind(s, user).await
+}
+
+/// A negotiated stream: a new session, or one to resume (XEP-0198 §5).
+pub enum Negotiated {
+    Bound(Bound),
+    Resume {
+        tx: tokio::sync::mpsc::Sender<super::sm::Handoff>,
+        h: u32,
+    },
 }
 
 async fn next_element(s: &mut Stream) -> Result<Element, ConnError> {
@@ -322,7 +331,7 @@ async fn sasl(
 }
 
 /// RFC 6120 §7: after the SASL restart, wait for the bind request.
-async fn bind(s: &mut Stream, user: BareJid) -> Result<Bound, ConnError> {
+async fn bind(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
     s.open().await?;
     let features = Element::new("features", ns::STREAM)
         .child(Element::new("bind", ns::BIND))
@@ -331,10 +340,30 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Bound, ConnError> {
         // RFC 6121 §2.6.1: roster versioning.
         .child(Element::new("ver", crate::modules::ROSTERVER_FEATURE))
         // RFC 6121 §3.4.1: subscription pre-approval.
-        .child(Element::new("sub", "urn:xmpp:features:pre-approval"));
+        .child(Element::new("sub", "urn:xmpp:features:pre-approval"))
+        // XEP-0198: acknowledgements and resumption.
+        .child(Element::new("sm", super::sm::NS));
     s.send(&features).await?;
     loop {
         let e = next_element(s).await?;
+        if e.is("resume", super::sm::NS) {
+            let found = e
+                .get_attr("previd")
+                .and_then(|id| s.server.resumable.find(id, &user));
+            match (found, super::sm::h_of(&e)) {
+                (Some(tx), Some(h)) => return Ok(Negotiated::Resume { tx, h }),
+                _ => {
+                    // XEP-0198 §5: unknown or expired; the client binds anew.
+                    s.send(&super::sm::failed("item-not-found")).await?;
+                    continue;
+                }
+            }
+        }
+        if e.is("enable", super::sm::NS) {
+            // XEP-0198 §3: only after binding.
+            s.send(&super::sm::failed("unexpected-request")).await?;
+            continue;
+        }
         if StanzaKind::of(&e) != Some(StanzaKind::Iq) {
             return Err(ConnError::stream(
                 StreamError::NotAuthorized,
@@ -386,7 +415,7 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Bound, ConnError> {
                 }
             }
         };
-        return Ok(Bound { jid, bind_iq: e });
+        return Ok(Negotiated::Bound(Bound { jid, bind_iq: e }));
     }
 }
 

@@ -1,9 +1,13 @@
 //! The session task of a bound client: reads stanzas, stamps their true
 //! `from`, hands them to the router; writes what the router sends it.
+//! With stream management (XEP-0198, [`super::sm`]) it outlives a dropped
+//! connection until the client resumes or the resumption time runs out.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use rand::RngCore;
+use tokio::sync::mpsc;
 use xmpp::element::Element;
 use xmpp::error::StreamError;
 use xmpp::jid::{FullJid, Jid};
@@ -11,13 +15,14 @@ use xmpp::stanza::{ns, MessageType, StanzaKind};
 use xmpp::xml::Event;
 
 use super::negotiate::{bind_result, Bound};
+use super::sm::{self, Handoff, Sm};
 use super::stream::{ConnError, Stream};
 use crate::modules::presence;
 use crate::router;
 use crate::sessions::{self, Outbound, SessionId};
 use crate::Server;
 
-/// Most queued stanzas written in one go (one TLS write, one syscall).
+/// Most queued entries written in one go (one TLS write, one syscall).
 const WRITE_BATCH: usize = 64;
 
 /// Unbinds the session however the task ends.
@@ -35,9 +40,24 @@ impl Drop for BoundGuard {
     }
 }
 
-pub async fn run(s: &mut Stream, bound: Bound) -> Result<(), ConnError> {
+/// What a session task holds besides its stream.
+struct Session {
+    server: Arc<Server>,
+    jid: FullJid,
+    id: SessionId,
+    rx: sessions::Receiver,
+    /// Directed presence sent to non-subscribers (RFC 6121 §4.6).
+    directed: HashSet<String>,
+    sm: Option<Sm>,
+    /// Where a resuming connection hands its stream over.
+    handoff_tx: mpsc::Sender<Handoff>,
+    handoff_rx: mpsc::Receiver<Handoff>,
+}
+
+/// Runs a bound session to its end, then closes its stream.
+pub async fn run(s: Stream, bound: Bound) {
     let server = s.server.clone();
-    let (tx, mut rx) = sessions::queue(server.config.limits.session_queue);
+    let (tx, rx) = sessions::queue(server.config.limits.session_queue);
     let (id, replaced) = server.sessions.bind(&bound.jid, tx, s.peer, s.io.is_tls());
     let _guard = BoundGuard {
         server: server.clone(),
@@ -51,120 +71,306 @@ pub async fn run(s: &mut Stream, bound: Bound) -> Result<(), ConnError> {
             Some("replaced by a new connection for this resource".into()),
         ));
     }
-    s.send(&bind_result(&bound.bind_iq, &bound.jid)).await?;
-    tracing::debug!(jid = %bound.jid, peer = %s.peer, "session bound");
-    // Directed presence sent to non-subscribers (RFC 6121 §4.6).
-    let mut directed = HashSet::new();
-    let result = serve(s, &server, &bound, id, &mut rx, &mut directed).await;
+    let (handoff_tx, handoff_rx) = mpsc::channel(1);
+    let mut session = Session {
+        server: server.clone(),
+        jid: bound.jid.clone(),
+        id,
+        rx,
+        directed: HashSet::new(),
+        sm: None,
+        handoff_tx,
+        handoff_rx,
+    };
+    let mut stream = Some(s);
+    let mut result = match stream.as_mut() {
+        Some(s) => s.send(&bind_result(&bound.bind_iq, &bound.jid)).await,
+        None => Ok(()),
+    };
+    tracing::debug!(jid = %bound.jid, "session bound");
+    while result.is_ok() {
+        let Some(s) = stream.as_mut() else { break };
+        result = session.serve(s).await;
+        let lost = matches!(result, Err(ConnError::Lost | ConnError::Io(_)));
+        if !lost || !session.sm.as_ref().is_some_and(|sm| sm.resumable) {
+            break;
+        }
+        // XEP-0198 §5: the connection dropped; wait for the client to resume.
+        stream = None;
+        match session.hibernate().await {
+            Some(next) => {
+                stream = Some(next);
+                result = Ok(());
+            }
+            None => result = Err(ConnError::Lost),
+        }
+    }
+    if let Some(sm) = &session.sm {
+        server.resumable.remove(&sm.id);
+    }
+    if let Some(mut s) = stream {
+        super::finish(&mut s, result).await;
+    }
     // However the stream ended, contacts learn the session is gone (§4.5.2).
-    presence::session_closed(&server, &bound.jid, id, &mut directed).await;
-    server.sessions.unbind(&bound.jid, id);
-    requeue(&server, &bound.jid, &mut rx).await;
-    result
+    presence::session_closed(&server, &session.jid, id, &mut session.directed).await;
+    server.sessions.unbind(&session.jid, id);
+    session.requeue().await;
 }
 
-/// Messages still queued for a session that ended were never written to
-/// the client: route them again now that the session is gone, so they
-/// reach another resource or offline storage instead of being lost.
-async fn requeue(server: &Server, me: &FullJid, rx: &mut sessions::Receiver) {
-    rx.close();
-    let own = me.bare().to_string();
-    // An entry may hold several stanzas (offline delivery, roster pushes):
-    // frame them as a stream would.
-    let mut parser = xmpp::xml::StreamParser::new(server.config.limits.parser());
-    parser.feed(
-        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>",
-    );
-    while let Some(o) = rx.try_recv() {
-        let Outbound::Xml(xml) = o else { continue };
-        if !xml.contains("<message") {
-            continue;
-        }
-        parser.feed(xml.as_bytes());
-        while let Ok(Some(ev)) = parser.next_event() {
-            let xmpp::xml::Event::Element(m) = ev else {
-                continue;
-            };
-            // Carbons copies (from our own bare JID) are not worth keeping.
-            let chat = m.name == "message"
-                && matches!(MessageType::of(&m), MessageType::Chat | MessageType::Normal);
-            if chat && m.get_attr("from") != Some(own.as_str()) {
-                router::route(server, m).await;
+impl Session {
+    /// Serves one connection until it ends.
+    async fn serve(&mut self, s: &mut Stream) -> Result<(), ConnError> {
+        let server = self.server.clone();
+        let mut shutdown = server.shutdown.subscribe();
+        let mut out = String::with_capacity(1024);
+        loop {
+            while let Some(ev) = s.parse_buffered()? {
+                match ev {
+                    Event::Element(e) if e.ns == sm::NS => self.stream_management(s, e).await?,
+                    Event::Element(e) => {
+                        handle(&server, &self.jid, self.id, e, &mut self.directed).await?;
+                        if let Some(sm) = &mut self.sm {
+                            sm.handled = sm.handled.wrapping_add(1);
+                        }
+                    }
+                    Event::StreamClose => return Err(ConnError::Closed),
+                    Event::StreamOpen(_) => {
+                        return Err(ConnError::stream(
+                            StreamError::NotWellFormed,
+                            "unexpected stream header",
+                        ))
+                    }
+                }
+            }
+            tokio::select! {
+                r = s.fill() => r?,
+                msg = self.rx.recv() => {
+                    let Some(msg) = msg else { return Err(ConnError::Closed) };
+                    out.clear();
+                    let close = self.collect(msg, &mut out);
+                    if let Some(sm) = &mut self.sm {
+                        // Ask for an acknowledgement once per round trip.
+                        if !sm.request_pending && !sm.unacked.is_empty() {
+                            out.push_str("<r xmlns='urn:xmpp:sm:3'/>");
+                            sm.request_pending = true;
+                        }
+                    }
+                    if !out.is_empty() {
+                        match tokio::time::timeout(server.config.limits.write_timeout(), s.write_raw(&out)).await {
+                            Ok(r) => r?,
+                            Err(_) => {
+                                return Err(ConnError::stream(StreamError::ConnectionTimeout, "the client stopped reading"))
+                            }
+                        }
+                    }
+                    if self.rx.overflowed() {
+                        // The router could not queue for this client: it reads
+                        // too slowly. What it missed went to offline storage.
+                        return Err(ConnError::stream(
+                            StreamError::PolicyViolation,
+                            "too many stanzas waiting; the client reads too slowly",
+                        ));
+                    }
+                    if let Some((e, t)) = close {
+                        return Err(ConnError::Stream(e, t));
+                    }
+                }
+                handoff = self.handoff_rx.recv() => {
+                    // The client resumed on a new connection while this one
+                    // still looked alive: carry on there.
+                    if let Some(h) = handoff {
+                        let mut next = h.stream;
+                        self.resume(&mut next, h.h).await?;
+                        std::mem::swap(s, &mut next);
+                        drop(next);
+                    }
+                }
+                _ = shutdown.changed() => {
+                    return Err(ConnError::Stream(StreamError::SystemShutdown, None));
+                }
             }
         }
     }
-}
 
-async fn serve(
-    s: &mut Stream,
-    server: &Arc<Server>,
-    bound: &Bound,
-    id: SessionId,
-    rx: &mut sessions::Receiver,
-    directed: &mut HashSet<String>,
-) -> Result<(), ConnError> {
-    let mut shutdown = server.shutdown.subscribe();
-    let mut out = String::with_capacity(1024);
-    loop {
-        while let Some(ev) = s.parse_buffered()? {
-            match ev {
-                Event::Element(e) => handle(server, &bound.jid, id, e, directed).await?,
-                Event::StreamClose => return Err(ConnError::Closed),
-                Event::StreamOpen(_) => {
-                    return Err(ConnError::stream(
-                        StreamError::NotWellFormed,
-                        "unexpected stream header",
-                    ))
+    /// Appends queued stanzas (up to a batch) to `out`, keeping them for
+    /// retransmission under stream management; returns a close request.
+    fn collect(
+        &mut self,
+        first: Outbound,
+        out: &mut String,
+    ) -> Option<(StreamError, Option<String>)> {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(m) = next.take() {
+            match m {
+                Outbound::Xml(x) => self.emit(x, out),
+                Outbound::Batch(v) => {
+                    for x in v {
+                        self.emit(x, out);
+                    }
                 }
+                Outbound::Close(e, t) => return Some((e, t)),
+            }
+            n += 1;
+            if n < WRITE_BATCH {
+                next = self.rx.try_recv();
             }
         }
-        tokio::select! {
-            r = s.fill() => r?,
-            msg = rx.recv() => {
-                let Some(msg) = msg else { return Err(ConnError::Closed) };
-                out.clear();
-                let mut close = None;
-                let mut next = Some(msg);
-                let mut n = 0;
-                while let Some(m) = next.take() {
-                    match m {
-                        Outbound::Xml(x) => out.push_str(&x),
-                        Outbound::Close(e, t) => {
-                            close = Some((e, t));
-                            break;
-                        }
-                    }
-                    n += 1;
-                    if n < WRITE_BATCH {
-                        next = rx.try_recv();
-                    }
+        None
+    }
+
+    fn emit(&mut self, x: Arc<str>, out: &mut String) {
+        out.push_str(&x);
+        if let Some(sm) = &mut self.sm {
+            sm.unacked.push_back(x);
+        }
+    }
+
+    /// `<enable/>`, `<r/>`, `<a/>` (XEP-0198 §3, §4).
+    async fn stream_management(&mut self, s: &mut Stream, e: Element) -> Result<(), ConnError> {
+        match e.name.as_str() {
+            "enable" => {
+                if self.sm.is_some() {
+                    return s.send(&sm::failed("unexpected-request")).await;
                 }
-                if !out.is_empty() {
-                    let limit = server.config.limits.write_timeout();
-                    match tokio::time::timeout(limit, s.write_raw(&out)).await {
-                        Ok(r) => r?,
-                        Err(_) => {
-                            return Err(ConnError::stream(
-                                StreamError::ConnectionTimeout,
-                                "the client stopped reading",
-                            ))
-                        }
-                    }
+                let resumable = matches!(e.get_attr("resume"), Some("true" | "1"));
+                let mut raw = [0u8; 16];
+                rand::thread_rng().fill_bytes(&mut raw);
+                let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+                let sm = Sm::new(id, resumable);
+                let mut enabled = sm.enabled();
+                if resumable {
+                    self.server.resumable.register(
+                        sm.id.clone(),
+                        self.jid.bare().clone(),
+                        self.handoff_tx.clone(),
+                    );
+                    enabled.set_attr(
+                        "max",
+                        self.server.config.limits.resume_timeout_secs.to_string(),
+                    );
                 }
-                if rx.overflowed() {
-                    // The router could not queue for this client: it reads
-                    // too slowly. What it missed went to offline storage.
-                    return Err(ConnError::stream(
-                        StreamError::PolicyViolation,
-                        "too many stanzas waiting; the client reads too slowly",
-                    ));
-                }
-                if let Some((e, t)) = close {
-                    return Err(ConnError::Stream(e, t));
-                }
+                self.sm = Some(sm);
+                s.send(&enabled).await
             }
-            _ = shutdown.changed() => {
-                return Err(ConnError::Stream(StreamError::SystemShutdown, None));
+            "r" => match &self.sm {
+                Some(sm) => {
+                    let a = sm.answer();
+                    s.write_raw(&a).await
+                }
+                None => Err(ConnError::stream(
+                    StreamError::UnsupportedStanzaType,
+                    "stream management is not enabled",
+                )),
+            },
+            "a" => {
+                let (Some(sm), Some(h)) = (&mut self.sm, sm::h_of(&e)) else {
+                    return Err(ConnError::stream(
+                        StreamError::UnsupportedStanzaType,
+                        "unexpected <a/>",
+                    ));
+                };
+                sm.ack(h).map_err(|_| {
+                    ConnError::stream(
+                        StreamError::UndefinedCondition,
+                        "handled-count-too-high: acknowledged more than was sent",
+                    )
+                })
+            }
+            _ => Err(ConnError::stream(
+                StreamError::UnsupportedStanzaType,
+                format!("<{}/> of stream management is not expected here", e.name),
+            )),
+        }
+    }
+
+    /// Answers a `<resume/>` on a new stream: what the client handled is
+    /// dropped, the rest is sent again (XEP-0198 §5).
+    async fn resume(&mut self, s: &mut Stream, h: u32) -> Result<(), ConnError> {
+        let Some(sm) = &mut self.sm else {
+            return Err(ConnError::Closed);
+        };
+        if sm.ack(h).is_err() {
+            return Err(ConnError::stream(
+                StreamError::UndefinedCondition,
+                "handled-count-too-high",
+            ));
+        }
+        let mut out = sm.resumed();
+        for x in &sm.unacked {
+            out.push_str(x);
+        }
+        tracing::info!(session = %sm::describe(&self.jid, sm), "session resumed");
+        s.write_raw(&out).await
+    }
+
+    /// The connection is gone: keep the session, and what is sent to it,
+    /// until the client resumes or the time runs out.
+    async fn hibernate(&mut self) -> Option<Stream> {
+        let server = self.server.clone();
+        let deadline = tokio::time::Instant::now() + server.config.limits.resume_timeout();
+        let mut shutdown = server.shutdown.subscribe();
+        tracing::debug!(jid = %self.jid, "connection lost; waiting for resumption");
+        loop {
+            tokio::select! {
+                handoff = self.handoff_rx.recv() => {
+                    let mut h = handoff?;
+                    return match self.resume(&mut h.stream, h.h).await {
+                        Ok(()) => Some(h.stream),
+                        Err(e) => {
+                            super::finish(&mut h.stream, Err(e)).await;
+                            None
+                        }
+                    };
+                }
+                msg = self.rx.recv() => {
+                    let mut ignored = String::new();
+                    if self.collect(msg?, &mut ignored).is_some() {
+                        return None;
+                    }
+                    let full = self
+                        .sm
+                        .as_ref()
+                        .is_some_and(|sm| sm.unacked.len() > server.config.limits.session_queue);
+                    if full || self.rx.overflowed() {
+                        return None;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return None,
+                _ = shutdown.changed() => return None,
+            }
+        }
+    }
+
+    /// Messages that never reached the client, or were never acknowledged
+    /// by it: route them again now that the session is gone, so they reach
+    /// another resource or offline storage instead of being lost.
+    async fn requeue(&mut self) {
+        self.rx.close();
+        let mut pending: Vec<Arc<str>> = self
+            .sm
+            .take()
+            .map(|sm| sm.unacked.into())
+            .unwrap_or_default();
+        while let Some(o) = self.rx.try_recv() {
+            match o {
+                Outbound::Xml(x) => pending.push(x),
+                Outbound::Batch(v) => pending.extend(v),
+                Outbound::Close(..) => {}
+            }
+        }
+        let own = self.jid.bare().to_string();
+        for xml in pending {
+            if !xml.starts_with("<message") {
+                continue;
+            }
+            let Ok(m) = xmpp::xml::parse_element(&xml, ns::CLIENT) else {
+                continue;
+            };
+            // Carbons copies (from our own bare JID) are not worth keeping.
+            let chat = matches!(MessageType::of(&m), MessageType::Chat | MessageType::Normal);
+            if chat && m.get_attr("from") != Some(own.as_str()) {
+                router::route(&self.server, m).await;
             }
         }
     }

@@ -20,9 +20,13 @@ pub enum ConnError {
     /// We close the stream with this error (written to the peer first).
     #[error("stream error {0}: {1:?}")]
     Stream(StreamError, Option<String>),
-    /// The peer closed its stream or the TCP connection.
+    /// The peer closed its stream.
     #[error("closed by peer")]
     Closed,
+    /// The connection ended without a stream close (EOF, reset): with
+    /// stream management, the session may be resumed.
+    #[error("connection lost")]
+    Lost,
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -93,7 +97,7 @@ impl Stream {
     pub async fn fill(&mut self) -> Result<(), ConnError> {
         let n = self.io.read(&mut self.read_buf).await?;
         if n == 0 {
-            return Err(ConnError::Closed);
+            return Err(ConnError::Lost);
         }
         self.parser.feed(&self.read_buf[..n]);
         Ok(())

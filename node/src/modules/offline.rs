@@ -107,7 +107,8 @@ impl Module for Offline {
                     // One queue entry for the lot: this runs inside the
                     // session's own task, which cannot drain its queue
                     // until this returns.
-                    let all = Outbound::Xml(Arc::from(messages.concat()));
+                    let all =
+                        Outbound::Batch(messages.iter().map(|m| Arc::from(m.as_str())).collect());
                     if res.tx.send(all).is_err() {
                         // The session went away while we read the queue:
                         // put the messages back, in order, rather than lose them.

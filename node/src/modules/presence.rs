@@ -302,7 +302,7 @@ fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
 fn initial(server: &Server, me: &FullJid) {
     let user = me.bare();
     // Collected into one queue entry: this runs in the session's own task.
-    let mut out = String::new();
+    let mut out: Vec<Arc<str>> = Vec::new();
     let roster = server.store().roster(&user.to_string()).unwrap_or_default();
     for (c, item) in &roster {
         let Ok(contact) = BareJid::parse(c) else {
@@ -314,21 +314,21 @@ fn initial(server: &Server, me: &FullJid) {
         {
             for r in server.sessions.resources(&contact) {
                 if let (true, Some(p)) = (r.available, &r.presence) {
-                    out.push_str(p);
+                    out.push(p.clone());
                 }
             }
         }
         if let Some(request) = &item.pending_request {
-            out.push_str(request);
+            out.push(Arc::from(request.as_str()));
         }
     }
     for r in server.sessions.resources(user) {
         if let (true, Some(p)) = (r.available && r.resource != me.resource(), &r.presence) {
-            out.push_str(p);
+            out.push(p.clone());
         }
     }
-    if !out.is_empty() {
-        to_session(server, me, Arc::from(out));
+    if let (false, Some(r)) = (out.is_empty(), server.sessions.get(me)) {
+        let _ = r.tx.send(Outbound::Batch(out));
     }
 }
 

@@ -140,7 +140,7 @@ fn get(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Option<Element> 
             if let Some(r) = server.sessions.get(&from) {
                 // The result first, then the pushes, as one queue entry
                 // (this runs in the session's own task).
-                let mut out = result.to_string_in(ns::CLIENT);
+                let mut out = vec![Arc::from(result.to_string_in(ns::CLIENT))];
                 for (i, (ver, item)) in pushes.into_iter().enumerate() {
                     let iq = Element::new("iq", ns::CLIENT)
                         .attr("type", "set")
@@ -151,9 +151,9 @@ fn get(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Option<Element> 
                                 .attr("ver", ver.to_string())
                                 .child(item),
                         );
-                    iq.write_to(&mut out, ns::CLIENT);
+                    out.push(Arc::from(iq.to_string_in(ns::CLIENT)));
                 }
-                let _ = r.tx.send(Outbound::Xml(Arc::from(out)));
+                let _ = r.tx.send(Outbound::Batch(out));
             }
             // Answered above, in order with the pushes.
             return None;

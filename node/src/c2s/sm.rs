@@ -1,0 +1,167 @@
+//! Stream Management (XEP-0198): stanza acknowledgements, and resumption
+//! of a session whose connection dropped, as mobile clients need.
+//!
+//! The session task keeps every stanza it wrote until the client
+//! acknowledges it. When the connection drops, a resumable session stays
+//! bound and keeps queueing for `limits.resume_timeout_secs`; a new
+//! connection that authenticates as the same user and sends `<resume/>`
+//! hands its stream to the waiting task, which retransmits what was not
+//! acknowledged. A session that ends instead routes its unacknowledged
+//! messages again (offline storage), so a dropped connection loses nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use xmpp::element::Element;
+use xmpp::jid::{BareJid, FullJid};
+
+use super::stream::Stream;
+
+pub const NS: &str = "urn:xmpp:sm:3";
+
+/// A new connection taking over a waiting session: its stream and the
+/// client's count of stanzas it handled (`h`).
+pub struct Handoff {
+    pub stream: Stream,
+    pub h: u32,
+}
+
+struct Entry {
+    user: BareJid,
+    tx: mpsc::Sender<Handoff>,
+}
+
+/// Resumable sessions by stream id, for `<resume previd='…'/>`.
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<String, Entry>>,
+}
+
+impl Registry {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(&self, id: String, user: BareJid, tx: mpsc::Sender<Handoff>) {
+        self.map().insert(id, Entry { user, tx });
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.map().remove(id);
+    }
+
+    /// The session `id` of `user`, if it can still be resumed. Another
+    /// user's id is as good as unknown (XEP-0198 §5).
+    pub fn find(&self, id: &str, user: &BareJid) -> Option<mpsc::Sender<Handoff>> {
+        let map = self.map();
+        let e = map.get(id)?;
+        (&e.user == user && !e.tx.is_closed()).then(|| e.tx.clone())
+    }
+}
+
+/// The acknowledgement state of one session.
+pub struct Sm {
+    pub id: String,
+    pub resumable: bool,
+    /// Stanzas received from the client and handled (XEP-0198 §4, `h`).
+    pub handled: u32,
+    /// Stanzas the client has acknowledged.
+    acked: u32,
+    /// Written, not yet acknowledged, oldest first.
+    pub unacked: VecDeque<Arc<str>>,
+    /// An `<r/>` is out and its `<a/>` has not come back.
+    pub request_pending: bool,
+}
+
+/// An `<a h='…'/>` acknowledging more than was sent (§4: `handled-count-too-high`).
+#[derive(Debug)]
+pub struct TooHigh;
+
+impl Sm {
+    pub fn new(id: String, resumable: bool) -> Sm {
+        Sm {
+            id,
+            resumable,
+            handled: 0,
+            acked: 0,
+            unacked: VecDeque::new(),
+            request_pending: false,
+        }
+    }
+
+    /// The client says it has handled `h` stanzas in all: forget those.
+    pub fn ack(&mut self, h: u32) -> Result<(), TooHigh> {
+        let newly = h.wrapping_sub(self.acked) as usize;
+        if newly > self.unacked.len() {
+            return Err(TooHigh);
+        }
+        self.unacked.drain(..newly);
+        self.acked = h;
+        self.request_pending = false;
+        Ok(())
+    }
+
+    pub fn enabled(&self) -> Element {
+        let mut e = Element::new("enabled", NS).attr("id", self.id.as_str());
+        if self.resumable {
+            e = e.attr("resume", "true");
+        }
+        e
+    }
+
+    pub fn answer(&self) -> String {
+        format!("<a xmlns='{NS}' h='{}'/>", self.handled)
+    }
+
+    pub fn resumed(&self) -> String {
+        format!(
+            "<resumed xmlns='{NS}' h='{}' previd='{}'/>",
+            self.handled, self.id
+        )
+    }
+}
+
+/// `<failed/>` with a stanza error condition.
+pub fn failed(condition: &str) -> Element {
+    Element::new("failed", NS).child(Element::new(condition, xmpp::stanza::ns::STANZAS))
+}
+
+/// The parsed `h` attribute.
+pub fn h_of(e: &Element) -> Option<u32> {
+    e.get_attr("h")?.parse().ok()
+}
+
+/// For logs.
+pub fn describe(jid: &FullJid, sm: &Sm) -> String {
+    format!("{jid} (stream {}, {} unacked)", sm.id, sm.unacked.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_drop_what_the_client_handled_and_refuse_too_high_counts() {
+        let mut sm = Sm::new("s".into(), true);
+        for i in 0..3 {
+            sm.unacked.push_back(Arc::from(format!("<m{i}/>").as_str()));
+        }
+        sm.ack(2).expect("two of three");
+        assert_eq!(sm.unacked.len(), 1);
+        assert_eq!(&*sm.unacked[0], "<m2/>");
+        sm.ack(2).expect("repeated ack is fine");
+        assert!(sm.ack(5).is_err());
+        sm.ack(3).expect("last");
+        assert!(sm.unacked.is_empty());
+    }
+
+    #[test]
+    fn counts_wrap_around() {
+        let mut sm = Sm::new("s".into(), false);
+        sm.acked = u32::MAX;
+        sm.unacked.push_back(Arc::from("<m/>"));
+        sm.ack(0).expect("wraps to zero");
+        assert!(sm.unacked.is_empty());
+    }
+}
