@@ -135,15 +135,20 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     }
     let sending_wall = t0.elapsed().as_secs_f64();
     let sent_at_end = Counters::get(&c.sent);
+    let delivered_at_end = Counters::get(&c.delivered);
+    let drain_start = Instant::now();
     // Grace: late deliveries still count; whatever is missing then is lost.
     let grace_end = Instant::now() + Duration::from_secs_f64(o.grace);
     while Instant::now() < grace_end {
+        // Senders a timer tick late may still owe their last messages.
+        let sent = Counters::get(&c.sent);
         let settled = Counters::get(&c.delivered) + Counters::get(&c.bounced);
-        if settled >= Counters::get(&c.sent) {
+        if sent >= total && settled >= sent {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let drain_s = drain_start.elapsed().as_secs_f64();
     let wall = t0.elapsed().as_secs_f64();
     let server_after = o.server_pid.map(sys::sample).transpose().ok().flatten();
     let self_after = sys::sample_self();
@@ -180,6 +185,8 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         bounced,
         sent_per_s: sent_at_end as f64 / sending_wall,
         delivered_per_s: delivered as f64 / sending_wall,
+        delivered_while_sending_per_s: delivered_at_end as f64 / sending_wall,
+        drain_s,
         latency: hist.summary(),
         connection_errors: Counters::get(&c.conn_errors),
         server_cpu_s_per_1000_messages: server_process

@@ -38,8 +38,7 @@ use super::session::LoginError;
 use super::{await_logins, end_status, status_line, sys, Counters, Failure, Phase, RunCtx};
 
 const SUBSCRIBE: u8 = 0;
-const VERIFY: u8 = 1;
-const MEASURE: u8 = 2;
+const MEASURE: u8 = 1;
 
 /// How long without subscription traffic ends the setup.
 const QUIET: Duration = Duration::from_millis(1500);
@@ -49,6 +48,8 @@ struct Plan {
     users: usize,
     half: usize,
     stage: AtomicU8,
+    /// Bumped by the controller: each connection then fetches its roster.
+    verify_round: AtomicU64,
     measure_from: OnceLock<Instant>,
     /// Status changes per user during the measurement.
     per_user: u64,
@@ -83,6 +84,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         users: n,
         half: k / 2,
         stage: AtomicU8::new(SUBSCRIBE),
+        verify_round: AtomicU64::new(0),
         measure_from: OnceLock::new(),
         per_user: ((o.rate * o.duration) / n as f64).round() as u64,
         per_user_rate: o.rate / n as f64,
@@ -111,27 +113,47 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     ctx.phase.send_replace(Phase::Go(setup));
     let mut last = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let idle = ctx
-            .now_ns()
-            .saturating_sub(plan.last_setup_activity.load(Ordering::Relaxed));
-        if Duration::from_nanos(idle) >= QUIET || setup.elapsed() > SETUP_LIMIT {
+        // Wait for the subscription traffic to calm down…
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let idle = ctx
+                .now_ns()
+                .saturating_sub(plan.last_setup_activity.load(Ordering::Relaxed));
+            if Duration::from_nanos(idle) >= QUIET || setup.elapsed() > SETUP_LIMIT {
+                break;
+            }
+            if ctx.progress && last.elapsed() >= Duration::from_secs(1) {
+                last = Instant::now();
+                status_line(&format!(
+                    "presence: subscribing ({:.0}s)",
+                    setup.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        // …then count every user's `both` contacts; a slow server may
+        // still be working through the subscriptions, so check again.
+        plan.rosters_reported.store(0, Ordering::Relaxed);
+        plan.min_roster.store(u64::MAX, Ordering::Relaxed);
+        plan.verify_round.fetch_add(1, Ordering::Relaxed);
+        let verify = Instant::now();
+        while plan.rosters_reported.load(Ordering::Relaxed) < n as u64
+            && verify.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let min = plan.min_roster.load(Ordering::Relaxed);
+        if (min != u64::MAX && min >= k as u64) || setup.elapsed() > SETUP_LIMIT {
             break;
         }
-        if ctx.progress && last.elapsed() >= Duration::from_secs(1) {
-            last = Instant::now();
+        if ctx.progress {
             status_line(&format!(
-                "presence: subscribing ({:.0}s)",
+                "presence: rosters incomplete (smallest {} of {k}), waiting ({:.0}s)",
+                if min == u64::MAX { 0 } else { min },
                 setup.elapsed().as_secs_f64()
             ));
         }
-    }
-    plan.stage.store(VERIFY, Ordering::Relaxed);
-    let verify = Instant::now();
-    while plan.rosters_reported.load(Ordering::Relaxed) < n as u64
-        && verify.elapsed() < Duration::from_secs(30)
-    {
-        std::thread::sleep(Duration::from_millis(20));
+        plan.last_setup_activity
+            .store(ctx.now_ns(), Ordering::Relaxed);
     }
     let min_roster = plan.min_roster.load(Ordering::Relaxed);
     let min_roster = if min_roster == u64::MAX {
@@ -162,8 +184,10 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     }
     let sending_wall = t0.elapsed().as_secs_f64();
     let grace_end = Instant::now() + Duration::from_secs_f64(o.grace);
+    let planned = plan.per_user * n as u64;
     while Instant::now() < grace_end
-        && plan.received.load(Ordering::Relaxed) < plan.expected.load(Ordering::Relaxed)
+        && (Counters::get(&ctx.counters.sent) < planned
+            || plan.received.load(Ordering::Relaxed) < plan.expected.load(Ordering::Relaxed))
     {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -293,6 +317,7 @@ async fn presence_conn(
         );
     }
     let mut stage = SUBSCRIBE;
+    let mut my_round = 0;
     let roster = Cell::new(0u64);
     let mut k = 0u64;
     let mut timer: Pin<Box<tokio::time::Sleep>> =
@@ -302,8 +327,9 @@ async fn presence_conn(
     std::future::poll_fn(|cx| {
         while timer.as_mut().poll(cx).is_ready() {
             let now_stage = plan.stage.load(Ordering::Relaxed);
-            if stage == SUBSCRIBE && now_stage >= VERIFY {
-                stage = VERIFY;
+            let round = plan.verify_round.load(Ordering::Relaxed);
+            if stage == SUBSCRIBE && round > my_round {
+                my_round = round;
                 conn.out.extend_from_slice(
                     b"<iq type='get' id='xl-roster2'><query xmlns='jabber:iq:roster'/></iq>",
                 );

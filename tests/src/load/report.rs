@@ -86,6 +86,12 @@ pub struct ChatFigures {
     pub bounced: u64,
     pub sent_per_s: f64,
     pub delivered_per_s: f64,
+    /// Delivered before sending stopped, per second of sending: below the
+    /// offered rate, the server is falling behind (a growing backlog).
+    pub delivered_while_sending_per_s: f64,
+    /// Seconds after sending stopped until the last delivery (or the grace
+    /// period ran out).
+    pub drain_s: f64,
     /// From the send timestamp carried in the body to its arrival.
     pub latency: Summary,
     /// Connections that broke during the run.
@@ -210,7 +216,10 @@ impl Report {
             t.row("sent", format!("{} ({:.0}/s)", c.sent, c.sent_per_s));
             t.row(
                 "delivered",
-                format!("{} ({:.0}/s)", c.delivered, c.delivered_per_s),
+                format!(
+                    "{} ({:.0}/s while sending, then {:.2} s to drain)",
+                    c.delivered, c.delivered_while_sending_per_s, c.drain_s
+                ),
             );
             t.row("lost", c.lost);
             t.row("duplicated", c.duplicated);
