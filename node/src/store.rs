@@ -115,7 +115,11 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &std::path::Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // No background flusher: every write is flushed before it is
+        // acknowledged (Cluster::write), and keeping sled's own flusher
+        // thread out of its lock dance removes a party to the deadlock
+        // described there.
+        let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
         let tree = db.open_tree("state")?;
         Ok(Store { db, tree })
     }
