@@ -252,6 +252,17 @@ impl StreamParser {
         self.depth = 0;
     }
 
+    /// Frees the buffer if everything in it has been consumed. An idle
+    /// connection then holds no parse buffer at all; the next `feed`
+    /// allocates again. Servers call this before waiting on a quiet socket.
+    pub fn release_memory(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.scan = 0;
+        }
+    }
+
     /// Number of received bytes not yet consumed by an event.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
@@ -1032,6 +1043,25 @@ mod tests {
             run(Limits::default(), &chunks).unwrap(),
             expected_client_events()
         );
+    }
+
+    #[test]
+    fn release_memory_frees_only_a_fully_consumed_buffer() {
+        let mut p = StreamParser::new(Limits::default());
+        p.feed(b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'><message><body>hi</body></message><presence");
+        assert!(matches!(p.next_event(), Ok(Some(Event::StreamOpen(_)))));
+        assert!(matches!(p.next_event(), Ok(Some(Event::Element(_)))));
+        assert_eq!(p.next_event(), Ok(None));
+        // Half a stanza is still buffered: nothing may be freed.
+        p.release_memory();
+        assert_eq!(p.buffered(), "<presence".len());
+        p.feed(b"/>");
+        assert!(matches!(p.next_event(), Ok(Some(Event::Element(e))) if e.name == "presence"));
+        p.release_memory();
+        assert_eq!(p.buffered(), 0);
+        assert_eq!(p.buf.capacity(), 0);
+        p.feed(b"<iq type='get' id='1'/>");
+        assert!(matches!(p.next_event(), Ok(Some(Event::Element(e))) if e.name == "iq"));
     }
 
     #[test]

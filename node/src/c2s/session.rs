@@ -122,7 +122,6 @@ impl Session {
     async fn serve(&mut self, s: &mut Stream) -> Result<(), ConnError> {
         let server = self.server.clone();
         let mut shutdown = server.shutdown.subscribe();
-        let mut out = String::with_capacity(1024);
         loop {
             while let Some(ev) = s.parse_buffered()? {
                 match ev {
@@ -142,11 +141,14 @@ impl Session {
                     }
                 }
             }
+            // Waiting costs no buffer memory: see `Stream::fill`.
+            s.parser.release_memory();
             tokio::select! {
                 r = s.fill() => r?,
                 msg = self.rx.recv() => {
                     let Some(msg) = msg else { return Err(ConnError::Closed) };
-                    out.clear();
+                    // Per batch, not per connection: idle sessions hold none.
+                    let mut out = String::new();
                     let close = self.collect(msg, &mut out);
                     if let Some(sm) = &mut self.sm {
                         // Ask for an acknowledgement once per round trip.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use xmpp::element::Element;
 use xmpp::error::StreamError;
 use xmpp::stanza::ns;
@@ -54,7 +54,6 @@ pub struct Stream {
     /// The client's stream open, kept for the `to` of our reply header.
     client_from: Option<String>,
     out: String,
-    read_buf: Vec<u8>,
 }
 
 impl Stream {
@@ -69,8 +68,7 @@ impl Stream {
             cb: Default::default(),
             header_sent: false,
             client_from: None,
-            out: String::with_capacity(512),
-            read_buf: vec![0; READ_CHUNK],
+            out: String::new(),
         }
     }
 
@@ -94,12 +92,28 @@ impl Stream {
     }
 
     /// Reads once from the socket into the parser.
+    ///
+    /// The read goes through a buffer on the stack of the poll, not one
+    /// kept per connection: an idle connection holds no read buffer of its
+    /// own (rustls keeps its 4 KiB record buffer anyway).
     pub async fn fill(&mut self) -> Result<(), ConnError> {
-        let n = self.io.read(&mut self.read_buf).await?;
+        let n = std::future::poll_fn(|cx| {
+            let mut scratch = [0u8; READ_CHUNK];
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match std::pin::Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                std::task::Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    self.parser.feed(buf.filled());
+                    std::task::Poll::Ready(Ok(n))
+                }
+                std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        })
+        .await?;
         if n == 0 {
             return Err(ConnError::Lost);
         }
-        self.parser.feed(&self.read_buf[..n]);
         Ok(())
     }
 
