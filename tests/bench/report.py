@@ -122,7 +122,7 @@ def fmt(x, spec, unit=""):
 def table(rundir):
     m = meta(os.path.join(rundir, "run.meta"))
     servers = m.get("servers", "ours,prosody,ejabberd").split(",")
-    max_p99 = float(m.get("max_p99_ms", "500"))
+    max_p99 = float(m.get("max_p99_ms", "100"))
     cols = []
     for s in servers:
         sm = meta(os.path.join(rundir, f"{s}.meta"))
