@@ -188,6 +188,15 @@ pub fn nodeprep(s: &str) -> Result<String, JidError> {
     if s.is_empty() {
         return Err(JidError::EmptyNode);
     }
+    // ASCII fast path (every JID on a hot path looks like this): on ASCII,
+    // Nodeprep is case folding plus the prohibited controls, space and
+    // `"&'/:<>@` (RFC 3920 Appendix A.5). Same result, no tables.
+    if s.bytes()
+        .all(|b| (0x21..0x7f).contains(&b) && !b"\"&'/:<>@".contains(&b))
+    {
+        check_len(s, "localpart")?;
+        return Ok(s.to_ascii_lowercase());
+    }
     let out = stringprep::nodeprep(s).map_err(|_| JidError::Prep("localpart"))?;
     // Mapping can delete characters (e.g. U+00AD soft hyphen), so check again.
     if out.is_empty() {
@@ -202,6 +211,12 @@ pub fn nodeprep(s: &str) -> Result<String, JidError> {
 pub fn resourceprep(s: &str) -> Result<String, JidError> {
     if s.is_empty() {
         return Err(JidError::EmptyResource);
+    }
+    // ASCII fast path: Resourceprep keeps case and only prohibits the
+    // ASCII controls (RFC 3920 Appendix B).
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        check_len(s, "resourcepart")?;
+        return Ok(s.to_owned());
     }
     let out = stringprep::resourceprep(s).map_err(|_| JidError::Prep("resourcepart"))?;
     if out.is_empty() {
@@ -230,16 +245,24 @@ pub fn nameprep(s: &str) -> Result<String, JidError> {
     if s.parse::<Ipv4Addr>().is_ok() {
         return Ok(s.to_owned());
     }
-    // RFC 3490 §3.1: the ideographic full stop and its variants are label
-    // separators too; map them to '.' so trailing-dot removal sees them.
-    let dotted: String = s
-        .chars()
-        .map(|c| match c {
-            '\u{3002}' | '\u{ff0e}' | '\u{ff61}' => '.',
-            c => c,
-        })
-        .collect();
-    let prepped = stringprep::nameprep(&dotted).map_err(|_| JidError::Prep("domainpart"))?;
+    let prepped: String = if s.is_ascii() {
+        // ASCII fast path: Nameprep on ASCII is case folding; the host
+        // name rules below do the rest.
+        s.to_ascii_lowercase()
+    } else {
+        // RFC 3490 §3.1: the ideographic full stop and its variants are label
+        // separators too; map them to '.' so trailing-dot removal sees them.
+        let dotted: String = s
+            .chars()
+            .map(|c| match c {
+                '\u{3002}' | '\u{ff0e}' | '\u{ff61}' => '.',
+                c => c,
+            })
+            .collect();
+        stringprep::nameprep(&dotted)
+            .map_err(|_| JidError::Prep("domainpart"))?
+            .into_owned()
+    };
     // RFC 7622 §3.2: a final label separator MUST be stripped. Only one:
     // "example.com.." is not a fully qualified name, it has an empty label.
     let out = prepped.strip_suffix('.').unwrap_or(&prepped);
@@ -302,6 +325,39 @@ impl From<BareJid> for Jid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ascii_fast_paths_agree_with_stringprep() {
+        let samples = [
+            "Juliet",
+            "juliet",
+            "a.b-c_d",
+            "ROMEO99",
+            "x~y",
+            "a b",
+            "a@b",
+            "a/b",
+            "a:b",
+            "Home Office",
+            "\u{7f}x",
+            "tab\there",
+        ];
+        let printable: Vec<String> = (0x20u8..0x80).map(|b| format!("a{}b", b as char)).collect();
+        for s in samples
+            .iter()
+            .copied()
+            .chain(printable.iter().map(String::as_str))
+        {
+            let slow_node = stringprep::nodeprep(s).map(|c| c.into_owned()).ok();
+            assert_eq!(nodeprep(s).ok(), slow_node, "nodeprep {s:?}");
+            let slow_res = stringprep::resourceprep(s).map(|c| c.into_owned()).ok();
+            assert_eq!(resourceprep(s).ok(), slow_res, "resourceprep {s:?}");
+            if let Ok(slow) = stringprep::nameprep(s) {
+                let fast = s.to_ascii_lowercase();
+                assert_eq!(fast, slow, "nameprep mapping {s:?}");
+            }
+        }
+    }
 
     fn roundtrip(s: &str) -> String {
         Jid::parse(s)
