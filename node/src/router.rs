@@ -157,22 +157,32 @@ async fn route_message(server: &Server, stanza: Element, to: Jid) {
             return bounce(server, &stanza, StanzaError::InternalServerError, None);
         }
     }
-    let resources = server.sessions.resources(&bare);
     match mtype {
         // §8.5.2.1.1 / §8.5.2.2.1: errors to a bare JID are dropped, groupchat refused.
         MessageType::Error => {}
         MessageType::Groupchat => bounce(server, &stanza, StanzaError::ServiceUnavailable, None),
         MessageType::Headline => {
-            let all: Vec<&Resource> = resources
-                .iter()
-                .filter(|r| r.available && r.priority >= 0)
-                .collect();
-            send_to(&all, &serialize(&stanza));
+            let xml = serialize(&stanza);
+            server.sessions.with_resources(&bare, |resources| {
+                let all: Vec<&Resource> = resources
+                    .iter()
+                    .filter(|r| r.available && r.priority >= 0)
+                    .collect();
+                send_to(&all, &xml);
+            });
         }
         MessageType::Chat | MessageType::Normal => {
-            let targets = highest_priority(&resources);
-            if !targets.is_empty() && send_to(&targets, &serialize(&stanza)) > 0 {
-                let names: Vec<&str> = targets.iter().map(|r| r.resource.as_str()).collect();
+            let xml = serialize(&stanza);
+            let reached: Vec<String> = server.sessions.with_resources(&bare, |resources| {
+                let targets = highest_priority(resources);
+                targets
+                    .into_iter()
+                    .filter(|r| r.tx.send(Outbound::Xml(xml.clone())).is_ok())
+                    .map(|r| r.resource.clone())
+                    .collect()
+            });
+            if !reached.is_empty() {
+                let names: Vec<&str> = reached.iter().map(String::as_str).collect();
                 delivered(server, &stanza, &bare, &names);
                 return;
             }

@@ -230,6 +230,13 @@ impl Sessions {
             .cloned()
     }
 
+    /// Runs `f` over a user's sessions without copying them (the hot path
+    /// of routing). `f` runs under the table's read lock: no awaiting in it.
+    pub fn with_resources<R>(&self, user: &BareJid, f: impl FnOnce(&[Resource]) -> R) -> R {
+        let map = self.read();
+        f(map.get(user).map_or(&[][..], Vec::as_slice))
+    }
+
     /// All sessions of a user.
     pub fn resources(&self, user: &BareJid) -> Vec<Resource> {
         self.read().get(user).cloned().unwrap_or_default()

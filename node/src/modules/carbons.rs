@@ -35,14 +35,23 @@ fn eligible(m: &Element) -> bool {
 /// Sends a `<sent/>` or `<received/>` copy to the user's carbons-enabled
 /// available resources other than `skip`.
 fn copy(server: &Server, user: &BareJid, skip: &[&str], wrapper: &str, m: &Element) {
-    let resources = server.sessions.resources(user);
-    let targets: Vec<_> = resources
-        .iter()
-        .filter(|r| r.carbons && r.available && !skip.contains(&r.resource.as_str()))
-        .collect();
-    if targets.is_empty() {
+    // Most users have no carbons-enabled second device: find out without
+    // copying or building anything.
+    let wanted = |r: &crate::sessions::Resource| {
+        r.carbons && r.available && !skip.contains(&r.resource.as_str())
+    };
+    if !server
+        .sessions
+        .with_resources(user, |rs| rs.iter().any(wanted))
+    {
         return;
     }
+    let targets: Vec<_> = server
+        .sessions
+        .resources(user)
+        .into_iter()
+        .filter(|r| wanted(r))
+        .collect();
     let forwarded =
         Element::new(wrapper, NS).child(Element::new("forwarded", NS_FORWARD).child(m.clone()));
     for r in targets {

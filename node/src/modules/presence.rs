@@ -36,13 +36,12 @@ fn xml(e: &Element) -> Arc<str> {
 
 /// Sends to every available resource of a local user; returns how many.
 pub(crate) fn to_available(server: &Server, user: &BareJid, xml: &Arc<str>) -> usize {
-    server
-        .sessions
-        .resources(user)
-        .iter()
-        .filter(|r| r.available)
-        .filter(|r| r.tx.send(Outbound::Xml(xml.clone())).is_ok())
-        .count()
+    server.sessions.with_resources(user, |rs| {
+        rs.iter()
+            .filter(|r| r.available)
+            .filter(|r| r.tx.send(Outbound::Xml(xml.clone())).is_ok())
+            .count()
+    })
 }
 
 fn to_session(server: &Server, full: &FullJid, xml: Arc<str>) {
