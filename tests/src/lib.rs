@@ -1,7 +1,8 @@
 //! Test support for the end-to-end tests in `tests/tests/`: start a real
 //! `xmpp-node` process ([`node`]) and talk XMPP to it over real TLS
-//! ([`client`]).
+//! ([`client`]); and the `xmpp-load` load generator ([`load`]).
 
 pub mod client;
 pub mod load;
 pub mod node;
+pub mod tls;

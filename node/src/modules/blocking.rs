@@ -6,9 +6,9 @@ use std::sync::Arc;
 use xmpp::element::Element;
 use xmpp::error::StanzaError;
 use xmpp::jid::{BareJid, Jid};
-use xmpp::stanza::{error_reply, iq_result, ns, StanzaKind};
+use xmpp::stanza::{iq_result, ns, StanzaKind};
 
-use super::{BoxFuture, IqRequest, IqTarget, Module, RouteCheck};
+use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module, RouteCheck};
 use crate::cluster::state_machine::{Command, Response};
 use crate::sessions::Outbound;
 use crate::Server;
@@ -29,10 +29,6 @@ pub fn blocks(server: &Server, user: &BareJid, other: &Jid) -> bool {
         return false;
     }
     check(&other.to_string()) || check(&other.bare().to_string()) || check(other.domain())
-}
-
-fn err(iq: &Element, cond: StanzaError) -> Element {
-    error_reply(iq, cond, None).unwrap_or_else(|| iq_result(iq))
 }
 
 fn items(payload: &Element) -> Option<Vec<String>> {
@@ -68,12 +64,12 @@ impl Module for Blocking {
         Box::pin(async move {
             let user = req.from.bare();
             if !matches!(&req.target, IqTarget::Account(t) if t == user) {
-                return Some(err(req.iq, StanzaError::Forbidden));
+                return Some(iq_error(req.iq, StanzaError::Forbidden, None));
             }
             let u = user.to_string();
             if !req.is_set() {
                 if !req.payload.is("blocklist", NS) {
-                    return Some(err(req.iq, StanzaError::BadRequest));
+                    return Some(iq_error(req.iq, StanzaError::BadRequest, None));
                 }
                 let mut list = Element::new("blocklist", NS);
                 for j in server.store().blocklist(&u).unwrap_or_default() {
@@ -83,14 +79,14 @@ impl Module for Blocking {
             }
             let block = req.payload.is("block", NS);
             if !block && !req.payload.is("unblock", NS) {
-                return Some(err(req.iq, StanzaError::BadRequest));
+                return Some(iq_error(req.iq, StanzaError::BadRequest, None));
             }
             let Some(jids) = items(req.payload) else {
-                return Some(err(req.iq, StanzaError::JidMalformed));
+                return Some(iq_error(req.iq, StanzaError::JidMalformed, None));
             };
             // §3.3: a block must name at least one JID; an empty unblock clears the list.
             if block && jids.is_empty() {
-                return Some(err(req.iq, StanzaError::BadRequest));
+                return Some(iq_error(req.iq, StanzaError::BadRequest, None));
             }
             let cmd = if block {
                 Command::Block {
@@ -108,7 +104,7 @@ impl Module for Blocking {
                 Ok(_) => Vec::new(),
                 Err(e) => {
                     tracing::error!(error = %e, "blocklist change failed");
-                    return Some(err(req.iq, StanzaError::InternalServerError));
+                    return Some(iq_error(req.iq, StanzaError::InternalServerError, None));
                 }
             };
             if block {

@@ -56,6 +56,11 @@ impl IqRequest<'_> {
     }
 }
 
+/// The error reply to an IQ get or set (which always has one).
+pub(crate) fn iq_error(iq: &Element, condition: StanzaError, text: Option<&str>) -> Element {
+    xmpp::stanza::error_reply(iq, condition, text).unwrap_or_else(|| xmpp::stanza::iq_result(iq))
+}
+
 /// A module's verdict on a stanza about to be routed.
 pub enum RouteCheck {
     Pass,

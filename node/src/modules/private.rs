@@ -4,19 +4,15 @@
 
 use xmpp::element::Element;
 use xmpp::error::StanzaError;
-use xmpp::stanza::{error_reply, iq_result};
+use xmpp::stanza::iq_result;
 
-use super::{BoxFuture, IqRequest, IqTarget, Module};
+use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module};
 use crate::cluster::state_machine::Command;
 use crate::Server;
 
 pub const NS: &str = "jabber:iq:private";
 
 pub struct Private;
-
-fn err(iq: &Element, cond: StanzaError) -> Element {
-    error_reply(iq, cond, None).unwrap_or_else(|| iq_result(iq))
-}
 
 impl Module for Private {
     fn name(&self) -> &'static str {
@@ -40,15 +36,15 @@ impl Module for Private {
             let user = req.from.bare();
             // XEP-0049 §3: only one's own storage.
             if !matches!(&req.target, IqTarget::Account(t) if t == user) {
-                return Some(err(req.iq, StanzaError::Forbidden));
+                return Some(iq_error(req.iq, StanzaError::Forbidden, None));
             }
             let children: Vec<&Element> = req.payload.elements().collect();
             let [child] = children.as_slice() else {
-                return Some(err(req.iq, StanzaError::BadRequest));
+                return Some(iq_error(req.iq, StanzaError::BadRequest, None));
             };
             // §3: the jabber:* namespaces are reserved.
             if child.ns.starts_with("jabber:") || child.ns.is_empty() {
-                return Some(err(req.iq, StanzaError::NotAcceptable));
+                return Some(iq_error(req.iq, StanzaError::NotAcceptable, None));
             }
             let u = user.to_string();
             if req.is_set() {
@@ -61,7 +57,7 @@ impl Module for Private {
                     Ok(_) => iq_result(req.iq),
                     Err(e) => {
                         tracing::error!(error = %e, "private storage failed");
-                        err(req.iq, StanzaError::InternalServerError)
+                        iq_error(req.iq, StanzaError::InternalServerError, None)
                     }
                 });
             }

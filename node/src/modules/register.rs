@@ -6,18 +6,14 @@
 use xmpp::element::Element;
 use xmpp::error::StanzaError;
 use xmpp::jid::{nodeprep, BareJid};
-use xmpp::stanza::{error_reply, iq_result, ns, IqType};
+use xmpp::stanza::{iq_result, ns, IqType};
 
-use super::{BoxFuture, IqRequest, IqTarget, Module};
+use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module};
 use crate::accounts::{self, AccountError};
 use crate::cluster::state_machine::ApplyError;
 use crate::Server;
 
 pub struct Register;
-
-fn err(iq: &Element, cond: StanzaError, text: Option<&str>) -> Element {
-    error_reply(iq, cond, text).unwrap_or_else(|| iq_result(iq))
-}
 
 fn form(registered: Option<&str>) -> Element {
     let q = Element::new("query", ns::REGISTER);
@@ -37,14 +33,14 @@ fn form(registered: Option<&str>) -> Element {
 /// Handles a `jabber:iq:register` IQ on a not yet authenticated stream.
 pub async fn preauth(server: &Server, vhost: &str, iq: &Element) -> Element {
     if !server.config.auth.allow_registration {
-        return err(
+        return iq_error(
             iq,
             StanzaError::ServiceUnavailable,
             Some("registration is disabled on this server"),
         );
     }
     let Some(query) = iq.get_child("query", ns::REGISTER) else {
-        return err(iq, StanzaError::BadRequest, None);
+        return iq_error(iq, StanzaError::BadRequest, None);
     };
     match IqType::of(iq) {
         Some(IqType::Get) => iq_result(iq).child(form(None)),
@@ -53,21 +49,21 @@ pub async fn preauth(server: &Server, vhost: &str, iq: &Element) -> Element {
                 query.child_text("username", ns::REGISTER),
                 query.child_text("password", ns::REGISTER),
             ) else {
-                return err(
+                return iq_error(
                     iq,
                     StanzaError::NotAcceptable,
                     Some("username and password are required"),
                 );
             };
             let Ok(node) = nodeprep(&user) else {
-                return err(
+                return iq_error(
                     iq,
                     StanzaError::JidMalformed,
                     Some("that username is not allowed"),
                 );
             };
             let Ok(jid) = BareJid::new(Some(&node), vhost) else {
-                return err(
+                return iq_error(
                     iq,
                     StanzaError::JidMalformed,
                     Some("that username is not allowed"),
@@ -79,18 +75,18 @@ pub async fn preauth(server: &Server, vhost: &str, iq: &Element) -> Element {
                     iq_result(iq)
                 }
                 Err(AccountError::Apply(ApplyError::AccountExists(_))) => {
-                    err(iq, StanzaError::Conflict, Some("that username is taken"))
+                    iq_error(iq, StanzaError::Conflict, Some("that username is taken"))
                 }
                 Err(AccountError::BadPassword) => {
-                    err(iq, StanzaError::NotAcceptable, Some("unusable password"))
+                    iq_error(iq, StanzaError::NotAcceptable, Some("unusable password"))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "in-band registration failed");
-                    err(iq, StanzaError::InternalServerError, None)
+                    iq_error(iq, StanzaError::InternalServerError, None)
                 }
             }
         }
-        _ => err(iq, StanzaError::BadRequest, None),
+        _ => iq_error(iq, StanzaError::BadRequest, None),
     }
 }
 
@@ -124,27 +120,29 @@ impl Module for Register {
                     let reply = iq_result(req.iq);
                     if let Err(e) = accounts::delete(server, user).await {
                         tracing::error!(error = %e, %user, "cannot remove account");
-                        return err(req.iq, StanzaError::InternalServerError, None);
+                        return iq_error(req.iq, StanzaError::InternalServerError, None);
                     }
                     return reply;
                 }
                 // XEP-0077 §3.3: change password.
                 let Some(password) = req.payload.child_text("password", ns::REGISTER) else {
-                    return err(req.iq, StanzaError::BadRequest, None);
+                    return iq_error(req.iq, StanzaError::BadRequest, None);
                 };
                 if req
                     .payload
                     .child_text("username", ns::REGISTER)
                     .is_some_and(|u| nodeprep(&u).ok().as_deref() != user.node())
                 {
-                    return err(req.iq, StanzaError::NotAuthorized, None);
+                    return iq_error(req.iq, StanzaError::NotAuthorized, None);
                 }
                 match accounts::set_password(server, user, &password).await {
                     Ok(()) => iq_result(req.iq),
-                    Err(AccountError::BadPassword) => err(req.iq, StanzaError::NotAcceptable, None),
+                    Err(AccountError::BadPassword) => {
+                        iq_error(req.iq, StanzaError::NotAcceptable, None)
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, %user, "cannot change password");
-                        err(req.iq, StanzaError::InternalServerError, None)
+                        iq_error(req.iq, StanzaError::InternalServerError, None)
                     }
                 }
             }

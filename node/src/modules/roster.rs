@@ -8,9 +8,9 @@ use xmpp::element::Element;
 use xmpp::error::StanzaError;
 use xmpp::jid::{BareJid, Jid};
 use xmpp::roster::SubKind;
-use xmpp::stanza::{error_reply, iq_result, ns};
+use xmpp::stanza::{iq_result, ns};
 
-use super::{BoxFuture, IqRequest, IqTarget, Module};
+use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module};
 use crate::cluster::state_machine::{ApplyError, Command, Response};
 use crate::sessions::Outbound;
 use crate::store::RosterItem;
@@ -20,10 +20,6 @@ use crate::Server;
 pub const ROSTERVER_FEATURE: &str = "urn:xmpp:features:rosterver";
 
 pub struct Roster;
-
-fn err(iq: &Element, cond: StanzaError, text: Option<&str>) -> Element {
-    error_reply(iq, cond, text).unwrap_or_else(|| iq_result(iq))
-}
 
 /// `<item/>` for a contact; `None` is a removal (`subscription='remove'`).
 pub fn item_element(contact: &str, item: Option<&RosterItem>) -> Element {
@@ -92,7 +88,7 @@ impl Module for Roster {
                 let user = req.from.bare();
                 // §2.1.5 / §2.3.3: only the user's own roster.
                 if !matches!(&req.target, IqTarget::Account(t) if t == user) {
-                    return Some(err(req.iq, StanzaError::Forbidden, None));
+                    return Some(iq_error(req.iq, StanzaError::Forbidden, None));
                 }
                 if req.is_set() {
                     Some(set(server, &req, user).await)
@@ -112,7 +108,7 @@ fn get(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Option<Element> 
     let store = server.store();
     let (current, items) = match (store.roster_version(&u), store.roster(&u)) {
         (Ok(v), Ok(i)) => (v, i),
-        _ => return Some(err(req.iq, StanzaError::InternalServerError, None)),
+        _ => return Some(iq_error(req.iq, StanzaError::InternalServerError, None)),
     };
     // §2.6.3: a client that sends the version it has gets only the changes,
     // as pushes after an empty result; the same version gets nothing.
@@ -175,14 +171,14 @@ async fn set(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Element {
         .filter(|e| e.is("item", ns::ROSTER))
         .collect();
     let [item] = items.as_slice() else {
-        return err(
+        return iq_error(
             req.iq,
             StanzaError::BadRequest,
             Some("a roster set carries exactly one item"),
         );
     };
     let Some(contact) = item.get_attr("jid").and_then(|j| Jid::parse(j).ok()) else {
-        return err(req.iq, StanzaError::JidMalformed, None);
+        return iq_error(req.iq, StanzaError::JidMalformed, None);
     };
     let contact = contact.bare().clone();
     let c = contact.to_string();
@@ -192,7 +188,7 @@ async fn set(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Element {
         None => {}
         // §2.1.2.5: a client may only send subscription='remove'.
         Some(_) => {
-            return err(
+            return iq_error(
                 req.iq,
                 StanzaError::BadRequest,
                 Some("only subscription='remove' may be set"),
@@ -204,10 +200,10 @@ async fn set(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Element {
         let g = g.text_content();
         // §2.3.3: empty or duplicate groups are errors.
         if g.is_empty() {
-            return err(req.iq, StanzaError::NotAcceptable, Some("empty group name"));
+            return iq_error(req.iq, StanzaError::NotAcceptable, Some("empty group name"));
         }
         if groups.contains(&g) {
-            return err(req.iq, StanzaError::BadRequest, Some("duplicate group"));
+            return iq_error(req.iq, StanzaError::BadRequest, Some("duplicate group"));
         }
         groups.push(g);
     }
@@ -234,7 +230,7 @@ async fn set(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Element {
         Ok(_) => iq_result(req.iq),
         Err(e) => {
             tracing::error!(error = %e, "roster set failed");
-            err(req.iq, StanzaError::InternalServerError, None)
+            iq_error(req.iq, StanzaError::InternalServerError, None)
         }
     }
 }
@@ -250,8 +246,8 @@ async fn remove(
     let c = contact.to_string();
     let previous = match server.store().roster_item(&u, &c) {
         Ok(Some(p)) => p,
-        Ok(None) => return err(req.iq, StanzaError::ItemNotFound, None),
-        Err(_) => return err(req.iq, StanzaError::InternalServerError, None),
+        Ok(None) => return iq_error(req.iq, StanzaError::ItemNotFound, None),
+        Err(_) => return iq_error(req.iq, StanzaError::InternalServerError, None),
     };
     // Cancel first, through the subscription machinery, so the contact's
     // side changes and is told; then drop the item.
@@ -277,7 +273,7 @@ async fn remove(
         Err(ApplyError::NoRosterItem { .. }) => iq_result(req.iq),
         Err(e) => {
             tracing::error!(error = %e, "roster remove failed");
-            err(req.iq, StanzaError::InternalServerError, None)
+            iq_error(req.iq, StanzaError::InternalServerError, None)
         }
     }
 }

@@ -3,19 +3,15 @@
 
 use xmpp::element::Element;
 use xmpp::error::StanzaError;
-use xmpp::stanza::{error_reply, iq_result};
+use xmpp::stanza::iq_result;
 
-use super::{BoxFuture, IqRequest, IqTarget, Module};
+use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module};
 use crate::cluster::state_machine::Command;
 use crate::Server;
 
 pub const NS: &str = "vcard-temp";
 
 pub struct VCard;
-
-fn err(iq: &Element, cond: StanzaError) -> Element {
-    error_reply(iq, cond, None).unwrap_or_else(|| iq_result(iq))
-}
 
 impl Module for VCard {
     fn name(&self) -> &'static str {
@@ -37,14 +33,14 @@ impl Module for VCard {
     ) -> BoxFuture<'a, Option<Element>> {
         Box::pin(async move {
             if !req.payload.is("vCard", NS) {
-                return Some(err(req.iq, StanzaError::BadRequest));
+                return Some(iq_error(req.iq, StanzaError::BadRequest, None));
             }
             let owner = match &req.target {
                 IqTarget::Account(u) => u.clone(),
                 // The server has no vCard of its own.
                 IqTarget::Server(_) => {
                     return Some(if req.is_set() {
-                        err(req.iq, StanzaError::NotAllowed)
+                        iq_error(req.iq, StanzaError::NotAllowed, None)
                     } else {
                         iq_result(req.iq).child(Element::new("vCard", NS))
                     })
@@ -52,7 +48,7 @@ impl Module for VCard {
             };
             if req.is_set() {
                 if &owner != req.from.bare() {
-                    return Some(err(req.iq, StanzaError::Forbidden));
+                    return Some(iq_error(req.iq, StanzaError::Forbidden, None));
                 }
                 // An empty vCard element removes it.
                 let vcard =
@@ -65,7 +61,7 @@ impl Module for VCard {
                     Ok(_) => iq_result(req.iq),
                     Err(e) => {
                         tracing::error!(error = %e, "vCard store failed");
-                        err(req.iq, StanzaError::InternalServerError)
+                        iq_error(req.iq, StanzaError::InternalServerError, None)
                     }
                 });
             }
