@@ -111,6 +111,11 @@ def brief(r):
     return "   " + (r.get("error") or "no figures")
 
 
+def login_cell(r):
+    return (f"{r['login']['per_s']:,.0f} ({r['server_process']['cpu_cores']:.2f} / "
+            f"{r['load_process']['cpu_cores']:.2f})")
+
+
 def errors(*runs):
     """Login failures by cause, summed over runs."""
     total = {}
@@ -186,14 +191,16 @@ def table(rundir):
     lines.append("| | " + " | ".join(NAMES.get(c["name"], c["name"]) for c in cols) + " |")
     lines.append("|---|" + "---:|" * len(cols))
     lines.append(row("version", lambda c: c["meta"]["version"]))
-    lines.append(row(f"logins/s ({m.get('login_concurrency')} in flight, {m.get('login_secs')} s)",
-                     lambda c: fmt(c["login"]["login"]["per_s"], ",.0f")))
+    lines.append(row(f"logins/s achieved ({m.get('login_concurrency')} in flight, {m.get('login_secs')} s; server / xmpp-load cores)",
+                     lambda c: login_cell(c["login"])))
     lines.append(row("server CPU-ms per login",
                      lambda c: fmt(c["login"]["login"].get("server_cpu_ms_per_login"), ".2f")))
+    lines.append(row("logins/s one server core sustains (1000 / CPU-ms)",
+                     lambda c: fmt(1000 / c["login"]["login"]["server_cpu_ms_per_login"], ",.0f")))
     lines.append(row("login latency p50 / p99 (ms)",
                      lambda c: f"{c['login']['login']['latency']['p50_ms']:.1f} / {c['login']['login']['latency']['p99_ms']:.1f}"))
     lines.append(row("logins/s with SASL PLAIN (PBKDF2 on the server)",
-                     lambda c: fmt(c["login_plain"]["login"]["per_s"], ",.0f")))
+                     lambda c: login_cell(c["login_plain"])))
     lines.append(row("server CPU-ms per PLAIN login",
                      lambda c: fmt(c["login_plain"]["login"].get("server_cpu_ms_per_login"), ".2f")))
     lines.append(row("login errors",

@@ -421,13 +421,14 @@ drain() {
 }
 
 # One chat run at offered rate $2 for $3 s, JSON into $4; sets STEP_PASS.
+# $5 = quiet: no pass/fail line (the half-rate run is not a step).
 chat_run() {
     local s=$1 r=$2 secs=$3 json=$4 v
     if [ "$DIRTY" = 1 ]; then drain "$s"; DIRTY=0; fi
     load "$s" chat "$json" --users "$USERS" --rate "$r" --duration "$secs" \
         --body-size "$BODY" --grace "$GRACE" --arrival-rate 0 --concurrency "$LOGIN_CONCURRENCY"
     v=$("$PY" "$HERE/report.py" verdict "$json" "$MAX_P99_MS")
-    echo "   $v" >&2
+    [ "${5:-}" = quiet ] || echo "   $v" >&2
     if [ "${v%%:*}" = pass ]; then STEP_PASS=1; else STEP_PASS=0; DIRTY=1; fi
 }
 
@@ -474,7 +475,7 @@ measure() {
     # Half the peak: latency and CPU per message at a rate the server holds.
     r=$(( ${good:-${rates[0]}} / 2 ))
     say "$s: chat at $r msg/s (half the peak) for ${HALF_SECS}s"
-    chat_run "$s" "$r" "$HALF_SECS" "$RUN/$s.half.json"
+    chat_run "$s" "$r" "$HALF_SECS" "$RUN/$s.half.json" quiet
     "$PY" "$HERE/report.py" brief "$RUN/$s.half.json" >&2
 }
 
