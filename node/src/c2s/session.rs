@@ -97,7 +97,7 @@ pub async fn run(s: Stream, bound: Bound) {
         }
         // XEP-0198 §5: the connection dropped; wait for the client to resume.
         stream = None;
-        match session.hibernate().await {
+        match Box::pin(session.hibernate()).await {
             Some(next) => {
                 stream = Some(next);
                 result = Ok(());
@@ -112,9 +112,15 @@ pub async fn run(s: Stream, bound: Bound) {
         super::finish(&mut s, result).await;
     }
     // However the stream ended, contacts learn the session is gone (§4.5.2).
-    presence::session_closed(&server, &session.jid, id, &mut session.directed).await;
+    Box::pin(presence::session_closed(
+        &server,
+        &session.jid,
+        id,
+        &mut session.directed,
+    ))
+    .await;
     server.sessions.unbind(&session.jid, id);
-    session.requeue().await;
+    Box::pin(session.requeue()).await;
 }
 
 impl Session {
@@ -125,9 +131,14 @@ impl Session {
         loop {
             while let Some(ev) = s.parse_buffered()? {
                 match ev {
-                    Event::Element(e) if e.ns == sm::NS => self.stream_management(s, e).await?,
+                    Event::Element(e) if e.ns == sm::NS => {
+                        Box::pin(self.stream_management(s, e)).await?
+                    }
                     Event::Element(e) => {
-                        handle(&server, &self.jid, self.id, e, &mut self.directed).await?;
+                        // Boxed: only a session handling a stanza holds the
+                        // (large) state of routing it.
+                        Box::pin(handle(&server, &self.jid, self.id, e, &mut self.directed))
+                            .await?;
                         if let Some(sm) = &mut self.sm {
                             sm.handled = sm.handled.wrapping_add(1);
                         }
@@ -182,7 +193,7 @@ impl Session {
                     // still looked alive: carry on there.
                     if let Some(h) = handoff {
                         let mut next = h.stream;
-                        self.resume(&mut next, h.h).await?;
+                        Box::pin(self.resume(&mut next, h.h)).await?;
                         std::mem::swap(s, &mut next);
                         drop(next);
                     }
