@@ -792,6 +792,22 @@ pub mod client {
         SentFinal { server_signature: Vec<u8> },
     }
 
+    /// SaltedPassword by (hash, password, salt, iteration count), for
+    /// [`ScramClient::handle_server_first_cached`].
+    #[derive(Default)]
+    pub struct SaltedPasswords(std::collections::HashMap<(HashAlg, String, Vec<u8>, u32), Vec<u8>>);
+
+    impl SaltedPasswords {
+        /// How many SaltedPasswords are kept.
+        pub fn len(&self) -> usize {
+            self.0.len()
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
     /// SCRAM client state machine: `client_first`, then
     /// `handle_server_first`, then `verify_server_final`.
     pub struct ScramClient {
@@ -864,6 +880,18 @@ pub mod client {
 
         /// Takes server-first-message, returns client-final-message.
         pub fn handle_server_first(&mut self, server_first: &[u8]) -> Result<Vec<u8>, SaslError> {
+            self.handle_server_first_cached(server_first, None)
+        }
+
+        /// As [`ScramClient::handle_server_first`], looking the
+        /// SaltedPassword up in `cache` first, as real clients do (the
+        /// PBKDF2 rounds are the expensive part of a login, and the same
+        /// salt and count come back every time).
+        pub fn handle_server_first_cached(
+            &mut self,
+            server_first: &[u8],
+            cache: Option<&mut SaltedPasswords>,
+        ) -> Result<Vec<u8>, SaslError> {
             let proto = |m: &str| SaslError::Protocol(m.to_owned());
             if !matches!(self.state, ClientState::Initial) {
                 return Err(proto("server-first already handled"));
@@ -910,7 +938,20 @@ pub mod client {
             }
 
             let h = self.hash;
-            let salted = salted_password(h, &self.password, &salt, iterations)?;
+            let salted = match cache {
+                Some(cache) => {
+                    let key = (h, self.password.clone(), salt, iterations);
+                    match cache.0.get(&key) {
+                        Some(s) => s.clone(),
+                        None => {
+                            let s = salted_password(h, &self.password, &key.2, iterations)?;
+                            cache.0.insert(key, s.clone());
+                            s
+                        }
+                    }
+                }
+                None => salted_password(h, &self.password, &salt, iterations)?,
+            };
             let client_key = h.hmac(&salted, b"Client Key");
             let stored_key = h.digest(&client_key);
             let mut cbind_input = self.gs2_header.as_bytes().to_vec();
@@ -962,6 +1003,35 @@ pub mod client {
 mod tests {
     use super::client::*;
     use super::*;
+
+    #[test]
+    fn cached_salted_password_gives_the_same_proof() {
+        let server_first =
+            b"r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096";
+        let client = || {
+            ScramClient::new(
+                HashAlg::Sha1,
+                "user",
+                "pencil",
+                ClientChannelBinding::None,
+                "fyko+d2lbbFgONRv9qkxdawL".into(),
+            )
+            .expect("client")
+        };
+        let plain = client()
+            .handle_server_first(server_first)
+            .expect("uncached");
+        let mut cache = SaltedPasswords::default();
+        let first = client()
+            .handle_server_first_cached(server_first, Some(&mut cache))
+            .expect("miss");
+        let second = client()
+            .handle_server_first_cached(server_first, Some(&mut cache))
+            .expect("hit");
+        assert_eq!(plain, first);
+        assert_eq!(first, second);
+        assert_eq!(cache.len(), 1);
+    }
 
     type Lookup = Box<dyn Fn(&str, HashAlg) -> Option<ScramCredentials>>;
 

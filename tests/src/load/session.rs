@@ -20,7 +20,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use xmpp::element::{escape, Element};
-use xmpp::sasl::client::{plain_initial_response, ClientChannelBinding, ScramClient};
+use xmpp::sasl::client::{
+    plain_initial_response, ClientChannelBinding, SaltedPasswords, ScramClient,
+};
 use xmpp::sasl::HashAlg;
 use xmpp::stanza::ns;
 use xmpp::xml::{Event, Limits, StreamParser};
@@ -353,8 +355,14 @@ impl Negotiator<'_> {
         let server_first = B64
             .decode(reply.text_content().trim())
             .map_err(|_| LoginError::Protocol("challenge is not base64".into()))?;
-        let client_final = scram
-            .handle_server_first(&server_first)
+        // Like a real client, keep the SaltedPassword: the PBKDF2 rounds
+        // would otherwise make xmpp-load, not the server, the bottleneck of
+        // a SCRAM login run. One cache per worker thread, no lock.
+        thread_local! {
+            static SALTED: std::cell::RefCell<SaltedPasswords> = std::cell::RefCell::default();
+        }
+        let client_final = SALTED
+            .with(|c| scram.handle_server_first_cached(&server_first, Some(&mut c.borrow_mut())))
             .map_err(|e| LoginError::Protocol(format!("SCRAM server-first: {e:?}")))?;
         io.write_all(
             format!(
