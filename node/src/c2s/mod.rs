@@ -74,18 +74,28 @@ async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direc
             )),
         };
     match negotiated {
-        Ok(Negotiated::Bound(bound)) => Box::pin(session::run(s, bound)).await,
+        Ok(Negotiated::Bound(bound)) => session_boxed(s, bound).await,
         Ok(Negotiated::Resume { tx, h }) => {
             // The waiting session takes the stream over (XEP-0198 §5).
             if let Err(mpsc::error::SendError(mut handoff)) =
-                tx.send(sm::Handoff { stream: s, h }).await
+                tx.send(Box::new(sm::Handoff { stream: s, h })).await
             {
-                let _ = handoff.stream.send(&sm::failed("item-not-found")).await;
-                finish(&mut handoff.stream, Err(ConnError::Closed)).await;
+                let _ = Box::pin(handoff.stream.send(&sm::failed("item-not-found"))).await;
+                Box::pin(finish(&mut handoff.stream, Err(ConnError::Closed))).await;
             }
         }
-        Err(e) => finish(&mut s, Err(e)).await,
+        Err(e) => Box::pin(finish(&mut s, Err(e))).await,
     }
+}
+
+/// The session future, made and boxed outside this async fn: a future
+/// built inside an async fn takes room in its state even when boxed at once
+/// (rustc keeps the temporary), and this task lives as long as the session.
+fn session_boxed(
+    s: Stream,
+    bound: negotiate::Bound,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(session::run(s, bound))
 }
 
 /// Ends a stream the way its result asks: a stream error, a clean close,

@@ -34,10 +34,7 @@ pub async fn negotiate(s: &mut Stream) -> Result<Negotiated, ConnError> {
 /// A negotiated stream: a new session, or one to resume (XEP-0198 §5).
 pub enum Negotiated {
     Bound(Bound),
-    Resume {
-        tx: tokio::sync::mpsc::Sender<super::sm::Handoff>,
-        h: u32,
-    },
+    Resume { tx: super::sm::HandoffTx, h: u32 },
 }
 
 async fn next_element(s: &mut Stream) -> Result<Element, ConnError> {

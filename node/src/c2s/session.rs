@@ -40,6 +40,26 @@ impl Drop for BoundGuard {
     }
 }
 
+/// Makes and boxes a future in a plain fn. Boxing inside the async fn
+/// (`Box::pin(f(..)).await`) still leaves room for `f`'s future in the
+/// caller's state (rustc keeps the temporary); made here, it does not. An
+/// idle session then holds only the state it waits in.
+fn boxed<'a, T, F: std::future::Future<Output = T> + Send + 'a>(
+    make: impl FnOnce() -> F,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
+    Box::pin(make())
+}
+
+/// The next resuming connection, or never when resumption is off.
+async fn next_handoff(
+    handoff: &mut Option<(sm::HandoffTx, sm::HandoffRx)>,
+) -> Option<Box<Handoff>> {
+    match handoff {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What a session task holds besides its stream.
 struct Session {
     server: Arc<Server>,
@@ -49,9 +69,9 @@ struct Session {
     /// Directed presence sent to non-subscribers (RFC 6121 §4.6).
     directed: HashSet<String>,
     sm: Option<Sm>,
-    /// Where a resuming connection hands its stream over.
-    handoff_tx: mpsc::Sender<Handoff>,
-    handoff_rx: mpsc::Receiver<Handoff>,
+    /// Where a resuming connection hands its stream over; made when the
+    /// client enables resumption, so other sessions pay nothing for it.
+    handoff: Option<(sm::HandoffTx, sm::HandoffRx)>,
 }
 
 /// Runs a bound session to its end, then closes its stream.
@@ -71,7 +91,6 @@ pub async fn run(s: Stream, bound: Bound) {
             Some("replaced by a new connection for this resource".into()),
         ));
     }
-    let (handoff_tx, handoff_rx) = mpsc::channel(1);
     let mut session = Session {
         server: server.clone(),
         jid: bound.jid.clone(),
@@ -79,12 +98,14 @@ pub async fn run(s: Stream, bound: Bound) {
         rx,
         directed: HashSet::new(),
         sm: None,
-        handoff_tx,
-        handoff_rx,
+        handoff: None,
     };
     let mut stream = Some(s);
     let mut result = match stream.as_mut() {
-        Some(s) => s.send(&bind_result(&bound.bind_iq, &bound.jid)).await,
+        Some(s) => {
+            let reply = bind_result(&bound.bind_iq, &bound.jid);
+            boxed(|| s.send(&reply)).await
+        }
         None => Ok(()),
     };
     tracing::debug!(jid = %bound.jid, "session bound");
@@ -97,7 +118,7 @@ pub async fn run(s: Stream, bound: Bound) {
         }
         // XEP-0198 §5: the connection dropped; wait for the client to resume.
         stream = None;
-        match Box::pin(session.hibernate()).await {
+        match boxed(|| session.hibernate()).await {
             Some(next) => {
                 stream = Some(next);
                 result = Ok(());
@@ -109,18 +130,12 @@ pub async fn run(s: Stream, bound: Bound) {
         server.resumable.remove(&sm.id);
     }
     if let Some(mut s) = stream {
-        super::finish(&mut s, result).await;
+        boxed(|| super::finish(&mut s, result)).await;
     }
     // However the stream ended, contacts learn the session is gone (§4.5.2).
-    Box::pin(presence::session_closed(
-        &server,
-        &session.jid,
-        id,
-        &mut session.directed,
-    ))
-    .await;
+    boxed(|| presence::session_closed(&server, &session.jid, id, &mut session.directed)).await;
     server.sessions.unbind(&session.jid, id);
-    Box::pin(session.requeue()).await;
+    boxed(|| session.requeue()).await;
 }
 
 impl Session {
@@ -132,12 +147,12 @@ impl Session {
             while let Some(ev) = s.parse_buffered()? {
                 match ev {
                     Event::Element(e) if e.ns == sm::NS => {
-                        Box::pin(self.stream_management(s, e)).await?
+                        boxed(|| self.stream_management(s, e)).await?
                     }
                     Event::Element(e) => {
                         // Boxed: only a session handling a stanza holds the
                         // (large) state of routing it.
-                        Box::pin(handle(&server, &self.jid, self.id, e, &mut self.directed))
+                        boxed(|| handle(&server, &self.jid, self.id, e, &mut self.directed))
                             .await?;
                         if let Some(sm) = &mut self.sm {
                             sm.handled = sm.handled.wrapping_add(1);
@@ -169,7 +184,9 @@ impl Session {
                         }
                     }
                     if !out.is_empty() {
-                        match tokio::time::timeout(server.config.limits.write_timeout(), s.write_raw(&out)).await {
+                        // Boxed: the timer and the write exist only while writing.
+                        let write = boxed(|| tokio::time::timeout(server.config.limits.write_timeout(), s.write_raw(&out)));
+                        match write.await {
                             Ok(r) => r?,
                             Err(_) => {
                                 return Err(ConnError::stream(StreamError::ConnectionTimeout, "the client stopped reading"))
@@ -188,12 +205,12 @@ impl Session {
                         return Err(ConnError::Stream(e, t));
                     }
                 }
-                handoff = self.handoff_rx.recv() => {
+                handoff = next_handoff(&mut self.handoff) => {
                     // The client resumed on a new connection while this one
                     // still looked alive: carry on there.
                     if let Some(h) = handoff {
                         let mut next = h.stream;
-                        Box::pin(self.resume(&mut next, h.h)).await?;
+                        boxed(|| self.resume(&mut next, h.h)).await?;
                         std::mem::swap(s, &mut next);
                         drop(next);
                     }
@@ -253,11 +270,13 @@ impl Session {
                 let sm = Sm::new(id, resumable);
                 let mut enabled = sm.enabled();
                 if resumable {
+                    let (tx, rx) = mpsc::channel(1);
                     self.server.resumable.register(
                         sm.id.clone(),
                         self.jid.bare().clone(),
-                        self.handoff_tx.clone(),
+                        tx.clone(),
                     );
+                    self.handoff = Some((tx, rx));
                     enabled.set_attr(
                         "max",
                         self.server.config.limits.resume_timeout_secs.to_string(),
@@ -326,12 +345,12 @@ impl Session {
         tracing::debug!(jid = %self.jid, "connection lost; waiting for resumption");
         loop {
             tokio::select! {
-                handoff = self.handoff_rx.recv() => {
+                handoff = next_handoff(&mut self.handoff) => {
                     let mut h = handoff?;
                     return match self.resume(&mut h.stream, h.h).await {
                         Ok(()) => Some(h.stream),
                         Err(e) => {
-                            super::finish(&mut h.stream, Err(e)).await;
+                            boxed(|| super::finish(&mut h.stream, Err(e))).await;
                             None
                         }
                     };

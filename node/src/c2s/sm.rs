@@ -27,9 +27,13 @@ pub struct Handoff {
     pub h: u32,
 }
 
+/// Boxed: a channel allocates its slots up front, and a `Stream` is large.
+pub type HandoffTx = mpsc::Sender<Box<Handoff>>;
+pub type HandoffRx = mpsc::Receiver<Box<Handoff>>;
+
 struct Entry {
     user: BareJid,
-    tx: mpsc::Sender<Handoff>,
+    tx: HandoffTx,
 }
 
 /// Resumable sessions by stream id, for `<resume previd='…'/>`.
@@ -43,7 +47,7 @@ impl Registry {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(&self, id: String, user: BareJid, tx: mpsc::Sender<Handoff>) {
+    pub fn register(&self, id: String, user: BareJid, tx: HandoffTx) {
         self.map().insert(id, Entry { user, tx });
     }
 
@@ -53,7 +57,7 @@ impl Registry {
 
     /// The session `id` of `user`, if it can still be resumed. Another
     /// user's id is as good as unknown (XEP-0198 §5).
-    pub fn find(&self, id: &str, user: &BareJid) -> Option<mpsc::Sender<Handoff>> {
+    pub fn find(&self, id: &str, user: &BareJid) -> Option<HandoffTx> {
         let map = self.map();
         let e = map.get(id)?;
         (&e.user == user && !e.tx.is_closed()).then(|| e.tx.clone())
