@@ -138,15 +138,6 @@ impl Store {
         })
     }
 
-    pub fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .tree
-            .scan_prefix(prefix)
-            .next_back()
-            .transpose()?
-            .map(|(k, _)| k.to_vec()))
-    }
-
     pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         self.tree.apply_batch(batch.0)?;
         Ok(())
