@@ -339,7 +339,9 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
         // RFC 6121 §3.4.1: subscription pre-approval.
         .child(Element::new("sub", "urn:xmpp:features:pre-approval"))
         // XEP-0198: acknowledgements and resumption.
-        .child(Element::new("sm", super::sm::NS));
+        .child(Element::new("sm", super::sm::NS))
+        // XEP-0352: client state indication.
+        .child(Element::new("csi", "urn:xmpp:csi:0"));
     s.send(&features).await?;
     loop {
         let e = next_element(s).await?;

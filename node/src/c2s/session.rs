@@ -72,6 +72,23 @@ struct Session {
     /// Where a resuming connection hands its stream over; made when the
     /// client enables resumption, so other sessions pay nothing for it.
     handoff: Option<(sm::HandoffTx, sm::HandoffRx)>,
+    /// Client State Indication (XEP-0352): the client said it is not in
+    /// use, so stanzas that can wait are held back (`held`) until
+    /// something worth waking it for arrives.
+    inactive: bool,
+    held: Vec<Arc<str>>,
+}
+
+/// XEP-0352 namespace.
+const CSI: &str = "urn:xmpp:csi:0";
+
+/// Most stanzas held back for an inactive client before they go anyway.
+const MAX_HELD: usize = 256;
+
+/// Whether a stanza is worth waking an inactive client for: a message
+/// with a body (chat states, receipts and presence can wait).
+fn urgent(xml: &str) -> bool {
+    xml.starts_with("<message") && xml.contains("<body") || xml.starts_with("<iq")
 }
 
 /// Runs a bound session to its end, then closes its stream.
@@ -99,6 +116,8 @@ pub async fn run(s: Stream, bound: Bound) {
         directed: HashSet::new(),
         sm: None,
         handoff: None,
+        inactive: false,
+        held: Vec::new(),
     };
     let mut stream = Some(s);
     let mut result = match stream.as_mut() {
@@ -148,6 +167,15 @@ impl Session {
                 match ev {
                     Event::Element(e) if e.ns == sm::NS => {
                         boxed(|| self.stream_management(s, e)).await?
+                    }
+                    Event::Element(e) if e.ns == CSI => {
+                        // XEP-0352 §4: not a stanza, never answered.
+                        self.inactive = e.name == "inactive";
+                        if !self.inactive && !self.held.is_empty() {
+                            let mut out = String::new();
+                            self.flush_held(&mut out);
+                            boxed(|| s.write_raw(&out)).await?;
+                        }
                     }
                     Event::Element(e) => {
                         // Boxed: only a session handling a stanza holds the
@@ -233,10 +261,10 @@ impl Session {
         let mut n = 0;
         while let Some(m) = next.take() {
             match m {
-                Outbound::Xml(x) => self.emit(x, out),
+                Outbound::Xml(x) => self.deliver(x, out),
                 Outbound::Batch(v) => {
                     for x in v {
-                        self.emit(x, out);
+                        self.deliver(x, out);
                     }
                 }
                 Outbound::Close(e, t) => return Some((e, t)),
@@ -247,6 +275,23 @@ impl Session {
             }
         }
         None
+    }
+
+    /// Writes a stanza now, or holds it back for an inactive client.
+    fn deliver(&mut self, x: Arc<str>, out: &mut String) {
+        if self.inactive && !urgent(&x) && self.held.len() < MAX_HELD {
+            self.held.push(x);
+            return;
+        }
+        // What was held goes first, so the order is kept.
+        self.flush_held(out);
+        self.emit(x, out);
+    }
+
+    fn flush_held(&mut self, out: &mut String) {
+        for h in std::mem::take(&mut self.held) {
+            self.emit(h, out);
+        }
     }
 
     fn emit(&mut self, x: Arc<str>, out: &mut String) {
