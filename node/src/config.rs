@@ -74,6 +74,9 @@ pub struct Flags {
     /// [auth] max_attempts_per_stream
     #[arg(long, env = "XMPP_MAX_ATTEMPTS_PER_STREAM")]
     pub max_attempts_per_stream: Option<u32>,
+    /// [auth] strict_channel_binding
+    #[arg(long, env = "XMPP_STRICT_CHANNEL_BINDING")]
+    pub strict_channel_binding: Option<bool>,
     /// [limits] max_stanza_bytes
     #[arg(long, env = "XMPP_MAX_STANZA_BYTES")]
     pub max_stanza_bytes: Option<usize>,
@@ -165,6 +168,13 @@ pub struct Auth {
     pub failure_memory_secs: u64,
     /// Failed attempts allowed on one stream before it is closed (RFC 6120 §6.4.5).
     pub max_attempts_per_stream: u32,
+    /// Refuse SCRAM's `y` flag whenever -PLUS was offered (RFC 5802 §6),
+    /// even from a client that just tried -PLUS with a binding we lack
+    /// (slixmpp's tls-unique). Strict stops a man in the middle from
+    /// faking that attempt; tolerant (the default) keeps such clients on
+    /// SCRAM instead of falling back to PLAIN, which would hand that same
+    /// man in the middle the password.
+    pub strict_channel_binding: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,6 +267,7 @@ impl Default for Auth {
             max_failure_delay_ms: 8_000,
             failure_memory_secs: 300,
             max_attempts_per_stream: 3,
+            strict_channel_binding: false,
         }
     }
 }
@@ -415,6 +426,10 @@ impl Config {
         set(
             &mut self.auth.max_attempts_per_stream,
             f.max_attempts_per_stream,
+        );
+        set(
+            &mut self.auth.strict_channel_binding,
+            f.strict_channel_binding,
         );
         set(&mut self.limits.max_stanza_bytes, f.max_stanza_bytes);
         set(&mut self.limits.max_depth, f.max_depth);

@@ -36,6 +36,10 @@ pub struct Server {
     pub sessions: Sessions,
     pub modules: Vec<Box<dyn Module>>,
     pub throttle: AuthThrottle,
+    /// Key for the fake SCRAM salts of unknown users: the same user name
+    /// gets the same salt every time, as a real account would, so probing
+    /// SCRAM does not tell who has an account. Kept in the data dir.
+    pub sasl_secret: Vec<u8>,
     /// Sessions that can be resumed (XEP-0198), by stream id.
     pub resumable: c2s::sm::Registry,
     pub started: Instant,
@@ -61,10 +65,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let cluster = Cluster::open(store).context("cannot read the state machine")?;
     let tls = tls::Tls::load(&config).context("cannot set up TLS")?;
+    let sasl_secret = load_or_make_secret(&config.data_dir.join("sasl.secret"))?;
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let server = Arc::new(Server {
         throttle: AuthThrottle::new(&config.auth),
         resumable: c2s::sm::Registry::default(),
+        sasl_secret,
         config,
         tls,
         cluster,
@@ -124,6 +130,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     server.store().flush().await.context("final flush")?;
     Ok(())
+}
+
+/// 32 random bytes, made once and kept in `path` (mode 0600).
+fn load_or_make_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    if let Ok(bytes) = std::fs::read(path) {
+        if bytes.len() == 32 {
+            return Ok(bytes);
+        }
+    }
+    let mut secret = vec![0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
+    std::fs::write(path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(secret)
 }
 
 async fn wait_for_signal() {

@@ -1233,3 +1233,29 @@ fn slixmpp_clients_subscribe_and_see_presence() {
         assert!(out.lines().any(|l| l == want), "missing {want:?}: {report}");
     }
 }
+
+#[tokio::test]
+async fn subscription_requests_from_a_blocked_user_never_arrive() {
+    let node = node_with(&["alice", "mallory"]);
+    let mut alice = online(&node, "alice", "pc", 0).await;
+    let mut mallory = online(&node, "mallory", "m", 0).await;
+    let mj = jid("mallory");
+    let iq = block_iq(&mut alice, "block", &[&mj]);
+    assert_result(&alice.iq(iq).await.unwrap());
+    drain(&mut alice, QUIET).await;
+    send_sub(&mut mallory, &jid("alice"), "subscribe").await;
+    mallory.sync().await.unwrap();
+    expect_none(
+        &mut alice,
+        "a subscription request from a blocked user",
+        |e| e.name == "presence" && e.get_attr("type") == Some("subscribe"),
+    )
+    .await;
+    // Nor is it kept for alice's next login.
+    drop(alice);
+    let mut alice = online(&node, "alice", "phone", 0).await;
+    expect_none(&mut alice, "a stored request from a blocked user", |e| {
+        e.name == "presence" && e.get_attr("type") == Some("subscribe")
+    })
+    .await;
+}

@@ -209,3 +209,45 @@ async fn unacknowledged_messages_go_offline_when_the_client_never_returns() {
     );
     assert!(texts.contains(&"sent while away".to_string()), "{texts:?}");
 }
+
+#[tokio::test]
+async fn a_client_that_never_acknowledges_is_closed_and_loses_nothing() {
+    let node = node("[limits]\nsession_queue = 16\n");
+    let (mut bob, _) = managed(&node, "bob", false).await;
+    let mut alice = Client::login_bound(&node, "alice", PW, "a").await.unwrap();
+    // Bob reads everything but never answers the server's <r/>.
+    for i in 0..40 {
+        alice
+            .send(&chat("bob@localhost", &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    alice.sync().await.unwrap();
+    let mut seen = Vec::new();
+    let mut closed_with = None;
+    while let Ok(e) = bob.recv(WAIT).await {
+        if e.is("error", ns::STREAM) {
+            closed_with = e
+                .elements()
+                .find(|c| c.ns == ns::STREAMS)
+                .map(|c| c.name.clone());
+            break;
+        }
+        if e.name == "message" {
+            seen.extend(body(&e));
+        }
+    }
+    assert_eq!(closed_with.as_deref(), Some("policy-violation"));
+    // Everything bob never acknowledged waits offline, so all 40 arrive
+    // (some twice: seen, but not acknowledged).
+    let mut bob = Client::login_bound(&node, "bob", PW, "again")
+        .await
+        .unwrap();
+    bob.presence(0).await.unwrap();
+    let mut all: std::collections::HashSet<String> = std::collections::HashSet::new();
+    while let Ok(m) = bob.recv_message(QUIET).await {
+        all.extend(body(&m));
+    }
+    all.extend(seen);
+    assert_eq!(all.len(), 40, "every message reached bob at least once");
+}

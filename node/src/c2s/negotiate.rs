@@ -235,12 +235,17 @@ async fn sasl(
     // -PLUS from our features, unless this client already tried -PLUS with
     // a binding type we lack (tls-unique, which TLS 1.3 does not have, as
     // slixmpp does). Such a client supports binding, just not ours: its `y`
-    // is honest, and refusing it would leave it only PLAIN.
-    let plus_offered =
-        offered.iter().any(|m| matches!(m, Mechanism::ScramPlus(_))) && !*plus_refused;
+    // is honest, and refusing it would leave it only PLAIN. Operators who
+    // prefer the strict reading set `auth.strict_channel_binding`.
+    let tolerate_y = *plus_refused && !s.server.config.auth.strict_channel_binding;
+    let plus_offered = offered.iter().any(|m| matches!(m, Mechanism::ScramPlus(_))) && !tolerate_y;
     let mut nonce = [0u8; 18];
     rand::thread_rng().fill_bytes(&mut nonce);
-    let mut session = ServerSession::new(mech, s.cb.clone(), plus_offered, B64.encode(nonce));
+    let mut session = ServerSession::new(mech, s.cb.clone(), plus_offered, B64.encode(nonce))
+        .with_unknown_user_params(
+            s.server.sasl_secret.clone(),
+            s.server.config.auth.scram_iterations,
+        );
     let Some(mut input) = decode(auth) else {
         s.send(&sasl_failure(SaslFailure::IncorrectEncoding, None))
             .await?;

@@ -213,13 +213,15 @@ impl Session {
                     }
                     if !out.is_empty() {
                         // Boxed: the timer and the write exist only while writing.
-                        let write = boxed(|| tokio::time::timeout(server.config.limits.write_timeout(), s.write_raw(&out)));
-                        match write.await {
-                            Ok(r) => r?,
-                            Err(_) => {
-                                return Err(ConnError::stream(StreamError::ConnectionTimeout, "the client stopped reading"))
-                            }
-                        }
+                        boxed(|| s.write_raw(&out)).await?;
+                    }
+                    // XEP-0198: a client that never acknowledges must not make
+                    // us keep everything we ever sent it.
+                    if self.sm.as_ref().is_some_and(|sm| sm.unacked.len() > server.config.limits.session_queue) {
+                        return Err(ConnError::stream(
+                            StreamError::PolicyViolation,
+                            "too many stanzas not acknowledged (XEP-0198)",
+                        ));
                     }
                     if self.rx.overflowed() {
                         // The router could not queue for this client: it reads
@@ -238,9 +240,15 @@ impl Session {
                     // still looked alive: carry on there.
                     if let Some(h) = handoff {
                         let mut next = h.stream;
-                        boxed(|| self.resume(&mut next, h.h)).await?;
-                        std::mem::swap(s, &mut next);
-                        drop(next);
+                        match boxed(|| self.resume(&mut next, h.h)).await {
+                            Ok(()) => {
+                                std::mem::swap(s, &mut next);
+                                drop(next);
+                            }
+                            // A bad resumption fails on its own stream; this
+                            // one goes on.
+                            Err(e) => boxed(|| super::finish(&mut next, Err(e))).await,
+                        }
                     }
                 }
                 _ = shutdown.changed() => {

@@ -49,6 +49,8 @@ pub struct Stream {
     pub vhost: String,
     /// Channel-binding data of the TLS connection, once there is one.
     pub cb: xmpp::sasl::ChannelBindings,
+    /// A write timed out: nothing more is written to this peer.
+    write_dead: bool,
     /// Whether our stream header is out (a stream error must follow one).
     header_sent: bool,
     /// The client's stream open, kept for the `to` of our reply header.
@@ -66,6 +68,7 @@ impl Stream {
             peer,
             vhost: String::new(),
             cb: Default::default(),
+            write_dead: false,
             header_sent: false,
             client_from: None,
             out: String::new(),
@@ -211,10 +214,28 @@ impl Stream {
         r
     }
 
+    /// Writes and flushes, within `limits.write_timeout_secs`: a peer that
+    /// stops reading must not hold a task (and its session) forever. After
+    /// a timed-out write the stream is dead: later writes fail at once.
     pub async fn write_raw(&mut self, s: &str) -> Result<(), ConnError> {
-        self.io.write_all(s.as_bytes()).await?;
-        self.io.flush().await?;
-        Ok(())
+        if self.write_dead {
+            return Err(ConnError::Lost);
+        }
+        let io = &mut self.io;
+        let write = async move {
+            io.write_all(s.as_bytes()).await?;
+            io.flush().await
+        };
+        match tokio::time::timeout(self.server.config.limits.write_timeout(), write).await {
+            Ok(r) => Ok(r?),
+            Err(_) => {
+                self.write_dead = true;
+                Err(ConnError::Stream(
+                    StreamError::ConnectionTimeout,
+                    Some("the client stopped reading".into()),
+                ))
+            }
+        }
     }
 
     /// Closes the stream with an error (RFC 6120 §4.9.1.1), sending our

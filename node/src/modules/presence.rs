@@ -24,6 +24,9 @@ use crate::Server;
 
 pub struct Presence;
 
+/// Most JIDs one session's directed presence is remembered for (§4.6).
+const MAX_DIRECTED: usize = 1000;
+
 impl Module for Presence {
     fn name(&self) -> &'static str {
         "presence"
@@ -142,6 +145,12 @@ pub async fn subscription(
     kind: SubKind,
     original: Option<&Element>,
 ) {
+    // XEP-0191 §3.4: nothing from a blocked user reaches the one who
+    // blocked them, subscription requests included. (The blocker's own
+    // cancellations still go through, so both rosters stay consistent.)
+    if is_local(server, contact) && blocking::blocks(server, contact, &Jid::Bare(user.clone())) {
+        return;
+    }
     let u = user.to_string();
     let c = contact.to_string();
     // §3.1.2: stamped with bare JIDs on both ends.
@@ -318,7 +327,9 @@ fn initial(server: &Server, me: &FullJid) {
             }
         }
         if let Some(request) = &item.pending_request {
-            out.push(Arc::from(request.as_str()));
+            if !blocking::blocks(server, user, &Jid::Bare(contact.clone())) {
+                out.push(Arc::from(request.as_str()));
+            }
         }
     }
     for r in server.sessions.resources(user) {
@@ -391,7 +402,11 @@ pub async fn outbound(
             if !has_from(server, me.bare(), to.bare()) {
                 let key = to.to_string();
                 if ptype == PresenceType::Available {
-                    directed.insert(key);
+                    // Bounded: a session cannot make the server remember
+                    // (and later notify) an unlimited number of JIDs.
+                    if directed.len() < MAX_DIRECTED {
+                        directed.insert(key);
+                    }
                 } else {
                     directed.remove(&key);
                 }
