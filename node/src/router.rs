@@ -18,6 +18,16 @@ use crate::Server;
 
 /// Routes a stanza whose `from` is trustworthy.
 pub async fn route(server: &Server, stanza: Element) {
+    route_with(server, stanza, true).await
+}
+
+/// Routes a stanza again whose first delivery failed (its session ended
+/// first): the sender's devices already had their `<sent/>` copies.
+pub async fn reroute(server: &Server, stanza: Element) {
+    route_with(server, stanza, false).await
+}
+
+async fn route_with(server: &Server, stanza: Element, first_time: bool) {
     let Some(kind) = StanzaKind::of(&stanza) else {
         return;
     };
@@ -54,7 +64,7 @@ pub async fn route(server: &Server, stanza: Element) {
             }
         }
     }
-    if kind == StanzaKind::Message {
+    if kind == StanzaKind::Message && first_time {
         if let Some(from) = stanza.get_attr("from").and_then(|f| FullJid::parse(f).ok()) {
             if server.config.is_local_domain(from.domain()) {
                 for m in server.modules.iter() {

@@ -1259,3 +1259,20 @@ async fn subscription_requests_from_a_blocked_user_never_arrive() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn unblocking_a_subscriber_sends_them_current_presence() {
+    let node = node_with(&["alice", "mallory"]);
+    let mut alice = online(&node, "alice", "pc", 0).await;
+    let mut mallory = online(&node, "mallory", "m", 0).await;
+    befriend(&mut alice, &mut mallory).await;
+    let mj = jid("mallory");
+    let iq = block_iq(&mut alice, "block", &[&mj]);
+    assert_result(&alice.iq(iq).await.unwrap());
+    expect_presence(&mut mallory, "alice@localhost/pc", Some("unavailable")).await;
+    drain(&mut mallory, QUIET).await;
+    let iq = block_iq(&mut alice, "unblock", &[&mj]);
+    assert_result(&alice.iq(iq).await.unwrap());
+    // Without waiting for alice's next presence change, mallory sees her again.
+    expect_presence(&mut mallory, "alice@localhost/pc", None).await;
+}

@@ -455,7 +455,7 @@ impl Session {
             // Carbons copies (from our own bare JID) are not worth keeping.
             let chat = matches!(MessageType::of(&m), MessageType::Chat | MessageType::Normal);
             if chat && m.get_attr("from") != Some(own.as_str()) {
-                router::route(&self.server, m).await;
+                router::reroute(&self.server, m).await;
             }
         }
     }

@@ -132,6 +132,24 @@ impl Module for Blocking {
                     }
                 }
             }
+            if !block {
+                // Presence flows again where the subscriptions say it should.
+                for j in &changed {
+                    let Ok(contact) = BareJid::parse(j) else {
+                        continue;
+                    };
+                    if contact.node().is_none() || !server.config.is_local_domain(contact.domain())
+                    {
+                        continue;
+                    }
+                    if super::presence::has_from(server, user, &contact) {
+                        super::presence::send_current_presence(server, user, &contact);
+                    }
+                    if super::presence::has_to(server, user, &contact) {
+                        super::presence::send_current_presence(server, &contact, user);
+                    }
+                }
+            }
             // §3.3, §3.4: push the change to the user's resources.
             if !changed.is_empty() {
                 let mut push = Element::new(if block { "block" } else { "unblock" }, NS);

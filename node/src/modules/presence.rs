@@ -65,7 +65,7 @@ fn is_local(server: &Server, jid: &BareJid) -> bool {
 
 /// The current presence of every available resource of `contact`, sent to
 /// `user`'s available resources (§3.1.5 after approval, §4.3 probes).
-fn send_current_presence(server: &Server, contact: &BareJid, user: &BareJid) {
+pub(crate) fn send_current_presence(server: &Server, contact: &BareJid, user: &BareJid) {
     if blocked_either_way(server, contact, user) {
         return;
     }
@@ -102,7 +102,7 @@ pub(crate) fn blocked_either_way(server: &Server, a: &BareJid, b: &BareJid) -> b
         || blocking::blocks(server, b, &Jid::Bare(a.clone()))
 }
 
-fn has_to(server: &Server, user: &BareJid, contact: &BareJid) -> bool {
+pub(crate) fn has_to(server: &Server, user: &BareJid, contact: &BareJid) -> bool {
     server
         .store()
         .roster_item(&user.to_string(), &contact.to_string())
@@ -417,7 +417,7 @@ pub async fn outbound(
     }
 }
 
-fn has_from(server: &Server, user: &BareJid, contact: &BareJid) -> bool {
+pub(crate) fn has_from(server: &Server, user: &BareJid, contact: &BareJid) -> bool {
     server
         .store()
         .roster_item(&user.to_string(), &contact.to_string())
