@@ -101,6 +101,12 @@ pub struct Flags {
     /// [limits] resume_timeout_secs
     #[arg(long, env = "XMPP_RESUME_TIMEOUT_SECS")]
     pub resume_timeout_secs: Option<u64>,
+    /// [limits] max_roster_items
+    #[arg(long, env = "XMPP_MAX_ROSTER_ITEMS")]
+    pub max_roster_items: Option<usize>,
+    /// [limits] max_blocklist_items
+    #[arg(long, env = "XMPP_MAX_BLOCKLIST_ITEMS")]
+    pub max_blocklist_items: Option<usize>,
 }
 
 /// The whole configuration, after file, flags and defaults are merged.
@@ -198,6 +204,10 @@ pub struct Limits {
     /// Seconds a session with stream management (XEP-0198) waits for its
     /// client to resume after the connection drops.
     pub resume_timeout_secs: u64,
+    /// Contacts one roster may hold (RFC 6121 §2.3.3: `not-allowed` beyond).
+    pub max_roster_items: usize,
+    /// JIDs one blocklist may hold (XEP-0191).
+    pub max_blocklist_items: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +293,8 @@ impl Default for Limits {
             session_queue: 10_000,
             write_timeout_secs: 60,
             resume_timeout_secs: 300,
+            max_roster_items: 2000,
+            max_blocklist_items: 1000,
         }
     }
 }
@@ -445,6 +457,8 @@ impl Config {
         set(&mut self.limits.session_queue, f.session_queue);
         set(&mut self.limits.write_timeout_secs, f.write_timeout_secs);
         set(&mut self.limits.resume_timeout_secs, f.resume_timeout_secs);
+        set(&mut self.limits.max_roster_items, f.max_roster_items);
+        set(&mut self.limits.max_blocklist_items, f.max_blocklist_items);
     }
 
     /// Checks what serde cannot: domains, certificate pairs, ranges.

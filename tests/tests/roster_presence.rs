@@ -1276,3 +1276,26 @@ async fn unblocking_a_subscriber_sends_them_current_presence() {
     // Without waiting for alice's next presence change, mallory sees her again.
     expect_presence(&mut mallory, "alice@localhost/pc", None).await;
 }
+
+#[tokio::test]
+async fn a_full_roster_refuses_new_contacts_with_not_allowed() {
+    let node = TestNode::start_with(tests::node::NodeOptions {
+        extra_config: "[limits]\nmax_roster_items = 2\n".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    node.adduser("alice", PW).unwrap();
+    let mut alice = interested(&node, "alice", "pc").await;
+    for c in ["a", "b"] {
+        assert_result(&roster_set(&mut alice, roster_item(&jid(c), None, &[])).await);
+    }
+    let refused = roster_set(&mut alice, roster_item(&jid("c"), None, &[])).await;
+    assert_eq!(
+        stanza_error(&refused).as_deref(),
+        Some("not-allowed"),
+        "{}",
+        refused.to_string_in(ns::CLIENT)
+    );
+    // Renaming a contact already there still works.
+    assert_result(&roster_set(&mut alice, roster_item(&jid("a"), Some("A"), &[])).await);
+}

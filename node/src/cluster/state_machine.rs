@@ -59,6 +59,8 @@ pub enum Command {
         contact: String,
         name: Option<String>,
         groups: Vec<String>,
+        /// Refused when a new contact would make the roster larger.
+        max: u32,
     },
     /// Remove a roster item (RFC 6121 §2.5). The caller sends the
     /// unsubscribe/unsubscribed the old state calls for.
@@ -85,7 +87,12 @@ pub enum Command {
     /// Several commands applied atomically.
     Batch(Vec<Command>),
     /// XEP-0191: add JIDs to the blocklist.
-    Block { user: String, jids: Vec<String> },
+    Block {
+        user: String,
+        jids: Vec<String>,
+        /// Refused when the list would grow beyond it.
+        max: u32,
+    },
     /// XEP-0191: remove JIDs from the blocklist (all when empty).
     Unblock { user: String, jids: Vec<String> },
     /// XEP-0054: replace (or with `None`, remove) the user's vCard.
@@ -139,6 +146,10 @@ pub enum ApplyError {
     NoSuchAccount(String),
     #[error("offline queue of {user} is full ({max} messages)")]
     OfflineFull { user: String, max: u32 },
+    #[error("the roster of {0} is full ({1} items)")]
+    RosterFull(String, u32),
+    #[error("the blocklist of {0} is full ({1} items)")]
+    BlocklistFull(String, u32),
     #[error("no roster item {contact} for {user}")]
     NoRosterItem { user: String, contact: String },
     #[error(transparent)]
@@ -374,8 +385,14 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             contact,
             name,
             groups,
+            max,
         } => {
             let previous = tx.roster_item(&user, &contact)?;
+            if previous.is_none()
+                && tx.scan(&keys::user_prefix(keys::ROSTER, &user))?.len() >= max as usize
+            {
+                return Err(ApplyError::RosterFull(user, max));
+            }
             let mut item = previous.clone().unwrap_or_default();
             item.name = name;
             item.groups = groups;
@@ -543,7 +560,15 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             }
             Ok(Response::Batch(out))
         }
-        Command::Block { user, jids } => {
+        Command::Block { user, jids, max } => {
+            let listed = tx.scan(&keys::user_prefix(keys::BLOCK, &user))?.len();
+            let new = jids
+                .iter()
+                .filter(|j| !matches!(tx.get(&keys::user_key(keys::BLOCK, &user, j)), Ok(Some(_))))
+                .count();
+            if listed + new > max as usize {
+                return Err(ApplyError::BlocklistFull(user, max));
+            }
             let mut changed = Vec::new();
             for j in jids {
                 let key = keys::user_key(keys::BLOCK, &user, &j);
@@ -871,6 +896,7 @@ mod tests {
                     contact: c.into(),
                     name: Some("N".into()),
                     groups: vec!["G".into()],
+                    max: 3,
                 },
             )
             .expect("set")
@@ -906,6 +932,47 @@ mod tests {
             ),
             Err(ApplyError::NoRosterItem { .. })
         ));
+    }
+
+    #[test]
+    fn roster_and_blocklist_sizes_are_bounded() {
+        let (_d, s) = store();
+        let set = |i, c: &str| {
+            apply(
+                &s,
+                i,
+                Command::RosterSet {
+                    user: "a@x".into(),
+                    contact: c.into(),
+                    name: None,
+                    groups: vec![],
+                    max: 2,
+                },
+            )
+        };
+        set(1, "b@x").expect("first");
+        set(2, "c@x").expect("second");
+        assert!(matches!(set(3, "d@x"), Err(ApplyError::RosterFull(_, 2))));
+        // Updating a contact already there is not growth.
+        set(4, "b@x").expect("update");
+        let block = |i, jids: &[&str]| {
+            apply(
+                &s,
+                i,
+                Command::Block {
+                    user: "a@x".into(),
+                    jids: jids.iter().map(|j| j.to_string()).collect(),
+                    max: 2,
+                },
+            )
+        };
+        block(5, &["m@x", "n@x"]).expect("two");
+        block(6, &["m@x"]).expect("already listed");
+        assert!(matches!(
+            block(7, &["o@x"]),
+            Err(ApplyError::BlocklistFull(_, 2))
+        ));
+        assert_eq!(s.blocklist("a@x").expect("list").len(), 2);
     }
 
     #[test]

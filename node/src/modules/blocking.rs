@@ -9,7 +9,7 @@ use xmpp::jid::{BareJid, Jid};
 use xmpp::stanza::{iq_result, ns, StanzaKind};
 
 use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module, RouteCheck};
-use crate::cluster::state_machine::{Command, Response};
+use crate::cluster::state_machine::{ApplyError, Command, Response};
 use crate::sessions::Outbound;
 use crate::Server;
 
@@ -90,6 +90,8 @@ impl Module for Blocking {
             }
             let cmd = if block {
                 Command::Block {
+                    max: u32::try_from(server.config.limits.max_blocklist_items)
+                        .unwrap_or(u32::MAX),
                     user: u.clone(),
                     jids,
                 }
@@ -102,6 +104,13 @@ impl Module for Blocking {
             let changed = match server.cluster.write(cmd).await {
                 Ok(Response::Blocking(c)) => c,
                 Ok(_) => Vec::new(),
+                Err(e @ ApplyError::BlocklistFull(..)) => {
+                    return Some(iq_error(
+                        req.iq,
+                        StanzaError::NotAcceptable,
+                        Some(&e.to_string()),
+                    ));
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "blocklist change failed");
                     return Some(iq_error(req.iq, StanzaError::InternalServerError, None));

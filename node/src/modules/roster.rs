@@ -214,6 +214,7 @@ async fn set(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Element {
     match server
         .cluster
         .write(Command::RosterSet {
+            max: u32::try_from(server.config.limits.max_roster_items).unwrap_or(u32::MAX),
             user: u,
             contact: c.clone(),
             name,
@@ -228,6 +229,10 @@ async fn set(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Element {
             iq_result(req.iq)
         }
         Ok(_) => iq_result(req.iq),
+        // RFC 6121 §2.3.3: the roster size limit.
+        Err(e @ ApplyError::RosterFull(..)) => {
+            iq_error(req.iq, StanzaError::NotAllowed, Some(&e.to_string()))
+        }
         Err(e) => {
             tracing::error!(error = %e, "roster set failed");
             iq_error(req.iq, StanzaError::InternalServerError, None)
