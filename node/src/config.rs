@@ -667,6 +667,9 @@ max_stanza_bytes = 65536
             "--write-timeout-secs=14",
             "--resume-timeout-secs=15",
             "--scram-iterations=5000",
+            "--strict-channel-binding=true",
+            "--max-roster-items=16",
+            "--max-blocklist-items=17",
         ])
         .expect("flags parse");
         let mut c = Config::default();
@@ -696,6 +699,8 @@ max_stanza_bytes = 65536
             (l.session_queue, l.write_timeout_secs, l.resume_timeout_secs),
             (130, 14, 15)
         );
+        assert_eq!((l.max_roster_items, l.max_blocklist_items), (16, 17));
+        assert!(c.auth.strict_channel_binding);
     }
 
     #[test]
