@@ -424,6 +424,34 @@ impl RunCtx {
     }
 }
 
+/// Drives a worker's connections until the run stops (or they all end),
+/// counting connection errors, and returns the latencies they recorded.
+pub(crate) async fn drive<F>(
+    ctx: &RunCtx,
+    mut conns: futures_util::stream::FuturesUnordered<F>,
+    hist: std::rc::Rc<std::cell::RefCell<hist::Latency>>,
+) -> hist::Latency
+where
+    F: std::future::Future<Output = std::io::Result<()>>,
+{
+    let stop = ctx.wait_stop();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = conns.next() => match r {
+                Some(Err(e)) => ctx.counters.conn_error(&e),
+                Some(Ok(())) => {}
+                None => break,
+            },
+            _ = &mut stop => break,
+        }
+    }
+    drop(conns);
+    std::rc::Rc::try_unwrap(hist)
+        .map(std::cell::RefCell::into_inner)
+        .unwrap_or_default()
+}
+
 /// A progress line on stderr: rewritten in place on a terminal, one line
 /// each time otherwise (logs, CI).
 pub fn status_line(s: &str) {

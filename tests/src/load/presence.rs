@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use futures_util::stream::FuturesUnordered;
 
 use super::chat::{hex, parse_hex, MARKER};
 use super::conn::{answer_iq, attr, head, Conn};
@@ -269,26 +269,11 @@ async fn worker(
         return Latency::new();
     }
     let hist = Rc::new(RefCell::new(Latency::new()));
-    let mut conns: FuturesUnordered<_> = sessions
+    let conns: FuturesUnordered<_> = sessions
         .into_iter()
         .map(|(i, s)| presence_conn(ctx.clone(), plan.clone(), hist.clone(), i, Conn::new(s)))
         .collect();
-    let stop = ctx.wait_stop();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            r = conns.next() => match r {
-                Some(Err(e)) => ctx.counters.conn_error(&e),
-                Some(Ok(())) => {}
-                None => break,
-            },
-            _ = &mut stop => break,
-        }
-    }
-    drop(conns);
-    Rc::try_unwrap(hist)
-        .map(RefCell::into_inner)
-        .unwrap_or_default()
+    super::drive(&ctx, conns, hist).await
 }
 
 /// The user index of a `from` attribute (full or bare JID).
