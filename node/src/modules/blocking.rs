@@ -63,7 +63,7 @@ impl Module for Blocking {
     ) -> BoxFuture<'a, Option<Element>> {
         Box::pin(async move {
             let user = req.from.bare();
-            if !matches!(&req.target, IqTarget::Account(t) if t == user) {
+            if !req.to_own_account() {
                 return Some(iq_error(req.iq, StanzaError::Forbidden, None));
             }
             let u = user.to_string();

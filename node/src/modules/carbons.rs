@@ -83,9 +83,7 @@ impl Module for Carbons {
         server: &'a Server,
         req: IqRequest<'a>,
     ) -> BoxFuture<'a, Option<Element>> {
-        let reply = if !req.is_set()
-            || !matches!(&req.target, IqTarget::Account(t) if t == req.from.bare())
-        {
+        let reply = if !req.is_set() || !req.to_own_account() {
             error_reply(req.iq, StanzaError::BadRequest, None)
         } else if req.payload.is("enable", NS) {
             server.sessions.set_carbons(req.from, true);

@@ -54,6 +54,11 @@ impl IqRequest<'_> {
     pub fn is_set(&self) -> bool {
         self.iq.get_attr("type") == Some("set")
     }
+
+    /// Addressed to the sender's own account (its bare JID, or no `to`).
+    pub fn to_own_account(&self) -> bool {
+        matches!(&self.target, IqTarget::Account(t) if t == self.from.bare())
+    }
 }
 
 /// The error reply to an IQ get or set (which always has one).

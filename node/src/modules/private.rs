@@ -35,7 +35,7 @@ impl Module for Private {
         Box::pin(async move {
             let user = req.from.bare();
             // XEP-0049 §3: only one's own storage.
-            if !matches!(&req.target, IqTarget::Account(t) if t == user) {
+            if !req.to_own_account() {
                 return Some(iq_error(req.iq, StanzaError::Forbidden, None));
             }
             let children: Vec<&Element> = req.payload.elements().collect();

@@ -84,20 +84,16 @@ impl Module for Roster {
         req: IqRequest<'a>,
     ) -> BoxFuture<'a, Option<Element>> {
         Box::pin(async move {
-            let reply: Option<Element> = async move {
-                let user = req.from.bare();
-                // §2.1.5 / §2.3.3: only the user's own roster.
-                if !matches!(&req.target, IqTarget::Account(t) if t == user) {
-                    return Some(iq_error(req.iq, StanzaError::Forbidden, None));
-                }
-                if req.is_set() {
-                    Some(set(server, &req, user).await)
-                } else {
-                    get(server, &req, user)
-                }
+            let user = req.from.bare();
+            // §2.1.5 / §2.3.3: only the user's own roster.
+            if !req.to_own_account() {
+                return Some(iq_error(req.iq, StanzaError::Forbidden, None));
             }
-            .await;
-            reply
+            if req.is_set() {
+                Some(set(server, &req, user).await)
+            } else {
+                get(server, &req, user)
+            }
         })
     }
 }
