@@ -38,6 +38,7 @@ fn status_of(e: AccountError) -> Status {
         }
         AccountError::Apply(ApplyError::AccountExists(_)) => Status::already_exists(e.to_string()),
         AccountError::Apply(ApplyError::NoSuchAccount(_)) => Status::not_found(e.to_string()),
+        AccountError::Apply(ApplyError::Unavailable(_)) => Status::unavailable(e.to_string()),
         AccountError::Apply(_) | AccountError::Internal(_) => Status::internal(e.to_string()),
     }
 }
@@ -48,8 +49,183 @@ impl AdminService {
     }
 }
 
+/// This node's view of the cluster, for `clusterctl status`.
+pub fn cluster_status(server: &Server) -> ClusterStatusReply {
+    let cluster = &server.cluster;
+    let m = cluster.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let leader = m.current_leader.unwrap_or(0);
+    let last_log = m.last_log_index.unwrap_or(0);
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    let grace = std::time::Duration::from_secs(server.config.cluster.node_down_grace_secs);
+    let sessions = cluster.table.count_by_node();
+    let replication = m.replication.clone().unwrap_or_default();
+    let mut members = Vec::new();
+    for (id, node) in membership.nodes() {
+        let role = if *id == leader {
+            "leader"
+        } else if voters.contains(id) {
+            "follower"
+        } else {
+            "learner"
+        };
+        let (reachable, last_contact_ms) = if *id == cluster.id {
+            (true, 0)
+        } else {
+            match cluster.contacts.since(*id) {
+                Some(d) => (d < grace, d.as_millis() as i64),
+                None => (false, -1),
+            }
+        };
+        let matched = if *id == cluster.id {
+            last_log
+        } else {
+            replication
+                .get(id)
+                .and_then(|l| l.map(|l| l.index))
+                .unwrap_or(0)
+        };
+        members.push(MemberStatus {
+            id: *id,
+            addr: node.addr.clone(),
+            role: role.into(),
+            reachable,
+            last_contact_ms,
+            matched,
+            lag: last_log.saturating_sub(matched),
+            sessions: sessions.get(id).copied().unwrap_or(0),
+        });
+    }
+    // The commit index: the highest index a majority of voters holds.
+    let commit_index = if leader == cluster.id {
+        let mut held: Vec<u64> = members
+            .iter()
+            .filter(|mm| voters.contains(&mm.id))
+            .map(|mm| mm.matched)
+            .collect();
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        held.get(voters.len() / 2).copied().unwrap_or(0)
+    } else {
+        applied
+    };
+    let quorum = cluster.has_quorum();
+    let role = if leader == cluster.id {
+        "leader"
+    } else if voters.contains(&cluster.id) {
+        "follower"
+    } else {
+        "learner"
+    };
+    let health = if !quorum {
+        format!(
+            "NO QUORUM: this node knows no leader that reached a majority of the {} voters; writes and logins fail here",
+            voters.len()
+        )
+    } else if leader == cluster.id {
+        let down: Vec<String> = members
+            .iter()
+            .filter(|mm| !mm.reachable)
+            .map(|mm| mm.id.to_string())
+            .collect();
+        if down.is_empty() {
+            format!("ok: {} members, all reachable", members.len())
+        } else {
+            format!("degraded: node(s) {} unreachable; quorum holds", down.join(", "))
+        }
+    } else {
+        format!("ok: following leader {leader} (run status against the leader for per-member reachability)")
+    };
+    ClusterStatusReply {
+        node_id: cluster.id,
+        leader,
+        term: m.current_term,
+        commit_index,
+        applied_index: applied,
+        last_log_index: last_log,
+        members,
+        quorum,
+        health,
+        role: role.into(),
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusReply>, Status> {
+        Ok(Response::new(cluster_status(&self.server)))
+    }
+
+    async fn add_node(
+        &self,
+        req: Request<AddNodeRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let r = req.into_inner();
+        let c = &self.server.cluster;
+        let reply = crate::cluster::service::admit(&c.raft, &c.channels, r.node_id, &r.addr).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let id = req.into_inner().node_id;
+        let c = &self.server.cluster;
+        let m = c.raft.metrics().borrow().clone();
+        if m.current_leader != Some(c.id) {
+            return Err(Status::failed_precondition(format!(
+                "membership changes run on the leader: node {} (`clusterctl status` shows it)",
+                m.current_leader.map_or("unknown".into(), |l| l.to_string())
+            )));
+        }
+        let mut voters: std::collections::BTreeSet<u64> =
+            m.membership_config.membership().voter_ids().collect();
+        if !voters.remove(&id) && m.membership_config.membership().get_node(&id).is_none() {
+            return Err(Status::not_found(format!("node {id} is not a member")));
+        }
+        if voters.is_empty() {
+            return Err(Status::failed_precondition("cannot remove the last voter"));
+        }
+        c.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        // Its sessions leave the table with it.
+        let _ = c
+            .write(crate::cluster::state_machine::Command::NodeDown { node: id })
+            .await;
+        tracing::info!(node = id, "node removed from the cluster");
+        Ok(Response::new(crate::cluster::service::membership_reply(&c.raft)))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let id = req.into_inner().node_id;
+        let c = &self.server.cluster;
+        let addr = c
+            .addr_of(id)
+            .ok_or_else(|| Status::not_found(format!("node {id} is not a member")))?;
+        let mut client = c
+            .channels
+            .get(&addr)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        client.elect(ElectRequest {}).await?;
+        // The election takes a round trip or two.
+        let mut metrics = c.raft.metrics();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            metrics.wait_for(|m| m.current_leader == Some(id)),
+        )
+        .await;
+        Ok(Response::new(crate::cluster::service::membership_reply(&c.raft)))
+    }
+
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let s = &self.server;
         Ok(Response::new(StatusReply {

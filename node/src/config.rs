@@ -107,6 +107,36 @@ pub struct Flags {
     /// [limits] max_blocklist_items
     #[arg(long, env = "XMPP_MAX_BLOCKLIST_ITEMS")]
     pub max_blocklist_items: Option<usize>,
+
+    /// This node's inter-node listener (Raft, forwarded writes, stanzas).
+    #[arg(long, env = "XMPP_CLUSTER_ADDR")]
+    pub cluster_addr: Option<SocketAddr>,
+
+    /// The address other nodes dial to reach this one (`host:port`; a DNS
+    /// name works). Defaults to --cluster-addr.
+    #[arg(long, env = "XMPP_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// Join the cluster through this member's cluster address (repeatable;
+    /// tried in turn). Without it, a node with an empty data dir starts a
+    /// cluster of its own.
+    #[arg(long = "join", env = "XMPP_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+
+    #[arg(long, env = "XMPP_CLUSTER_WRITE_TIMEOUT_MS")]
+    pub cluster_write_timeout_ms: Option<u64>,
+
+    #[arg(long, env = "XMPP_NODE_DOWN_GRACE_SECS")]
+    pub node_down_grace_secs: Option<u64>,
+
+    #[arg(long, env = "XMPP_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+
+    #[arg(long, env = "XMPP_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
+
+    #[arg(long, env = "XMPP_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
 }
 
 /// The whole configuration, after file, flags and defaults are merged.
@@ -124,6 +154,62 @@ pub struct Config {
     pub auth: Auth,
     pub limits: Limits,
     pub log: Log,
+    pub cluster: ClusterConfig,
+}
+
+/// The Raft cluster (DESIGN.md, "Cluster membership and operations").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Inter-node listener. Without certificates (not built yet) it must be
+    /// a loopback address: nothing authenticates a peer otherwise.
+    pub addr: SocketAddr,
+    /// What peers dial; empty means `addr`.
+    pub advertise_addr: String,
+    /// Members to ask for admission; empty: bootstrap a cluster of one.
+    pub join: Vec<String>,
+    /// A write (login, roster change, stored message) that cannot be
+    /// committed this long fails with a "no quorum" error instead of waiting.
+    pub write_timeout_ms: u64,
+    /// A member unreachable this long is declared down: its sessions leave
+    /// the table and their contacts get `unavailable`.
+    pub node_down_grace_secs: u64,
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Election timeout (lower bound; the upper bound is twice this).
+    pub election_timeout_ms: u64,
+    /// Build a snapshot (and compact the log) after this many entries.
+    pub snapshot_every: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            addr: addr("127.0.0.1:5291"),
+            advertise_addr: String::new(),
+            join: Vec::new(),
+            write_timeout_ms: 5_000,
+            node_down_grace_secs: 10,
+            heartbeat_ms: 200,
+            election_timeout_ms: 1_000,
+            snapshot_every: 10_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The address peers dial.
+    pub fn advertised(&self) -> String {
+        if self.advertise_addr.is_empty() {
+            self.addr.to_string()
+        } else {
+            self.advertise_addr.clone()
+        }
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
 }
 
 /// One virtual host: a domain, and optionally its certificate.
@@ -246,6 +332,7 @@ impl Default for Config {
             auth: Auth::default(),
             limits: Limits::default(),
             log: Log::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -459,6 +546,24 @@ impl Config {
         set(&mut self.limits.resume_timeout_secs, f.resume_timeout_secs);
         set(&mut self.limits.max_roster_items, f.max_roster_items);
         set(&mut self.limits.max_blocklist_items, f.max_blocklist_items);
+        set(&mut self.cluster.addr, f.cluster_addr);
+        if let Some(a) = &f.advertise_addr {
+            self.cluster.advertise_addr = a.clone();
+        }
+        if !f.join.is_empty() {
+            self.cluster.join = f.join.clone();
+        }
+        set(
+            &mut self.cluster.write_timeout_ms,
+            f.cluster_write_timeout_ms,
+        );
+        set(
+            &mut self.cluster.node_down_grace_secs,
+            f.node_down_grace_secs,
+        );
+        set(&mut self.cluster.heartbeat_ms, f.heartbeat_ms);
+        set(&mut self.cluster.election_timeout_ms, f.election_timeout_ms);
+        set(&mut self.cluster.snapshot_every, f.snapshot_every);
     }
 
     /// Checks what serde cannot: domains, certificate pairs, ranges.
@@ -539,6 +644,43 @@ impl Config {
             return Err(ConfigError::Invalid {
                 origin: origin("limits.offline_max_messages"),
                 message: "must be at least 1".into(),
+            });
+        }
+        let c = &self.cluster;
+        if !c.addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                origin: origin("cluster.addr"),
+                message: format!(
+                    "{} is not a loopback address; inter-node traffic is not authenticated yet (mutual TLS is a later issue), so bind it to 127.0.0.1 or another 127.x.y.z",
+                    c.addr
+                ),
+            });
+        }
+        if c.node_down_grace_secs == 0 || c.write_timeout_ms < 100 || c.heartbeat_ms == 0 {
+            return Err(ConfigError::Invalid {
+                origin: origin("cluster"),
+                message: "node_down_grace_secs must be at least 1, write_timeout_ms at least 100 and heartbeat_ms at least 1".into(),
+            });
+        }
+        if c.election_timeout_ms < 3 * c.heartbeat_ms {
+            return Err(ConfigError::Invalid {
+                origin: origin("cluster.election_timeout_ms"),
+                message: format!(
+                    "{} is too short for heartbeat_ms = {}; make it at least three heartbeats",
+                    c.election_timeout_ms, c.heartbeat_ms
+                ),
+            });
+        }
+        if c.snapshot_every < 10 {
+            return Err(ConfigError::Invalid {
+                origin: origin("cluster.snapshot_every"),
+                message: "must be at least 10 entries".into(),
+            });
+        }
+        if self.node_id == 0 {
+            return Err(ConfigError::Invalid {
+                origin: origin("node_id"),
+                message: "node ids start at 1".into(),
             });
         }
         Ok(())

@@ -63,7 +63,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.data_dir.display()
         )
     })?;
-    let cluster = Cluster::open(store).context("cannot read the state machine")?;
+    let (cluster, feeds) = Cluster::open(&config, store)
+        .await
+        .context("cannot open the Raft log and state machine")?;
     let tls = tls::Tls::load(&config).context("cannot set up TLS")?;
     let sasl_secret = load_or_make_secret(&config.data_dir.join("sasl.secret"))?;
     let (shutdown, _) = tokio::sync::watch::channel(false);
@@ -91,6 +93,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 server.config.listen.c2s_tls
             )
         })?;
+    let peer = tokio::net::TcpListener::bind(server.config.cluster.addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on cluster address {}",
+                server.config.cluster.addr
+            )
+        })?;
     let grpc = tokio::net::TcpListener::bind(server.config.listen.grpc)
         .await
         .with_context(|| {
@@ -104,15 +114,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         c2s = %server.config.listen.c2s,
         c2s_tls = %server.config.listen.c2s_tls,
         grpc = %server.config.listen.grpc,
+        cluster = %server.config.cluster.addr,
+        node_id = server.config.node_id,
         data_dir = %server.config.data_dir.display(),
         "xmpp-node ready"
     );
 
+    let (inbox, inbox_rx) = tokio::sync::mpsc::channel(1024);
     let tasks = [
+        tokio::spawn(serve_peer(server.clone(), peer, inbox)),
+        tokio::spawn(router::remote::run(server.clone(), feeds, inbox_rx)),
         tokio::spawn(c2s::listen(server.clone(), c2s_plain, false)),
         tokio::spawn(c2s::listen(server.clone(), c2s_tls, true)),
         tokio::spawn(admin::serve(server.clone(), grpc)),
     ];
+    cluster::membership::start(server.clone());
 
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -128,8 +144,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for t in tasks {
         t.abort();
     }
-    server.store().flush().await.context("final flush")?;
+    server.cluster.shutdown().await.context("final flush")?;
     Ok(())
+}
+
+/// The inter-node listener: openraft's RPCs, forwarded writes and stanzas.
+async fn serve_peer(
+    server: Arc<Server>,
+    listener: tokio::net::TcpListener,
+    inbox: cluster::service::Inbox,
+) {
+    let svc = cluster::service::PeerService {
+        raft: server.cluster.raft.clone(),
+        channels: server.cluster.channels.clone(),
+        inbox,
+    };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .add_service(
+            proto::peer_server::PeerServer::new(svc)
+                .max_decoding_message_size(256 * 1024 * 1024),
+        )
+        .serve_with_incoming(incoming)
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "cluster listener failed");
+    }
 }
 
 /// 32 random bytes, made once and kept in `path` (mode 0600).

@@ -25,6 +25,19 @@ pub(crate) mod keys {
     pub const VCARD: &[u8] = b"v:";
     pub const PRIVATE: &[u8] = b"x:";
     pub const APPLIED: &[u8] = b"m:applied";
+    /// The Raft log id of the last applied entry, and the membership.
+    pub const APPLIED_LOG: &[u8] = b"m:applied_log";
+    pub const MEMBERSHIP: &[u8] = b"m:membership";
+    /// The session table: `s:<full jid>` -> SessionEntry.
+    pub const SESSION: &[u8] = b"s:";
+
+    pub fn session(jid: &str) -> Vec<u8> {
+        [SESSION, jid.as_bytes()].concat()
+    }
+
+    pub fn session_jid(key: &[u8]) -> String {
+        String::from_utf8_lossy(key.get(SESSION.len()..).unwrap_or_default()).into_owned()
+    }
 
     /// `<prefix><user>\0`: everything of one user under a prefix.
     pub fn user_prefix(prefix: &[u8], user: &str) -> Vec<u8> {
@@ -80,6 +93,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("stored record is corrupt: {0}")]
     Decode(#[from] postcard::Error),
+    #[error("{0}")]
+    Fault(String),
 }
 
 /// A stored account: its SCRAM credentials, one per hash, never a password.
@@ -272,6 +287,36 @@ impl Store {
         Ok(self
             .get(&keys::user_key(keys::PRIVATE, user, namespace))?
             .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// The whole replicated state, for a snapshot.
+    pub fn dump(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.scan_prefix(b"").collect()
+    }
+
+    /// Replaces the whole state with a snapshot's, in one atomic batch.
+    pub fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for k in self.tree.iter().keys() {
+            batch.remove(k?);
+        }
+        for (k, v) in pairs {
+            batch.insert(k, v);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every entry of the session table.
+    pub fn sessions(
+        &self,
+    ) -> Result<Vec<(String, crate::cluster::state_machine::SessionEntry)>, StoreError> {
+        self.scan_prefix(keys::SESSION)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((keys::session_jid(&k), postcard::from_bytes(&v)?))
+            })
+            .collect()
     }
 
     pub fn applied_index(&self) -> Result<u64, StoreError> {

@@ -101,7 +101,7 @@ impl SubKind {
 }
 
 /// What the server does after a transition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
     pub state: SubState,
     /// The roster item changed: store it and push it to the user.

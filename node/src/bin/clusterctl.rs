@@ -23,8 +23,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// This node: version, uptime, virtual hosts, sessions, accounts.
-    Status,
+    /// This node and the cluster: members, roles, leader, term, indexes,
+    /// lag, sessions per node, health. Exits 3 without quorum.
+    Status {
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node (started with --join, or by hand) to the cluster.
+    Join {
+        /// The new node's id (its --node-id).
+        node_id: u64,
+        /// The new node's cluster address (its --advertise-addr).
+        addr: String,
+    },
+    /// Remove a node from the cluster (run against the leader).
+    RemoveNode { node_id: u64 },
+    /// Remove the node this command talks to from the cluster.
+    Leave,
+    /// Ask `node_id` to take over leadership.
+    TransferLeader { node_id: u64 },
     /// Create an account; prompts for the password unless --password is given.
     Adduser {
         jid: String,
@@ -66,6 +84,48 @@ fn password(given: Option<String>, confirm: bool) -> anyhow::Result<String> {
     Ok(p)
 }
 
+fn print_status(s: &StatusReply, cs: &ClusterStatusReply) {
+    println!("node       {} ({})", s.node_id, cs.role);
+    println!("version    {}", s.version);
+    println!("uptime     {}s", s.uptime_seconds);
+    println!("vhosts     {}", s.vhosts.join(", "));
+    println!("sessions   {}", s.sessions);
+    println!("accounts   {}", s.accounts);
+    println!(
+        "c2s        {} (STARTTLS), {} (direct TLS)",
+        s.c2s_addr, s.c2s_tls_addr
+    );
+    println!("data dir   {}", s.data_dir);
+    println!(
+        "cluster    leader {}, term {}, commit {}, applied {}, last log {}",
+        cs.leader, cs.term, cs.commit_index, cs.applied_index, cs.last_log_index
+    );
+    println!("health     {}", cs.health);
+    println!();
+    println!(
+        "{:>4}  {:<22} {:<9} {:<10} {:>12} {:>8} {:>6} {:>8}",
+        "id", "address", "role", "reachable", "last contact", "matched", "lag", "sessions"
+    );
+    for m in &cs.members {
+        let contact = if m.last_contact_ms < 0 {
+            "-".to_string()
+        } else {
+            format!("{} ms", m.last_contact_ms)
+        };
+        println!(
+            "{:>4}  {:<22} {:<9} {:<10} {:>12} {:>8} {:>6} {:>8}",
+            m.id,
+            m.addr,
+            m.role,
+            if m.reachable { "yes" } else { "no" },
+            contact,
+            m.matched,
+            m.lag,
+            m.sessions
+        );
+    }
+}
+
 fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
@@ -82,23 +142,86 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach the node's admin API at {}; is xmpp-node running, and is --node its --grpc-addr?", cli.node))?;
     match cli.cmd {
-        Cmd::Status => {
+        Cmd::Status { json } => {
             let s = c
                 .status(StatusRequest {})
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!("node       {}", s.node_id);
-            println!("version    {}", s.version);
-            println!("uptime     {}s", s.uptime_seconds);
-            println!("vhosts     {}", s.vhosts.join(", "));
-            println!("sessions   {}", s.sessions);
-            println!("accounts   {}", s.accounts);
-            println!(
-                "c2s        {} (STARTTLS), {} (direct TLS)",
-                s.c2s_addr, s.c2s_tls_addr
-            );
-            println!("data dir   {}", s.data_dir);
+            let cs = c
+                .cluster_status(ClusterStatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                let members: Vec<serde_json::Value> = cs
+                    .members
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "id": m.id, "addr": m.addr, "role": m.role,
+                            "reachable": m.reachable, "last_contact_ms": m.last_contact_ms,
+                            "matched": m.matched, "lag": m.lag, "sessions": m.sessions,
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({
+                    "node": s.node_id, "version": s.version, "uptime_seconds": s.uptime_seconds,
+                    "vhosts": s.vhosts, "sessions": s.sessions, "accounts": s.accounts,
+                    "role": cs.role, "leader": cs.leader, "term": cs.term,
+                    "commit_index": cs.commit_index, "applied_index": cs.applied_index,
+                    "last_log_index": cs.last_log_index, "quorum": cs.quorum,
+                    "health": cs.health, "members": members,
+                });
+                println!("{v}");
+            } else {
+                print_status(&s, &cs);
+            }
+            if !cs.quorum {
+                std::process::exit(3);
+            }
+        }
+        Cmd::Join { node_id, addr } => {
+            let r = c
+                .add_node(AddNodeRequest { node_id, addr })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("members: {}", r.members.join(", "));
+        }
+        Cmd::RemoveNode { node_id } => {
+            let r = c
+                .remove_node(RemoveNodeRequest { node_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("members: {}", r.members.join(", "));
+        }
+        Cmd::Leave => {
+            let me = c
+                .status(StatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .node_id;
+            let r = c
+                .remove_node(RemoveNodeRequest { node_id: me })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("node {me} left; members: {}", r.members.join(", "));
+        }
+        Cmd::TransferLeader { node_id } => {
+            let r = c
+                .transfer_leader(TransferLeaderRequest { node_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if r.leader == node_id {
+                println!("node {node_id} is the leader");
+            } else {
+                bail!("node {node_id} stood for election, but the leader is {}", r.leader);
+            }
         }
         Cmd::Adduser { jid, password: p } => {
             let password = password(p, true)?;

@@ -4,7 +4,7 @@
 
 mod io;
 mod negotiate;
-mod session;
+pub mod session;
 pub mod sm;
 mod stream;
 pub mod throttle;

@@ -305,6 +305,14 @@ async fn sasl(
                         .await?;
                     return Ok(SaslOutcome::Refused);
                 };
+                // DESIGN.md, partitions: a node cut off from the quorum
+                // cannot bind the session, so the login fails now, plainly.
+                if !s.server.cluster.has_quorum() {
+                    let text = "this server cannot reach a majority of its cluster; try again shortly or another server address";
+                    s.send(&sasl_failure(SaslFailure::TemporaryAuthFailure, Some(text)))
+                        .await?;
+                    return Ok(SaslOutcome::Refused);
+                }
                 let mut ok = Element::new("success", ns::SASL);
                 if let Some(d) = additional_data {
                     ok = ok.text(B64.encode(d));

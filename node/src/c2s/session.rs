@@ -18,6 +18,7 @@ use super::negotiate::{bind_result, Bound};
 use super::sm::{self, Handoff, Sm};
 use super::stream::{ConnError, Stream};
 use crate::modules::presence;
+use crate::cluster::state_machine::{Command, SessionEntry};
 use crate::router;
 use crate::sessions::{self, Outbound, SessionId};
 use crate::Server;
@@ -37,6 +38,50 @@ impl Drop for BoundGuard {
         if self.server.sessions.unbind(&self.jid, self.id) {
             tracing::debug!(jid = %self.jid, "session ended");
         }
+        // The replicated table forgets it too (a task: drop cannot wait).
+        let (server, jid, id) = (self.server.clone(), self.jid.clone(), self.id);
+        tokio::spawn(async move { unbind_in_table(&server, &jid, id).await });
+    }
+}
+
+fn table_key(server: &Server, id: SessionId) -> (u64, u64, u64) {
+    (server.cluster.id, server.cluster.incarnation, id)
+}
+
+async fn unbind_in_table(server: &Server, jid: &FullJid, id: SessionId) {
+    let (node, incarnation, sid) = table_key(server, id);
+    let cmd = Command::UnbindSession {
+        jid: jid.to_string(),
+        node,
+        incarnation,
+        sid,
+    };
+    if let Err(e) = server.cluster.write(cmd).await {
+        // Left to NodeUp at this node's next start, or NodeDown.
+        tracing::warn!(%jid, error = %e, "cannot remove an ended session from the cluster table");
+    }
+}
+
+/// Records availability and priority in the replicated session table, so
+/// other nodes route bare-JID messages by it (RFC 6121 §8.5.2.1.1).
+pub async fn presence_in_table(
+    server: &Server,
+    jid: &FullJid,
+    id: SessionId,
+    available: bool,
+    priority: i8,
+) {
+    let (node, incarnation, sid) = table_key(server, id);
+    let cmd = Command::SessionPresence {
+        jid: jid.to_string(),
+        node,
+        incarnation,
+        sid,
+        available,
+        priority,
+    };
+    if let Err(e) = server.cluster.write(cmd).await {
+        tracing::warn!(%jid, error = %e, "cannot record presence in the cluster table");
     }
 }
 
@@ -101,6 +146,34 @@ pub async fn run(s: Stream, bound: Bound) {
         jid: bound.jid.clone(),
         id,
     };
+    // The cluster decides resource conflicts (DESIGN.md): the bind is in
+    // the replicated table before the client is told it is bound.
+    let (node, incarnation, sid) = table_key(&server, id);
+    let entry = SessionEntry {
+        node,
+        incarnation,
+        sid,
+        available: false,
+        priority: 0,
+    };
+    let cmd = Command::BindSession {
+        jid: bound.jid.to_string(),
+        entry,
+    };
+    if let Err(e) = boxed(|| server.cluster.write(cmd)).await {
+        tracing::warn!(jid = %bound.jid, error = %e, "cannot bind: no quorum");
+        let mut s = s;
+        if let Some(reply) = xmpp::stanza::error_reply(
+            &bound.bind_iq,
+            xmpp::error::StanzaError::ResourceConstraint,
+            Some("the cluster cannot commit the binding now; try again shortly"),
+        ) {
+            let _ = boxed(|| s.send(&reply)).await;
+        }
+        boxed(|| super::finish(&mut s, Err(ConnError::stream(StreamError::Reset, "no quorum"))))
+            .await;
+        return;
+    }
     if let Some(old) = replaced {
         // RFC 6120 §7.7.2.2: the new session wins; the old one gets <conflict/>.
         let _ = old.tx.send(Outbound::Close(

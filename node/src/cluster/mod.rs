@@ -1,39 +1,134 @@
-//! The cluster: today a cluster of one, applying commands locally in log
-//! order; the Raft issue puts openraft between [`Cluster::write`] and
-//! [`state_machine::apply`] without changing either side.
+//! The cluster: openraft between [`Cluster::write`] and
+//! [`state_machine::apply`], in three pieces after openraft's examples:
+//! [`log_store`] (the log on sled), [`raft_sm`] (the state machine around
+//! `apply`, snapshots), [`network`] (tonic RPCs and the `Peer` service).
+//! [`table`] is the session table as routing reads it, [`forward`] the
+//! stanza path between nodes, [`membership`] bootstrap, join and node-down.
 //!
-//! XMPP code only calls `write(Command)` and reads through [`Store`]; it
-//! never sees log indexes or Raft types (STYLE.md, openraft examples).
+//! XMPP code only calls `write(Command)` and reads through [`Store`] and
+//! [`SessionTable`]; it never sees log indexes or Raft types (STYLE.md).
 
+pub mod forward;
+pub mod log_store;
+pub mod membership;
+pub mod network;
+pub mod raft_sm;
+pub mod service;
 pub mod state_machine;
+pub mod table;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
 
-use state_machine::{apply, ApplyError, Command, Response};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use state_machine::{ApplyError, Command, Effect, Outcome, Response};
+use tokio::sync::{mpsc, watch};
 
+use crate::config::Config;
 use crate::store::{Store, StoreError};
+use network::{Channels, Contacts};
+use table::SessionTable;
+
+openraft::declare_raft_types!(
+    /// The Raft types of this cluster: commands in, outcomes out.
+    pub TypeConfig:
+        D = Command,
+        R = Outcome,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot open the Raft log: {0}")]
+    Log(#[from] sled::Error),
+    #[error("cannot start Raft: {0}")]
+    Raft(String),
+}
 
 pub struct Cluster {
+    pub id: u64,
+    /// Random per process start (see `SessionEntry::incarnation`).
+    pub incarnation: u64,
+    pub raft: Raft,
     store: Store,
-    /// Serialises `apply`, as the Raft log will, and keeps flushes apart
-    /// from applies: sled 0.34 deadlocks when `apply_batch` waits for its
-    /// write lock while a flush holds a read lock and waits on the log
-    /// flusher, which queues behind that writer. Holds the last index.
-    log: tokio::sync::Mutex<u64>,
-    last_applied: AtomicU64,
-    /// The highest index known to be on disk.
-    flushed: AtomicU64,
+    log: log_store::LogStore,
+    pub table: Arc<SessionTable>,
+    applied: watch::Receiver<u64>,
+    pub channels: Arc<Channels>,
+    pub contacts: Arc<Contacts>,
+    pub forwarder: forward::Forwarder,
+    write_timeout: Duration,
+}
+
+/// What the node consumes from the cluster: effects of applied entries
+/// and stanzas that could not be forwarded.
+pub struct Feeds {
+    pub effects: mpsc::UnboundedReceiver<Effect>,
+    pub returned: mpsc::UnboundedReceiver<proto::Forwarded>,
 }
 
 impl Cluster {
-    pub fn open(store: Store) -> Result<Cluster, StoreError> {
-        let applied = store.applied_index()?;
-        Ok(Cluster {
+    pub async fn open(config: &Config, store: Store) -> Result<(Cluster, Feeds), ClusterError> {
+        let dir = &config.data_dir;
+        let log = log_store::LogStore::open(&dir.join("raft"))?;
+        let table = Arc::new(SessionTable::default());
+        let (effects_tx, effects) = mpsc::unbounded_channel();
+        let (applied_tx, applied) = watch::channel(0);
+        let sm = raft_sm::StateMachine::new(
+            store.clone(),
+            table.clone(),
+            effects_tx,
+            applied_tx,
+            dir.join("snapshot.bin"),
+        )?;
+        let c = &config.cluster;
+        let raft_config = openraft::Config {
+            cluster_name: "xmpp".into(),
+            heartbeat_interval: c.heartbeat_ms,
+            election_timeout_min: c.election_timeout_ms,
+            election_timeout_max: c.election_timeout_ms * 2,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_every),
+            max_in_snapshot_log_to_keep: c.snapshot_every / 10,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let channels = Arc::new(Channels::default());
+        let contacts = Arc::new(Contacts::default());
+        let net = network::Network {
+            channels: channels.clone(),
+            contacts: contacts.clone(),
+        };
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            net,
+            log.clone(),
+            sm,
+        )
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let (returned_tx, returned) = mpsc::unbounded_channel();
+        let cluster = Cluster {
+            id: config.node_id,
+            incarnation: rand::random::<u64>() | 1,
+            raft,
             store,
-            log: tokio::sync::Mutex::new(applied),
-            last_applied: AtomicU64::new(applied),
-            flushed: AtomicU64::new(applied),
-        })
+            log,
+            table,
+            applied,
+            forwarder: forward::Forwarder::new(config.node_id, channels.clone(), returned_tx),
+            channels,
+            contacts,
+            write_timeout: c.write_timeout(),
+        };
+        Ok((cluster, Feeds { effects, returned }))
     }
 
     pub fn store(&self) -> &Store {
@@ -41,81 +136,106 @@ impl Cluster {
     }
 
     pub fn applied_index(&self) -> u64 {
-        self.last_applied.load(Ordering::Relaxed)
+        *self.applied.borrow()
     }
 
-    /// Commits a command and returns its outcome once it is durable.
+    /// The leader as this node last heard, and its address.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    /// A stanza that cannot be forwarded goes to the local rules.
+    pub fn returned(&self, f: proto::Forwarded) {
+        self.forwarder.give_back(f);
+    }
+
+    /// The address of member `node`.
+    pub fn addr_of(&self, node: u64) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Commits a command and returns its outcome once this node has applied
+    /// it (read-your-writes). Without a quorum this fails within the
+    /// configured write timeout with [`ApplyError::Unavailable`].
     pub async fn write(&self, cmd: Command) -> Result<Response, ApplyError> {
-        let (mine, result) = {
-            let mut index = self.log.lock().await;
-            *index += 1;
-            let r = apply(&self.store, *index, cmd);
-            self.last_applied.store(*index, Ordering::Relaxed);
-            (*index, r)
+        let deadline = tokio::time::Instant::now() + self.write_timeout;
+        let unavailable = || {
+            ApplyError::Unavailable(format!(
+                "no quorum: the write was not committed within {} ms (are a majority of the members up and reachable? `clusterctl status`)",
+                self.write_timeout.as_millis()
+            ))
         };
-        self.flush_through(mine).await?;
-        result
+        let (index, outcome) = tokio::time::timeout_at(deadline, self.commit(cmd))
+            .await
+            .map_err(|_| unavailable())??;
+        let mut applied = self.applied.clone();
+        tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= index))
+            .await
+            .map_err(|_| unavailable())?
+            .map_err(|_| ApplyError::Unavailable("the state machine stopped".into()))?;
+        outcome.map_err(ApplyError::from)
     }
 
-    /// Returns once entry `index` is on disk. Group commit: whoever gets
-    /// the lock first flushes for everyone applied before it; the others
-    /// find their entry already covered.
-    async fn flush_through(&self, index: u64) -> Result<(), StoreError> {
-        if self.flushed.load(Ordering::Acquire) >= index {
-            return Ok(());
+    async fn commit(&self, cmd: Command) -> Result<(u64, Outcome), ApplyError> {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match self.raft.client_write(cmd.clone()).await {
+                Ok(r) => return Ok((r.log_id.index, r.data)),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let Some(node) = f.leader_node {
+                        if let Some(r) = service::forward_write(&self.channels, &node, &cmd).await?
+                        {
+                            return Ok(r);
+                        }
+                    }
+                }
+                Err(RaftError::APIError(e)) => return Err(ApplyError::Unavailable(e.to_string())),
+                Err(RaftError::Fatal(e)) => return Err(ApplyError::Unavailable(e.to_string())),
+            }
+            // No leader known yet, or it moved: ask again shortly.
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
         }
-        let last = self.log.lock().await;
-        if self.flushed.load(Ordering::Acquire) >= index {
-            return Ok(());
+    }
+
+    /// Whether this node currently knows a leader that heard from a quorum.
+    pub fn has_quorum(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let limit = self.write_timeout.as_millis() as u64;
+        match m.current_leader {
+            None => false,
+            // A leader knows when a quorum last acknowledged it.
+            Some(l) if l == self.id => m.millis_since_quorum_ack.is_some_and(|ms| ms < limit),
+            Some(_) => true,
         }
-        // No apply can run while we hold the lock, so everything up to
-        // `last` is in this flush.
+    }
+
+    /// Stops Raft and flushes both databases.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        let _ = self.raft.shutdown().await;
         self.store.flush().await?;
-        self.flushed.store(*last, Ordering::Release);
+        self.log.flush().await?;
         Ok(())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    /// Many writers at once on one worker thread, as a busy node pinned to
-    /// a core has: every write completes, the group commit accounts for all
-    /// of them, and nothing is lost. (The sled deadlock this layout avoids
-    /// needs unlucky timing; this stress test does not reproduce it on
-    /// demand, the timeout only catches it if it happens.)
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn concurrent_writes_are_all_applied_and_flushed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cluster =
-            Arc::new(Cluster::open(Store::open(dir.path()).expect("open")).expect("cluster"));
-        let mut tasks = Vec::new();
-        for t in 0..32 {
-            let c = cluster.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..40 {
-                    let cmd = Command::StoreOffline {
-                        user: format!("u{t}@x"),
-                        stanza: format!("<m{i}/>"),
-                        max: 1000,
-                    };
-                    c.write(cmd).await.expect("write");
-                }
-            }));
-        }
-        let all = async {
-            for t in tasks {
-                t.await.expect("task");
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(120), all)
-            .await
-            .expect("writers finish (no deadlock)");
-        assert_eq!(cluster.applied_index(), 32 * 40);
-        assert_eq!(cluster.flushed.load(Ordering::Acquire), 32 * 40);
-        let u = xmpp::jid::BareJid::parse("u7@x").expect("jid");
-        assert_eq!(cluster.store().offline_count(&u).expect("count"), 40);
+/// The node entry of a member at `addr`.
+pub fn node(addr: &str) -> BasicNode {
+    BasicNode {
+        addr: addr.to_owned(),
     }
 }

@@ -2,10 +2,14 @@
 //! a [`Command`] value, applied by one [`apply`] function.
 //!
 //! `apply` is deterministic: it reads and writes only the store, takes no
-//! clock and no randomness (salts, timestamps and ids are inside the
-//! command, chosen by whoever proposed it). That is what lets the Raft issue
-//! put this exact function under consensus, replaying the same log on every
-//! node to the same state.
+//! clock and no randomness (salts, timestamps, ids and incarnations are
+//! inside the command, chosen by whoever proposed it). Raft replays the
+//! same log on every node through this exact function to the same state
+//! ([`super::raft_sm`] wraps it for openraft).
+//!
+//! Besides its [`Response`] (for the proposer), applying a command yields
+//! [`Effect`]s: what every node must do about it (close a session that lost
+//! a resource conflict, tell contacts that a dead node's users are gone).
 
 use std::collections::BTreeMap;
 
@@ -103,13 +107,66 @@ pub enum Command {
         namespace: String,
         xml: String,
     },
+    /// The session table: `jid` (a full JID) is bound on `node`. An entry
+    /// already there loses (RFC 6120 §7.7.2.2, the new session wins) and its
+    /// own node closes it with `<conflict/>`.
+    BindSession { jid: String, entry: SessionEntry },
+    /// Availability and priority of a bound session (RFC 6121 §4), applied
+    /// only while the table still names that session.
+    SessionPresence {
+        jid: String,
+        node: u64,
+        incarnation: u64,
+        sid: u64,
+        available: bool,
+        priority: i8,
+    },
+    /// The session ended; ignored when another session holds the JID now.
+    UnbindSession {
+        jid: String,
+        node: u64,
+        incarnation: u64,
+        sid: u64,
+    },
+    /// `node` (re)started as `incarnation`: sessions of its earlier lives
+    /// are gone.
+    NodeUp { node: u64, incarnation: u64 },
+    /// The leader found `node` unreachable past the grace period.
+    NodeDown { node: u64 },
+}
+
+/// Where one full JID is bound (DESIGN.md, "What Raft replicates").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEntry {
+    pub node: u64,
+    /// Random per process start: a restarted node's old sessions are told
+    /// apart from its new ones.
+    pub incarnation: u64,
+    /// The session's id on its node.
+    pub sid: u64,
+    pub available: bool,
+    pub priority: i8,
+}
+
+/// What every node does after an entry is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The table entry of `jid` changed (`None`: removed).
+    SessionChanged {
+        jid: String,
+        entry: Option<SessionEntry>,
+    },
+    /// `jid`'s session `old` lost its resource to a newer bind.
+    SessionReplaced { jid: String, old: SessionEntry },
+    /// These sessions are gone because their node died or restarted.
+    SessionsGone(Vec<(String, SessionEntry)>),
 }
 
 /// A roster item that changed: `None` when it was removed (or hidden).
 pub type RosterChange = (String, Option<RosterItem>);
 
 /// What a successfully applied command reports back.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Done,
     Imported {
@@ -154,6 +211,56 @@ pub enum ApplyError {
     NoRosterItem { user: String, contact: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The cluster could not commit the write in time (no quorum, no
+    /// leader): nothing was applied; the caller may try again later.
+    #[error("the cluster cannot commit writes now: {0}")]
+    Unavailable(String),
+}
+
+/// A deterministic refusal, as it travels back from the leader: the
+/// replicated part of [`ApplyError`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    AccountExists(String),
+    NoSuchAccount(String),
+    OfflineFull { user: String, max: u32 },
+    RosterFull(String, u32),
+    BlocklistFull(String, u32),
+    NoRosterItem { user: String, contact: String },
+}
+
+impl From<Refusal> for ApplyError {
+    fn from(r: Refusal) -> ApplyError {
+        match r {
+            Refusal::AccountExists(u) => ApplyError::AccountExists(u),
+            Refusal::NoSuchAccount(u) => ApplyError::NoSuchAccount(u),
+            Refusal::OfflineFull { user, max } => ApplyError::OfflineFull { user, max },
+            Refusal::RosterFull(u, m) => ApplyError::RosterFull(u, m),
+            Refusal::BlocklistFull(u, m) => ApplyError::BlocklistFull(u, m),
+            Refusal::NoRosterItem { user, contact } => ApplyError::NoRosterItem { user, contact },
+        }
+    }
+}
+
+/// The outcome of one applied command, as every replica computes it.
+pub type Outcome = Result<Response, Refusal>;
+
+/// Splits an apply result into the replicated outcome and a local fault.
+fn outcome(r: Result<Response, ApplyError>) -> Result<Outcome, StoreError> {
+    Ok(match r {
+        Ok(r) => Ok(r),
+        Err(ApplyError::AccountExists(u)) => Err(Refusal::AccountExists(u)),
+        Err(ApplyError::NoSuchAccount(u)) => Err(Refusal::NoSuchAccount(u)),
+        Err(ApplyError::OfflineFull { user, max }) => Err(Refusal::OfflineFull { user, max }),
+        Err(ApplyError::RosterFull(u, m)) => Err(Refusal::RosterFull(u, m)),
+        Err(ApplyError::BlocklistFull(u, m)) => Err(Refusal::BlocklistFull(u, m)),
+        Err(ApplyError::NoRosterItem { user, contact }) => {
+            Err(Refusal::NoRosterItem { user, contact })
+        }
+        Err(ApplyError::Store(e)) => return Err(e),
+        // Never produced by apply itself.
+        Err(ApplyError::Unavailable(m)) => return Err(StoreError::Fault(m)),
+    })
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -168,6 +275,7 @@ type KeyValue = (Vec<u8>, Vec<u8>);
 struct Tx<'a> {
     store: &'a Store,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    effects: Vec<Effect>,
 }
 
 impl<'a> Tx<'a> {
@@ -175,7 +283,43 @@ impl<'a> Tx<'a> {
         Tx {
             store,
             writes: BTreeMap::new(),
+            effects: Vec::new(),
         }
+    }
+
+    fn session(&self, jid: &str) -> Result<Option<SessionEntry>, StoreError> {
+        match self.get(&keys::session(jid))? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn set_session(&mut self, jid: &str, entry: Option<SessionEntry>) {
+        match entry {
+            Some(e) => self.put(keys::session(jid), encode(&e)),
+            None => self.delete(keys::session(jid)),
+        }
+        self.effects.push(Effect::SessionChanged {
+            jid: jid.to_owned(),
+            entry,
+        });
+    }
+
+    /// Removes every session entry for which `gone` holds.
+    fn drop_sessions(&mut self, gone: impl Fn(&SessionEntry) -> bool) -> Result<(), StoreError> {
+        let mut removed = Vec::new();
+        for (k, v) in self.scan(keys::SESSION)? {
+            let entry: SessionEntry = postcard::from_bytes(&v)?;
+            if gone(&entry) {
+                let jid = keys::session_jid(&k);
+                self.set_session(&jid, None);
+                removed.push((jid, entry));
+            }
+        }
+        if !removed.is_empty() {
+            self.effects.push(Effect::SessionsGone(removed));
+        }
+        Ok(())
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -212,7 +356,9 @@ impl<'a> Tx<'a> {
         Ok(all.into_iter().collect())
     }
 
-    fn commit(self, index: u64) -> Result<(), StoreError> {
+    /// Writes everything, with the applied-position `meta` keys, in one
+    /// atomic batch; returns the effects.
+    fn commit(self, meta: &[(&[u8], Vec<u8>)]) -> Result<Vec<Effect>, StoreError> {
         let mut batch = Batch::default();
         for (k, v) in self.writes {
             match v {
@@ -220,8 +366,11 @@ impl<'a> Tx<'a> {
                 None => batch.delete(&k),
             }
         }
-        batch.put(keys::APPLIED, &index.to_be_bytes());
-        self.store.apply(batch)
+        for (k, v) in meta {
+            batch.put(k, v);
+        }
+        self.store.apply(batch)?;
+        Ok(self.effects)
     }
 
     fn roster_item(&self, user: &str, contact: &str) -> Result<Option<RosterItem>, ApplyError> {
@@ -278,21 +427,39 @@ impl<'a> Tx<'a> {
     }
 }
 
-/// Applies one command at log position `index`.
+/// Applies one command at log position `index` (the form the unit tests
+/// use; Raft goes through [`apply_entry`]).
 pub fn apply(store: &Store, index: u64, cmd: Command) -> Result<Response, ApplyError> {
+    let meta = [(keys::APPLIED, index.to_be_bytes().to_vec())];
+    match apply_entry(store, &meta, cmd) {
+        Ok((outcome, _)) => outcome.map_err(ApplyError::from),
+        Err(e) => Err(ApplyError::Store(e)),
+    }
+}
+
+/// Applies one command and records `meta` (the applied log position) in
+/// the same atomic batch. A refused command still advances the position and
+/// leaves nothing else behind. `Err` is a local store fault: the caller
+/// must stop, never skip the entry.
+pub fn apply_entry(
+    store: &Store,
+    meta: &[(&[u8], Vec<u8>)],
+    cmd: Command,
+) -> Result<(Outcome, Vec<Effect>), StoreError> {
     let mut tx = Tx::new(store);
-    match apply_in(&mut tx, cmd) {
-        Ok(r) => {
-            tx.commit(index)?;
-            Ok(r)
-        }
-        Err(e) => {
-            // A refused command still advances the applied index, as a Raft
-            // entry would, and leaves nothing else behind.
-            Tx::new(store).commit(index)?;
-            Err(e)
+    match outcome(apply_in(&mut tx, cmd))? {
+        Ok(r) => Ok((Ok(r), tx.commit(meta)?)),
+        Err(refusal) => {
+            Tx::new(store).commit(meta)?;
+            Ok((Err(refusal), Vec::new()))
         }
     }
+}
+
+/// Records the applied position of an entry that carries no command
+/// (openraft's blank and membership entries).
+pub fn record_position(store: &Store, meta: &[(&[u8], Vec<u8>)]) -> Result<(), StoreError> {
+    Tx::new(store).commit(meta).map(|_| ())
 }
 
 fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
@@ -608,6 +775,59 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 keys::user_key(keys::PRIVATE, &user, &namespace),
                 xml.into_bytes(),
             );
+            Ok(Response::Done)
+        }
+        Command::BindSession { jid, entry } => {
+            if let Some(old) = tx.session(&jid)? {
+                if (old.node, old.incarnation, old.sid) != (entry.node, entry.incarnation, entry.sid)
+                {
+                    tx.effects.push(Effect::SessionReplaced {
+                        jid: jid.clone(),
+                        old,
+                    });
+                }
+            }
+            tx.set_session(&jid, Some(entry));
+            Ok(Response::Done)
+        }
+        Command::SessionPresence {
+            jid,
+            node,
+            incarnation,
+            sid,
+            available,
+            priority,
+        } => {
+            if let Some(mut e) = tx.session(&jid)? {
+                if (e.node, e.incarnation, e.sid) == (node, incarnation, sid)
+                    && (e.available, e.priority) != (available, priority)
+                {
+                    e.available = available;
+                    e.priority = priority;
+                    tx.set_session(&jid, Some(e));
+                }
+            }
+            Ok(Response::Done)
+        }
+        Command::UnbindSession {
+            jid,
+            node,
+            incarnation,
+            sid,
+        } => {
+            if let Some(e) = tx.session(&jid)? {
+                if (e.node, e.incarnation, e.sid) == (node, incarnation, sid) {
+                    tx.set_session(&jid, None);
+                }
+            }
+            Ok(Response::Done)
+        }
+        Command::NodeUp { node, incarnation } => {
+            tx.drop_sessions(|e| e.node == node && e.incarnation != incarnation)?;
+            Ok(Response::Done)
+        }
+        Command::NodeDown { node } => {
+            tx.drop_sessions(|e| e.node == node)?;
             Ok(Response::Done)
         }
     }

@@ -14,7 +14,7 @@ mod ping;
 pub mod presence;
 mod private;
 pub mod register;
-mod roster;
+pub mod roster;
 mod session;
 mod vcard;
 mod version;

@@ -37,8 +37,14 @@ fn xml(e: &Element) -> Arc<str> {
     Arc::from(e.to_string_in(ns::CLIENT))
 }
 
-/// Sends to every available resource of a local user; returns how many.
-pub(crate) fn to_available(server: &Server, user: &BareJid, xml: &Arc<str>) -> usize {
+/// Sends to every available resource of a local user, on every node.
+pub(crate) fn to_available(server: &Server, user: &BareJid, xml: &Arc<str>) {
+    to_local_available(server, user, xml);
+    router::remote::to_available(server, user, xml);
+}
+
+/// Sends to the user's available resources on this node; returns how many.
+pub(crate) fn to_local_available(server: &Server, user: &BareJid, xml: &Arc<str>) -> usize {
     server.sessions.with_resources(user, |rs| {
         rs.iter()
             .filter(|r| r.available)
@@ -69,6 +75,11 @@ pub(crate) fn send_current_presence(server: &Server, contact: &BareJid, user: &B
     if blocked_either_way(server, contact, user) {
         return;
     }
+    router::remote::probe(server, &user.to_string(), contact);
+    current_presence_here(server, contact, user);
+}
+
+fn current_presence_here(server: &Server, contact: &BareJid, user: &BareJid) {
     for r in server.sessions.resources(contact) {
         if let (true, Some(p)) = (r.available, &r.presence) {
             let mut e = match xmpp::xml::parse_element(p, ns::CLIENT) {
@@ -84,15 +95,78 @@ pub(crate) fn send_current_presence(server: &Server, contact: &BareJid, user: &B
 /// Unavailable from every available resource of `contact` to `user`
 /// (§3.2.3, §3.3.3: a subscription ended).
 fn send_unavailable(server: &Server, contact: &BareJid, user: &BareJid) {
-    for r in server.sessions.resources(contact) {
-        if r.available {
-            let e = Element::new("presence", ns::CLIENT)
-                .attr("type", "unavailable")
-                .attr("from", format!("{contact}/{}", r.resource))
-                .attr("to", user.to_string());
-            to_available(server, user, &xml(&e));
+    let mut from: Vec<String> = server
+        .sessions
+        .resources(contact)
+        .into_iter()
+        .filter(|r| r.available)
+        .map(|r| format!("{contact}/{}", r.resource))
+        .collect();
+    from.extend(router::remote::available_elsewhere(server, contact));
+    for f in from {
+        let e = Element::new("presence", ns::CLIENT)
+            .attr("type", "unavailable")
+            .attr("from", f)
+            .attr("to", user.to_string());
+        to_available(server, user, &xml(&e));
+    }
+}
+
+/// A probe from another node (see `router::remote::probe`): the presence
+/// of `contact`'s available sessions here, to `from` (a full JID: that
+/// session; a bare JID: all its available resources).
+pub(crate) fn answer_probe_locally(server: &Server, contact: &BareJid, from: &str) {
+    let presences: Vec<Arc<str>> = server
+        .sessions
+        .resources(contact)
+        .into_iter()
+        .filter(|r| r.available)
+        .filter_map(|r| r.presence)
+        .collect();
+    if presences.is_empty() {
+        return;
+    }
+    match Jid::parse(from) {
+        Ok(Jid::Full(full)) => {
+            for p in presences {
+                router::deliver_reply_xml(server, &full, p);
+            }
+        }
+        Ok(Jid::Bare(user)) => {
+            for p in presences {
+                let mut e = match xmpp::xml::parse_element(&p, ns::CLIENT) {
+                    Ok(e) => e,
+                    Err(_) => continue,
+                };
+                e.set_attr("to", user.to_string());
+                to_available(server, &user, &xml(&e));
+            }
+        }
+        Err(_) => {}
+    }
+}
+
+/// A session on another node is gone without saying so (its node died):
+/// `unavailable` on its behalf to its subscribers here (RFC 6121 §4.5.2).
+pub(crate) fn gone_elsewhere(server: &Server, full: &FullJid) {
+    let user = full.bare();
+    let unavailable = Element::new("presence", ns::CLIENT)
+        .attr("type", "unavailable")
+        .attr("from", full.to_string());
+    let roster = server.store().roster(&user.to_string()).unwrap_or_default();
+    for (c, item) in roster {
+        if !item.sub.subscription.has_from() {
+            continue;
+        }
+        let Ok(contact) = BareJid::parse(&c) else {
+            continue;
+        };
+        if is_local(server, &contact) {
+            to_local_available(server, &contact, &xml(&with_to(&unavailable, &c)));
         }
     }
+    let own = xml(&with_to(&unavailable, &user.to_string()));
+    to_local_available(server, user, &own);
 }
 
 /// Presence does not flow between a user and someone either of them blocks
@@ -248,10 +322,11 @@ pub async fn broadcast(
     match PresenceType::of(&stanza) {
         Some(PresenceType::Available) => {
             let own = xml(&stanza);
-            let was_available =
-                server
-                    .sessions
-                    .set_presence(me, id, true, presence_priority(&stanza), Some(own));
+            let priority = presence_priority(&stanza);
+            in_table(server, me, id, true, priority).await;
+            let was_available = server
+                .sessions
+                .set_presence(me, id, true, priority, Some(own));
             to_subscribers(server, me, &stanza);
             if !was_available {
                 initial(server, me);
@@ -261,6 +336,7 @@ pub async fn broadcast(
             }
         }
         Some(PresenceType::Unavailable) => {
+            in_table(server, me, id, false, 0).await;
             server.sessions.set_presence(me, id, false, 0, None);
             to_subscribers(server, me, &stanza);
             for to in directed.drain() {
@@ -273,6 +349,15 @@ pub async fn broadcast(
             StanzaError::BadRequest,
             Some("this presence type needs a 'to'"),
         ),
+    }
+}
+
+/// Availability and priority into the replicated session table, when they
+/// changed (status texts alone are not replicated: DESIGN.md).
+async fn in_table(server: &Server, me: &FullJid, id: SessionId, available: bool, priority: i8) {
+    let current = server.cluster.table.get(me);
+    if current.is_some_and(|e| (e.available, e.priority) != (available, priority)) {
+        crate::c2s::session::presence_in_table(server, me, id, available, priority).await;
     }
 }
 
@@ -302,6 +387,7 @@ fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
             let _ = r.tx.send(Outbound::Xml(own.clone()));
         }
     }
+    router::remote::to_available(server, user, &own);
 }
 
 /// After initial presence (§4.2.2): the presence of contacts the user is
@@ -320,6 +406,7 @@ fn initial(server: &Server, me: &FullJid) {
             && is_local(server, &contact)
             && !blocked_either_way(server, user, &contact)
         {
+            router::remote::probe(server, &me.to_string(), &contact);
             for r in server.sessions.resources(&contact) {
                 if let (true, Some(p)) = (r.available, &r.presence) {
                     out.push(p.clone());
@@ -337,6 +424,7 @@ fn initial(server: &Server, me: &FullJid) {
             out.push(p.clone());
         }
     }
+    router::remote::probe(server, &me.to_string(), user);
     if let (false, Some(r)) = (out.is_empty(), server.sessions.get(me)) {
         let _ = r.tx.send(Outbound::Batch(out));
     }
@@ -391,6 +479,7 @@ pub async fn outbound(
                         to_session(server, me, p.clone());
                     }
                 }
+                router::remote::probe(server, &me.to_string(), contact);
             }
         }
         PresenceType::Available | PresenceType::Unavailable => {

@@ -43,23 +43,30 @@ pub fn item_element(contact: &str, item: Option<&RosterItem>) -> Element {
     e
 }
 
-/// Sends a roster push to every interested resource of `user` (§2.1.6).
+/// Sends a roster push to every interested resource of `user` (§2.1.6),
+/// on every node.
 pub fn push(server: &Server, user: &BareJid, ver: u64, contact: &str, item: Option<&RosterItem>) {
+    let iq = Element::new("iq", ns::CLIENT).attr("type", "set").child(
+        Element::new("query", ns::ROSTER)
+            .attr("ver", ver.to_string())
+            .child(item_element(contact, item)),
+    );
+    push_local(server, user, &iq);
+    crate::router::remote::to_interested(server, user, &iq.to_string_in(ns::CLIENT));
+}
+
+/// Sends the push `iq` (no `to`, no `id` yet) to the interested resources
+/// of `user` on this node.
+pub fn push_local(server: &Server, user: &BareJid, iq: &Element) {
     static PUSH_ID: AtomicU64 = AtomicU64::new(0);
     for r in server.sessions.resources(user) {
         if !r.interested {
             continue;
         }
         let id = PUSH_ID.fetch_add(1, Ordering::Relaxed);
-        let iq = Element::new("iq", ns::CLIENT)
-            .attr("type", "set")
-            .attr("id", format!("push{id}"))
-            .attr("to", format!("{user}/{}", r.resource))
-            .child(
-                Element::new("query", ns::ROSTER)
-                    .attr("ver", ver.to_string())
-                    .child(item_element(contact, item)),
-            );
+        let mut iq = iq.clone();
+        iq.set_attr("id", format!("push{id}"));
+        iq.set_attr("to", format!("{user}/{}", r.resource));
         let _ =
             r.tx.send(Outbound::Xml(Arc::from(iq.to_string_in(ns::CLIENT))));
     }

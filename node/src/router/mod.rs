@@ -4,8 +4,16 @@
 //!
 //! The router never trusts `from`: the session task has already stamped it
 //! with the sender's full JID.
+//!
+//! A user's sessions may live on several nodes: this node's own are in
+//! [`crate::sessions`], the others' in the replicated session table, and
+//! [`remote`] hands stanzas to them.
+
+pub mod remote;
 
 use std::sync::Arc;
+
+use proto::Delivery;
 
 use xmpp::element::Element;
 use xmpp::error::StanzaError;
@@ -16,18 +24,48 @@ use crate::modules::{IqRequest, IqTarget, RouteCheck};
 use crate::sessions::{Outbound, Resource};
 use crate::Server;
 
+/// How a stanza is being routed.
+#[derive(Clone, Copy)]
+struct Pass {
+    /// Not a retry: the sender's devices get their `<sent/>` copies.
+    first_time: bool,
+    /// Sessions on other nodes may receive it. Off for a stanza that came
+    /// back from another node (its session was gone there, or the node
+    /// could not be reached), so the rules end here instead of looping.
+    cluster: bool,
+}
+
 /// Routes a stanza whose `from` is trustworthy.
 pub async fn route(server: &Server, stanza: Element) {
-    route_with(server, stanza, true).await
+    let pass = Pass {
+        first_time: true,
+        cluster: true,
+    };
+    route_with(server, stanza, pass).await
 }
 
 /// Routes a stanza again whose first delivery failed (its session ended
 /// first): the sender's devices already had their `<sent/>` copies.
 pub async fn reroute(server: &Server, stanza: Element) {
-    route_with(server, stanza, false).await
+    let pass = Pass {
+        first_time: false,
+        cluster: true,
+    };
+    route_with(server, stanza, pass).await
 }
 
-async fn route_with(server: &Server, stanza: Element, first_time: bool) {
+/// The delivery rules for a stanza another node could not deliver, with
+/// this node's sessions and storage only.
+pub async fn reroute_here(server: &Server, stanza: Element) {
+    let pass = Pass {
+        first_time: false,
+        cluster: false,
+    };
+    route_with(server, stanza, pass).await
+}
+
+async fn route_with(server: &Server, stanza: Element, pass: Pass) {
+    let first_time = pass.first_time;
     let Some(kind) = StanzaKind::of(&stanza) else {
         return;
     };
@@ -84,9 +122,9 @@ async fn route_with(server: &Server, stanza: Element, first_time: bool) {
         );
     }
     match kind {
-        StanzaKind::Message => route_message(server, stanza, to).await,
-        StanzaKind::Presence => route_presence(server, stanza, to),
-        StanzaKind::Iq => route_iq(server, stanza, to).await,
+        StanzaKind::Message => route_message(server, stanza, to, pass).await,
+        StanzaKind::Presence => route_presence(server, stanza, to, pass),
+        StanzaKind::Iq => route_iq(server, stanza, to, pass).await,
     }
 }
 
@@ -105,6 +143,33 @@ pub fn deliver_reply(server: &Server, reply: Element) {
     };
     if let Some(r) = server.sessions.get(&to) {
         let _ = r.tx.send(Outbound::Xml(serialize(&reply)));
+    } else if let Some(node) = remote::node_of(server, &to) {
+        let xml = serialize(&reply);
+        remote::forward(server, node, Delivery::FullOrDrop, &to.to_string(), "", &xml);
+    }
+}
+
+/// Delivers serialised server-made XML to a full JID on any node.
+pub fn deliver_reply_xml(server: &Server, to: &FullJid, xml: Arc<str>) {
+    if let Some(r) = server.sessions.get(to) {
+        let _ = r.tx.send(Outbound::Xml(xml));
+    } else if let Some(node) = remote::node_of(server, to) {
+        remote::forward(server, node, Delivery::FullOrDrop, &to.to_string(), "", &xml);
+    }
+}
+
+/// Hands a stanza to the node holding `full`, if another node does.
+fn forward_full(server: &Server, full: &FullJid, stanza: &Element, pass: Pass) -> bool {
+    if !pass.cluster {
+        return false;
+    }
+    match remote::node_of(server, full) {
+        Some(node) => {
+            let xml = serialize(stanza);
+            remote::forward(server, node, Delivery::Full, &full.to_string(), "", &xml);
+            true
+        }
+        None => false,
     }
 }
 
@@ -131,7 +196,7 @@ pub fn highest_priority(resources: &[Resource]) -> Vec<&Resource> {
     eligible().filter(|r| r.priority == top).collect()
 }
 
-async fn route_message(server: &Server, stanza: Element, to: Jid) {
+async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
     let mtype = MessageType::of(&stanza);
     let bare = match &to {
         Jid::Full(full) => {
@@ -140,6 +205,9 @@ async fn route_message(server: &Server, stanza: Element, to: Jid) {
                     delivered(server, &stanza, full.bare(), &[full.resource()]);
                     return;
                 }
+            }
+            if forward_full(server, full, &stanza, pass) {
+                return;
             }
             // RFC 6121 §8.5.3.2.1: no such resource.
             match mtype {
@@ -180,25 +248,79 @@ async fn route_message(server: &Server, stanza: Element, to: Jid) {
                     .collect();
                 send_to(&all, &xml);
             });
+            if pass.cluster {
+                for node in remote::nodes_of(server, &bare, |e| e.available && e.priority >= 0) {
+                    remote::forward(server, node, Delivery::AllAvailable, &bare.to_string(), "", &xml);
+                }
+            }
         }
         MessageType::Chat | MessageType::Normal => {
             let xml = serialize(&stanza);
-            let reached: Vec<String> = server.sessions.with_resources(&bare, |resources| {
-                let targets = highest_priority(resources);
-                targets
-                    .into_iter()
-                    .filter(|r| r.tx.send(Outbound::Xml(xml.clone())).is_ok())
-                    .map(|r| r.resource.clone())
-                    .collect()
-            });
+            // RFC 6121 §8.5.2.1.1 across the cluster: the highest priority
+            // among every node's available resources wins.
+            let remote_top = if pass.cluster {
+                remote_highest(server, &bare)
+            } else {
+                None
+            };
+            let local_top = server
+                .sessions
+                .with_resources(&bare, |rs| highest_priority(rs).first().map(|r| r.priority));
+            let local_wins = match (local_top, &remote_top) {
+                (Some(l), Some((r, _))) => l >= *r,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            let reached: Vec<String> = if local_wins {
+                server.sessions.with_resources(&bare, |resources| {
+                    let targets = highest_priority(resources);
+                    targets
+                        .into_iter()
+                        .filter(|r| r.tx.send(Outbound::Xml(xml.clone())).is_ok())
+                        .map(|r| r.resource.clone())
+                        .collect()
+                })
+            } else {
+                Vec::new()
+            };
+            let mut forwarded = false;
+            if let Some((prio, targets)) = remote_top {
+                if local_top.is_none_or(|l| prio >= l) {
+                    for (node, full) in targets {
+                        remote::forward(server, node, Delivery::Full, &full, "", &xml);
+                        forwarded = true;
+                    }
+                }
+            }
             if !reached.is_empty() {
                 let names: Vec<&str> = reached.iter().map(String::as_str).collect();
                 delivered(server, &stanza, &bare, &names);
+            }
+            if forwarded || !reached.is_empty() {
                 return;
             }
             store_offline(server, &bare, &stanza).await;
         }
     }
+}
+
+/// The highest non-negative priority among `user`'s available sessions on
+/// other nodes, and those sessions (node, full JID).
+fn remote_highest(server: &Server, user: &BareJid) -> Option<(i8, Vec<(u64, String)>)> {
+    let me = server.cluster.id;
+    server.cluster.table.with_user(user, |entries| {
+        let eligible = || {
+            entries
+                .iter()
+                .filter(|(_, e)| e.node != me && e.available && e.priority >= 0)
+        };
+        let top = eligible().map(|(_, e)| e.priority).max()?;
+        let targets = eligible()
+            .filter(|(_, e)| e.priority == top)
+            .map(|(r, e)| (e.node, format!("{user}/{r}")))
+            .collect();
+        Some((top, targets))
+    })
 }
 
 fn delivered(server: &Server, message: &Element, user: &BareJid, resources: &[&str]) {
@@ -219,7 +341,7 @@ async fn store_offline(server: &Server, user: &BareJid, stanza: &Element) {
     bounce(server, stanza, StanzaError::ServiceUnavailable, None);
 }
 
-fn route_presence(server: &Server, stanza: Element, to: Jid) {
+fn route_presence(server: &Server, stanza: Element, to: Jid, pass: Pass) {
     let Some(ptype) = PresenceType::of(&stanza) else {
         return bounce(
             server,
@@ -232,6 +354,11 @@ fn route_presence(server: &Server, stanza: Element, to: Jid) {
         Jid::Full(full) => {
             if let Some(r) = server.sessions.get(full) {
                 let _ = r.tx.send(Outbound::Xml(serialize(&stanza)));
+            } else if pass.cluster {
+                if let Some(node) = remote::node_of(server, full) {
+                    let xml = serialize(&stanza);
+                    remote::forward(server, node, Delivery::FullOrDrop, &full.to_string(), "", &xml);
+                }
             }
         }
         Jid::Bare(bare) => {
@@ -243,12 +370,16 @@ fn route_presence(server: &Server, stanza: Element, to: Jid) {
             // RFC 6121 §8.5.2.1.2: to every available resource.
             let resources = server.sessions.resources(bare);
             let all: Vec<&Resource> = resources.iter().filter(|r| r.available).collect();
-            send_to(&all, &serialize(&stanza));
+            let xml = serialize(&stanza);
+            send_to(&all, &xml);
+            if pass.cluster {
+                remote::to_available(server, bare, &xml);
+            }
         }
     }
 }
 
-async fn route_iq(server: &Server, stanza: Element, to: Jid) {
+async fn route_iq(server: &Server, stanza: Element, to: Jid, pass: Pass) {
     let Some(itype) = IqType::of(&stanza) else {
         return bounce(
             server,
@@ -271,6 +402,7 @@ async fn route_iq(server: &Server, stanza: Element, to: Jid) {
                 Some(r) => {
                     let _ = r.tx.send(Outbound::Xml(serialize(&stanza)));
                 }
+                None if forward_full(server, full, &stanza, pass) => {}
                 // RFC 6121 §8.5.3.2.1: requests get an error, responses are dropped.
                 None if itype.is_request() => {
                     bounce(server, &stanza, StanzaError::ServiceUnavailable, None)

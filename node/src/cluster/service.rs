@@ -1,0 +1,226 @@
+//! The `Peer` gRPC service: what the other nodes of the cluster call on
+//! this one (openraft's RPCs, forwarded writes, joins, elections, and
+//! stanzas for this node's sessions).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use proto::peer_server::Peer;
+use proto::{
+    ElectReply, ElectRequest, ForwardAck, ForwardBatch, Forwarded, JoinRequest, MembershipReply,
+    RaftBytes,
+};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use super::network::{decode, encode, Channels};
+use super::state_machine::{ApplyError, Command, Outcome};
+use super::{node, Raft};
+
+/// A batch of forwarded stanzas and the signal that it was delivered.
+pub type Inbox = mpsc::Sender<(Vec<Forwarded>, oneshot::Sender<()>)>;
+
+pub struct PeerService {
+    pub raft: Raft,
+    pub channels: Arc<Channels>,
+    pub inbox: Inbox,
+}
+
+fn bad(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("undecodable Raft message: {e}"))
+}
+
+/// Sends a write to the leader at `leader`. `Ok(None)`: it was not
+/// committed there (the leader moved or was unreachable before it took
+/// the write); try again.
+pub async fn forward_write(
+    channels: &Channels,
+    leader: &BasicNode,
+    cmd: &Command,
+) -> Result<Option<(u64, Outcome)>, ApplyError> {
+    let mut client = match channels.get(&leader.addr) {
+        Ok(c) => c,
+        Err(_) => return Ok(None),
+    };
+    match client.write(encode(cmd)).await {
+        Ok(reply) => {
+            let r: Result<(u64, Outcome), String> = decode(reply.get_ref())
+                .map_err(|e| ApplyError::Unavailable(format!("bad reply from the leader: {e}")))?;
+            Ok(r.ok())
+        }
+        // Never reached the leader: nothing was committed.
+        Err(s) if s.code() == tonic::Code::Unavailable => Ok(None),
+        // Sent, then lost: whether it committed is unknown.
+        Err(s) => Err(ApplyError::Unavailable(format!(
+            "the leader at {} did not answer ({}); the write may or may not have been committed",
+            leader.addr,
+            s.message()
+        ))),
+    }
+}
+
+/// Asks the leader (through any member) to add `id` at `addr`.
+pub async fn request_join(
+    channels: &Channels,
+    via: &str,
+    id: u64,
+    addr: &str,
+) -> Result<MembershipReply, Status> {
+    let mut client = channels
+        .get(via)
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let reply = client
+        .join(JoinRequest {
+            node_id: id,
+            addr: addr.to_owned(),
+        })
+        .await?;
+    Ok(reply.into_inner())
+}
+
+/// On the leader: learner, wait for it to catch up, then voter. Elsewhere:
+/// passed on to the leader.
+pub async fn admit(
+    raft: &Raft,
+    channels: &Channels,
+    id: u64,
+    addr: &str,
+) -> Result<MembershipReply, Status> {
+    let metrics = raft.metrics().borrow().clone();
+    let Some(leader) = metrics.current_leader else {
+        return Err(Status::unavailable("no leader yet; try again"));
+    };
+    if leader != raft_id(raft) {
+        let leader_addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| Status::unavailable("the leader's address is unknown"))?;
+        return request_join(channels, &leader_addr, id, addr).await;
+    }
+    let membership = metrics.membership_config.membership().clone();
+    let is_voter = membership.voter_ids().any(|v| v == id);
+    let known = membership.get_node(&id).map(|n| n.addr.clone());
+    if !(is_voter && known.as_deref() == Some(addr)) {
+        // Blocking: returns once the learner has caught up with the log.
+        raft.add_learner(id, node(addr), true)
+            .await
+            .map_err(|e| Status::unavailable(format!("adding the learner failed: {e}")))?;
+        let mut voters: std::collections::BTreeSet<u64> = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters.insert(id);
+        raft.change_membership(voters, false)
+            .await
+            .map_err(|e| Status::unavailable(format!("promoting the node to voter failed: {e}")))?;
+        tracing::info!(node = id, %addr, "node joined the cluster as a voter");
+    }
+    Ok(membership_reply(raft))
+}
+
+pub fn raft_id(raft: &Raft) -> u64 {
+    raft.metrics().borrow().id
+}
+
+pub fn membership_reply(raft: &Raft) -> MembershipReply {
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let mut members: Vec<String> = Vec::new();
+    for (id, n) in membership.nodes() {
+        if voters.contains(id) {
+            members.push(format!("{id}={}", n.addr));
+        }
+    }
+    for (id, n) in membership.nodes() {
+        if !voters.contains(id) {
+            members.push(format!("{id}={} (learner)", n.addr));
+        }
+    }
+    MembershipReply {
+        members,
+        leader: m.current_leader.unwrap_or(0),
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftBytes>,
+    ) -> Result<Response<RaftBytes>, Status> {
+        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let r = self.raft.append_entries(rpc).await;
+        Ok(Response::new(encode(&r)))
+    }
+
+    async fn vote(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let r = self.raft.vote(rpc).await;
+        Ok(Response::new(encode(&r)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftBytes>,
+    ) -> Result<Response<RaftBytes>, Status> {
+        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let r = self.raft.install_snapshot(rpc).await;
+        Ok(Response::new(encode(&r)))
+    }
+
+    async fn write(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let cmd: Command = decode(req.get_ref()).map_err(bad)?;
+        let r: Result<(u64, Outcome), String> = match self.raft.client_write(cmd).await {
+            Ok(r) => Ok((r.log_id.index, r.data)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err("not the leader".into())
+            }
+            Err(e) => return Err(Status::internal(e.to_string())),
+        };
+        Ok(Response::new(encode(&r)))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<MembershipReply>, Status> {
+        let JoinRequest { node_id, addr } = req.into_inner();
+        if node_id == 0 || addr.is_empty() {
+            return Err(Status::invalid_argument("a join needs a node id and an address"));
+        }
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            admit(&self.raft, &self.channels, node_id, &addr),
+        )
+        .await
+        .map_err(|_| Status::deadline_exceeded("the new node did not catch up within 60 s"))??;
+        Ok(Response::new(r))
+    }
+
+    async fn elect(&self, _req: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ElectReply {}))
+    }
+
+    async fn forward(&self, req: Request<ForwardBatch>) -> Result<Response<ForwardAck>, Status> {
+        let batch = req.into_inner();
+        let n = batch.stanzas.len() as u64;
+        let (done, wait) = oneshot::channel();
+        self.inbox
+            .send((batch.stanzas, done))
+            .await
+            .map_err(|_| Status::unavailable("this node is shutting down"))?;
+        wait.await
+            .map_err(|_| Status::unavailable("this node is shutting down"))?;
+        Ok(Response::new(ForwardAck { received: n }))
+    }
+}

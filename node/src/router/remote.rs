@@ -1,0 +1,214 @@
+//! The router's side of the cluster: which other nodes hold a user's
+//! sessions (from the replicated session table), handing stanzas to them,
+//! and what this node does with stanzas and effects that arrive from the
+//! cluster.
+//!
+//! Routing never forwards to this node itself: an entry of the table that
+//! names this node but has no local session is a session that just ended,
+//! and the delivery rules treat it as gone.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use proto::{Delivery, Forwarded};
+use tokio::sync::{mpsc, oneshot};
+use xmpp::error::StreamError;
+use xmpp::jid::{BareJid, FullJid};
+use xmpp::stanza::ns;
+
+use crate::cluster::state_machine::{Effect, SessionEntry};
+use crate::cluster::Feeds;
+use crate::modules::presence;
+use crate::sessions::Outbound;
+use crate::Server;
+
+/// Other nodes holding a session of `user` for which `pred` holds.
+pub fn nodes_of(server: &Server, user: &BareJid, pred: impl Fn(&SessionEntry) -> bool) -> Vec<u64> {
+    let me = server.cluster.id;
+    server.cluster.table.with_user(user, |entries| {
+        let set: BTreeSet<u64> = entries
+            .iter()
+            .filter(|(_, e)| e.node != me && pred(e))
+            .map(|(_, e)| e.node)
+            .collect();
+        set.into_iter().collect()
+    })
+}
+
+/// The other node a full JID is bound on, if any.
+pub fn node_of(server: &Server, full: &FullJid) -> Option<u64> {
+    let me = server.cluster.id;
+    server
+        .cluster
+        .table
+        .get(full)
+        .map(|e| e.node)
+        .filter(|n| *n != me)
+}
+
+/// Hands one stanza to `node`.
+pub fn forward(server: &Server, node: u64, delivery: Delivery, to: &str, from: &str, xml: &str) {
+    let f = Forwarded {
+        delivery: delivery as i32,
+        to: to.to_owned(),
+        xml: xml.to_owned(),
+        from: from.to_owned(),
+    };
+    match server.cluster.addr_of(node) {
+        Some(addr) => server.cluster.forwarder.send(node, &addr, f),
+        None => {
+            tracing::warn!(node, "no address for a node of the session table");
+            server.cluster.returned(f);
+        }
+    }
+}
+
+/// To every available resource of `user` on the other nodes.
+pub fn to_available(server: &Server, user: &BareJid, xml: &str) -> usize {
+    let nodes = nodes_of(server, user, |e| e.available);
+    let to = user.to_string();
+    for n in &nodes {
+        forward(server, *n, Delivery::AllAvailable, &to, "", xml);
+    }
+    nodes.len()
+}
+
+/// A roster push for `user`'s interested resources on the other nodes.
+pub fn to_interested(server: &Server, user: &BareJid, xml: &str) {
+    let to = user.to_string();
+    for n in nodes_of(server, user, |_| true) {
+        forward(server, n, Delivery::Interested, &to, "", xml);
+    }
+}
+
+/// Asks the nodes holding `contact`'s available sessions for their
+/// presence, to be sent to `from` (a full JID: that session only; a bare
+/// JID: all its available resources).
+pub fn probe(server: &Server, from: &str, contact: &BareJid) {
+    let to = contact.to_string();
+    for n in nodes_of(server, contact, |e| e.available) {
+        forward(server, n, Delivery::Probe, &to, from, "");
+    }
+}
+
+/// Full JIDs of `user`'s available sessions on the other nodes.
+pub fn available_elsewhere(server: &Server, user: &BareJid) -> Vec<String> {
+    let me = server.cluster.id;
+    server.cluster.table.with_user(user, |entries| {
+        entries
+            .iter()
+            .filter(|(_, e)| e.node != me && e.available)
+            .map(|(r, _)| format!("{user}/{r}"))
+            .collect()
+    })
+}
+
+/// What a stanza from another node becomes here.
+async fn deliver(server: &Server, f: Forwarded, returned: bool) {
+    let delivery = Delivery::try_from(f.delivery).unwrap_or(Delivery::Full);
+    match delivery {
+        Delivery::Full | Delivery::FullOrDrop => {
+            let Ok(full) = FullJid::parse(&f.to) else {
+                return;
+            };
+            if !returned {
+                if let Some(r) = server.sessions.get(&full) {
+                    if r.tx.send(Outbound::Xml(Arc::from(f.xml.as_str()))).is_ok() {
+                        return;
+                    }
+                }
+            }
+            if delivery == Delivery::FullOrDrop {
+                return;
+            }
+            // The session is gone: the delivery rules again, here
+            // (DESIGN.md step 3), so nothing is dropped silently.
+            match xmpp::xml::parse_element(&f.xml, ns::CLIENT) {
+                Ok(stanza) => super::reroute_here(server, stanza).await,
+                Err(e) => tracing::warn!(error = %e, "unparsable forwarded stanza"),
+            }
+        }
+        Delivery::AllAvailable if !returned => {
+            if let Ok(user) = BareJid::parse(&f.to) {
+                presence::to_local_available(server, &user, &Arc::from(f.xml.as_str()));
+            }
+        }
+        Delivery::Interested if !returned => {
+            if let (Ok(user), Ok(iq)) = (
+                BareJid::parse(&f.to),
+                xmpp::xml::parse_element(&f.xml, ns::CLIENT),
+            ) {
+                crate::modules::roster::push_local(server, &user, &iq);
+            }
+        }
+        Delivery::Probe if !returned => {
+            if let Ok(contact) = BareJid::parse(&f.to) {
+                presence::answer_probe_locally(server, &contact, &f.from);
+            }
+        }
+        // Broadcasts and probes to a node that is gone: its sessions are
+        // gone with it, and its contacts learn that from NodeDown.
+        _ => {}
+    }
+}
+
+/// Effects of applied entries that concern this node's sessions.
+async fn on_effect(server: &Server, effect: Effect) {
+    let me = (server.cluster.id, server.cluster.incarnation);
+    match effect {
+        Effect::SessionReplaced { jid, old } if (old.node, old.incarnation) == me => {
+            if let Ok(full) = FullJid::parse(&jid) {
+                if let Some(r) = server.sessions.get(&full).filter(|r| r.id == old.sid) {
+                    // RFC 6120 §7.7.2.2: a newer session (on another node) won.
+                    let _ = r.tx.send(Outbound::Close(
+                        StreamError::Conflict,
+                        Some("replaced by a new connection for this resource".into()),
+                    ));
+                }
+            }
+        }
+        Effect::SessionsGone(list) => {
+            for (jid, entry) in list {
+                let Ok(full) = FullJid::parse(&jid) else {
+                    continue;
+                };
+                if (entry.node, entry.incarnation) == me {
+                    // The cluster counts this session gone (this node was
+                    // declared down while cut off): close it, so the client
+                    // reconnects and binds again, rather than serve a
+                    // session the others do not know.
+                    if let Some(r) = server.sessions.get(&full).filter(|r| r.id == entry.sid) {
+                        let _ = r.tx.send(Outbound::Close(
+                            StreamError::Reset,
+                            Some("this node lost contact with the cluster; reconnect".into()),
+                        ));
+                    }
+                } else if entry.node != me.0 && entry.available {
+                    presence::gone_elsewhere(server, &full);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The node's consumer of everything the cluster hands it.
+pub async fn run(
+    server: Arc<Server>,
+    mut feeds: Feeds,
+    mut inbox: mpsc::Receiver<(Vec<Forwarded>, oneshot::Sender<()>)>,
+) {
+    loop {
+        tokio::select! {
+            Some((batch, done)) = inbox.recv() => {
+                for f in batch {
+                    deliver(&server, f, false).await;
+                }
+                let _ = done.send(());
+            }
+            Some(f) = feeds.returned.recv() => deliver(&server, f, true).await,
+            Some(e) = feeds.effects.recv() => on_effect(&server, e).await,
+            else => return,
+        }
+    }
+}
