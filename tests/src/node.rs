@@ -58,6 +58,14 @@ pub struct NodeOptions {
     /// generated `[auth]` table, so keys before its first table header are
     /// `[auth]` keys (e.g. `allow_registration = true`).
     pub extra_config: String,
+    /// `node_id` in the cluster.
+    pub node_id: u64,
+    /// Cluster addresses of members to join (empty: a cluster of one).
+    pub join: Vec<String>,
+    /// Extra keys of the `[cluster]` table (`snapshot_every = 50`).
+    pub cluster_config: String,
+    /// Wait at start until the node knows a leader with a quorum.
+    pub wait_quorum: bool,
 }
 
 impl Default for NodeOptions {
@@ -65,6 +73,10 @@ impl Default for NodeOptions {
         NodeOptions {
             vhosts: vec!["localhost".into()],
             extra_config: String::new(),
+            node_id: 1,
+            join: Vec::new(),
+            cluster_config: String::new(),
+            wait_quorum: true,
         }
     }
 }
@@ -77,7 +89,11 @@ pub struct TestNode {
     pub c2s: SocketAddr,
     pub c2s_tls: SocketAddr,
     pub grpc: SocketAddr,
+    /// The inter-node (Raft) address.
+    pub cluster: SocketAddr,
+    pub node_id: u64,
     pub domain: String,
+    wait_quorum: bool,
 }
 
 impl TestNode {
@@ -88,14 +104,23 @@ impl TestNode {
     pub fn start_with(opts: NodeOptions) -> anyhow::Result<TestNode> {
         let dir = tempfile::tempdir()?;
         let ip = fresh_ip();
-        let (c2s, c2s_tls, s2s, http, grpc) = (
+        let (c2s, c2s_tls, s2s, http, grpc, cluster) = (
+            free_port(ip)?,
             free_port(ip)?,
             free_port(ip)?,
             free_port(ip)?,
             free_port(ip)?,
             free_port(ip)?,
         );
-        let mut toml = format!("data_dir = {:?}\n", dir.path().join("data"));
+        let mut toml = format!(
+            "data_dir = {:?}\nnode_id = {}\n",
+            dir.path().join("data"),
+            opts.node_id
+        );
+        toml.push_str(&format!(
+            "[cluster]\naddr = \"{cluster}\"\njoin = {:?}\n{}\n",
+            opts.join, opts.cluster_config
+        ));
         toml.push_str("[listen]\n");
         toml.push_str(&format!(
             "c2s = \"{c2s}\"\nc2s_tls = \"{c2s_tls}\"\ns2s = \"{s2s}\"\nhttp = \"{http}\"\ngrpc = \"{grpc}\"\n"
@@ -115,7 +140,10 @@ impl TestNode {
             c2s,
             c2s_tls,
             grpc,
+            cluster,
+            node_id: opts.node_id,
             domain: opts.vhosts.first().cloned().unwrap_or_default(),
+            wait_quorum: opts.wait_quorum,
         };
         node.spawn()?;
         Ok(node)
@@ -167,13 +195,61 @@ impl TestNode {
                 std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok()
             };
             if up(self.c2s) && up(self.c2s_tls) && up(self.grpc) {
-                return Ok(());
+                break;
             }
             if Instant::now() > deadline {
                 bail!("xmpp-node did not start listening:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        if self.wait_quorum {
+            self.wait_quorum(deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `clusterctl status` reports a quorum (exit status 0).
+    pub fn wait_quorum(&mut self, deadline: Instant) -> anyhow::Result<()> {
+        loop {
+            let out = Command::new(bin("clusterctl"))
+                .arg("--node")
+                .arg(self.grpc.to_string())
+                .args(["status", "--json"])
+                .output()
+                .context("cannot run clusterctl")?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("xmpp-node exited with {status}:\n{}", self.log());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "xmpp-node did not reach a quorum:\n{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `clusterctl status --json` as a JSON value (whatever its exit status).
+    pub fn cluster_status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(bin("clusterctl"))
+            .arg("--node")
+            .arg(self.grpc.to_string())
+            .args(["status", "--json"])
+            .output()
+            .context("cannot run clusterctl")?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "clusterctl status --json: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// SIGKILL: the process dies without any chance to flush.
