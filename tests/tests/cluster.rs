@@ -1,0 +1,318 @@
+//! A cluster of three real `xmpp-node` processes on their own loopback
+//! addresses (DESIGN.md, "What Raft replicates"): accounts made through one
+//! node log in on another, messages, presence and roster pushes cross
+//! nodes, bare-JID priority is decided across the cluster, a killed leader
+//! loses no acknowledged write, a restarted node catches up (also from a
+//! snapshot), and a node without a quorum refuses writes and heals.
+
+use std::time::{Duration, Instant};
+
+use tests::client::{body, Client, WAIT};
+use tests::node::{NodeOptions, TestNode};
+use xmpp::element::Element;
+use xmpp::stanza::ns;
+
+const PW: &str = "secret";
+
+fn opts(id: u64, join: Vec<String>, extra: &str) -> NodeOptions {
+    NodeOptions {
+        node_id: id,
+        join,
+        // Short timeouts keep the fault tests short; the rules are the same.
+        cluster_config: format!(
+            "heartbeat_ms = 100\nelection_timeout_ms = 600\nnode_down_grace_secs = 2\nwrite_timeout_ms = 3000\n{extra}"
+        ),
+        ..NodeOptions::default()
+    }
+}
+
+/// Node 1 bootstraps; nodes 2 and 3 join through it.
+fn three(extra: &str) -> Vec<TestNode> {
+    let n1 = TestNode::start_with(opts(1, vec![], extra)).expect("node 1");
+    let join = vec![n1.cluster.to_string()];
+    let n2 = TestNode::start_with(opts(2, join.clone(), extra)).expect("node 2");
+    let n3 = TestNode::start_with(opts(3, join, extra)).expect("node 3");
+    let nodes = vec![n1, n2, n3];
+    wait_members(&nodes[0], 3);
+    nodes
+}
+
+fn wait_members(n: &TestNode, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = n.cluster_status().expect("status");
+        let voters = s["members"]
+            .as_array()
+            .map(|m| m.iter().filter(|m| m["role"] != "learner").count())
+            .unwrap_or(0);
+        if voters == want && s["quorum"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "members never reached {want}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn leader_of(nodes: &[TestNode]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for n in nodes {
+            if let Ok(s) = n.cluster_status() {
+                if s["role"] == "leader" && s["quorum"] == true {
+                    return n.node_id;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn online(node: &TestNode, user: &str, resource: &str, priority: i8) -> Client {
+    let mut c = Client::login_bound(node, user, PW, resource)
+        .await
+        .unwrap_or_else(|e| panic!("{user}/{resource} logs in: {e:#}\n{}", node.log()));
+    c.presence(priority).await.expect("presence");
+    c
+}
+
+async fn expect_body(c: &mut Client, want: &str) {
+    let m = c.recv_message(WAIT).await.expect("a message");
+    assert_eq!(body(&m).as_deref(), Some(want), "{}", m.to_string_in(ns::CLIENT));
+}
+
+/// Waits until every node's session table shows `jid` available.
+fn wait_available(nodes: &[&TestNode], user: &str, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in nodes {
+        loop {
+            let s = n.cluster_status().expect("status");
+            let total: u64 = s["members"]
+                .as_array()
+                .map(|m| m.iter().map(|m| m["sessions"].as_u64().unwrap_or(0)).sum())
+                .unwrap_or(0);
+            if total as usize >= want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{user}: sessions never reached {want}: {s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+async fn subscribe_both(a: &mut Client, b: &mut Client) {
+    for (x, y) in [(&mut *a, &mut *b), (&mut *b, &mut *a)] {
+        let to = y.bare_jid().to_owned();
+        let sub = Element::new("presence", ns::CLIENT)
+            .attr("to", to.as_str())
+            .attr("type", "subscribe");
+        x.send(&sub).await.expect("subscribe");
+        let from = x.bare_jid().to_owned();
+        y.recv_until(
+            |e| e.name == "presence" && e.get_attr("type") == Some("subscribe"),
+            WAIT,
+        )
+        .await
+        .expect("request arrives across nodes");
+        let ok = Element::new("presence", ns::CLIENT)
+            .attr("to", from.as_str())
+            .attr("type", "subscribed");
+        y.send(&ok).await.expect("subscribed");
+        y.sync().await.expect("sync");
+        x.sync().await.expect("sync");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_made_through_one_node_logs_in_on_another_at_once() {
+    let nodes = three("");
+    // Through a follower or the leader alike: the write is forwarded.
+    for (i, n) in nodes.iter().enumerate() {
+        n.adduser(&format!("u{i}"), PW).expect("adduser");
+        let other = &nodes[(i + 1) % 3];
+        let c = Client::login_bound(other, &format!("u{i}"), PW, "r").await;
+        assert!(c.is_ok(), "u{i} made on node {} logs in on node {}: {:?}", n.node_id, other.node_id, c.err());
+    }
+    let users = nodes[2].clusterctl(&["users"]).expect("users");
+    assert_eq!(users.lines().count(), 3, "{users}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_presence_and_roster_pushes_cross_nodes_and_priority_is_cluster_wide() {
+    let nodes = three("");
+    nodes[0].adduser("alice", PW).expect("alice");
+    nodes[0].adduser("bob", PW).expect("bob");
+    let mut home = online(&nodes[0], "alice", "Home", 10).await;
+    let mut office = online(&nodes[1], "alice", "Office", 5).await;
+    let mut bob = online(&nodes[2], "bob", "pc", 0).await;
+    wait_available(&[&nodes[2]], "alice", 3);
+
+    // Bare JID: Home (10, node 1) beats Office (5, node 2).
+    bob.chat("alice@localhost", "to the bare jid").await.expect("send");
+    expect_body(&mut home, "to the bare jid").await;
+    // Office's next message is the marker: the bare one never went there.
+    bob.chat("alice@localhost/Office", "marker").await.expect("send");
+    expect_body(&mut office, "marker").await;
+    // And back, full JID across nodes.
+    office.chat("bob@localhost/pc", "hi bob").await.expect("send");
+    expect_body(&mut bob, "hi bob").await;
+
+    // Subscriptions and presence across nodes.
+    subscribe_both(&mut bob, &mut home).await;
+    let away = Element::new("presence", ns::CLIENT)
+        .child(Element::new("show", ns::CLIENT).text("away"));
+    bob.send(&away).await.expect("away");
+    for c in [&mut home, &mut office] {
+        let p = c
+            .recv_until(
+                |e| e.name == "presence" && e.get_attr("from") == Some("bob@localhost/pc")
+                    && e.get_child("show", ns::CLIENT).is_some(),
+                WAIT,
+            )
+            .await
+            .expect("bob's away reaches alice on both nodes");
+        assert_eq!(p.child_text("show", ns::CLIENT).as_deref(), Some("away"));
+    }
+
+    // A roster set on node 1 is pushed to alice's resource on node 2.
+    let roster_get = office.make_iq("get", None, Element::new("query", ns::ROSTER));
+    office.iq(roster_get).await.expect("roster get");
+    let item = Element::new("item", ns::ROSTER)
+        .attr("jid", "carol@localhost")
+        .attr("name", "Carol");
+    let set = home.make_iq("set", None, Element::new("query", ns::ROSTER).child(item));
+    let r = home.iq(set).await.expect("roster set");
+    assert_eq!(r.get_attr("type"), Some("result"));
+    office
+        .recv_until(
+            |e| e.name == "iq" && e.get_attr("type") == Some("set")
+                && e.get_child("query", ns::ROSTER)
+                    .and_then(|q| q.get_child("item", ns::ROSTER))
+                    .and_then(|i| i.get_attr("jid"))
+                    == Some("carol@localhost"),
+            WAIT,
+        )
+        .await
+        .expect("roster push on the other node");
+    // And node 3 answers the next roster get with it.
+    let mut bob2 = online(&nodes[2], "alice", "Third", 0).await;
+    let get = bob2.make_iq("get", None, Element::new("query", ns::ROSTER));
+    let roster = bob2.iq(get).await.expect("roster");
+    assert!(roster.to_string_in(ns::CLIENT).contains("carol@localhost"), "{}", roster.to_string_in(ns::CLIENT));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_leader_loses_no_acknowledged_write_and_its_users_go_unavailable() {
+    let mut nodes = three("");
+    let leader = leader_of(&nodes);
+    let li = nodes.iter().position(|n| n.node_id == leader).expect("leader index");
+    let (fa, fb) = ((li + 1) % 3, (li + 2) % 3);
+    nodes[fa].adduser("alice", PW).expect("alice");
+    nodes[fa].adduser("bob", PW).expect("bob");
+    let mut bob = online(&nodes[li], "bob", "pc", 0).await;
+    let mut alice = online(&nodes[fa], "alice", "pc", 0).await;
+    subscribe_both(&mut alice, &mut bob).await;
+
+    // Writes through both followers, with the leader killed midway.
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        if i == 15 {
+            nodes[li].kill();
+        }
+        let via = &nodes[if i % 2 == 0 { fa } else { fb }];
+        if via.adduser(&format!("w{i}"), PW).is_ok() {
+            acked.push(format!("w{i}@localhost"));
+        }
+    }
+    assert!(acked.len() >= 30, "writes resumed under a new leader: {acked:?}");
+    for n in [&nodes[fa], &nodes[fb]] {
+        let users = n.clusterctl(&["users"]).expect("users");
+        for a in &acked {
+            assert!(users.lines().any(|l| l == a), "node {} lost acknowledged {a}", n.node_id);
+        }
+    }
+    // Bob was on the dead node: alice learns he is gone (NodeDown).
+    alice
+        .recv_until(
+            |e| e.name == "presence" && e.get_attr("from") == Some("bob@localhost/pc")
+                && e.get_attr("type") == Some("unavailable"),
+            Duration::from_secs(15),
+        )
+        .await
+        .expect("bob seen unavailable");
+    // He logs in elsewhere and carries on.
+    let mut bob = online(&nodes[fb], "bob", "pc", 0).await;
+    alice.chat("bob@localhost", "still there?").await.expect("send");
+    expect_body(&mut bob, "still there?").await;
+
+    // The killed node comes back and catches up.
+    nodes[li].start_again().expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let users = nodes[li].clusterctl(&["users"]).unwrap_or_default();
+        if acked.iter().all(|a| users.lines().any(|l| l == a)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restarted node never caught up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_catches_up_from_a_snapshot_after_compaction() {
+    let mut nodes = three("snapshot_every = 20");
+    nodes[2].stop().expect("stop node 3");
+    // One entry per account, so the log passes the snapshot threshold.
+    for i in 0..60 {
+        nodes[i % 2].adduser(&format!("s{i}"), PW).expect("adduser");
+    }
+    nodes[2].start_again().expect("start node 3");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let users = nodes[2].clusterctl(&["users"]).unwrap_or_default();
+        if users.lines().count() == 60 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 3 never caught up: {}", users.lines().count());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        nodes[2].log().contains("installed a snapshot"),
+        "node 3 caught up without a snapshot install:\n{}",
+        nodes[2].log()
+    );
+    let c = Client::login_bound(&nodes[2], "s59", PW, "r").await;
+    assert!(c.is_ok(), "{:?}", c.err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_quorum_refuses_writes_and_logins_then_heals() {
+    let mut nodes = three("");
+    nodes[0].adduser("alice", PW).expect("alice");
+    nodes[1].kill();
+    nodes[2].kill();
+    // Alone, node 1 cannot commit: a clear error naming the quorum, not a hang.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        match nodes[0].adduser("lonely", PW) {
+            Err(e) => break e.to_string(),
+            Ok(()) => {
+                assert!(Instant::now() < deadline, "a lone node kept committing");
+            }
+        }
+    };
+    assert!(err.contains("quorum"), "{err}");
+    let status = nodes[0].cluster_status().expect("status");
+    assert_eq!(status["quorum"], false, "{status}");
+    let login = Client::login_bound(&nodes[0], "alice", PW, "r").await;
+    let msg = format!("{:?}", login.err());
+    assert!(msg.contains("temporary-auth-failure"), "{msg}");
+    // The others come back: the cluster heals with no operator action.
+    nodes[1].start_again().expect("node 2");
+    nodes[2].start_again().expect("node 3");
+    nodes[0].wait_quorum(Instant::now() + Duration::from_secs(30)).expect("healed");
+    nodes[0].adduser("healed", PW).expect("writes work again");
+    let users = nodes[2].clusterctl(&["users"]).expect("users");
+    // (`lonely` was never acknowledged: it may or may not be there now.)
+    assert!(users.contains("healed@localhost"), "{users}");
+}
