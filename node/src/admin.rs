@@ -131,7 +131,10 @@ pub fn cluster_status(server: &Server) -> ClusterStatusReply {
         if down.is_empty() {
             format!("ok: {} members, all reachable", members.len())
         } else {
-            format!("degraded: node(s) {} unreachable; quorum holds", down.join(", "))
+            format!(
+                "degraded: node(s) {} unreachable; quorum holds",
+                down.join(", ")
+            )
         }
     } else {
         format!("ok: following leader {leader} (run status against the leader for per-member reachability)")
@@ -165,7 +168,8 @@ impl Admin for AdminService {
     ) -> Result<Response<MembershipReply>, Status> {
         let r = req.into_inner();
         let c = &self.server.cluster;
-        let reply = crate::cluster::service::admit(&c.raft, &c.channels, r.node_id, &r.addr).await?;
+        let reply =
+            crate::cluster::service::admit(&c.raft, &c.channels, r.node_id, &r.addr).await?;
         Ok(Response::new(reply))
     }
 
@@ -199,7 +203,9 @@ impl Admin for AdminService {
             .write(crate::cluster::state_machine::Command::NodeDown { node: id })
             .await;
         tracing::info!(node = id, "node removed from the cluster");
-        Ok(Response::new(crate::cluster::service::membership_reply(&c.raft)))
+        Ok(Response::new(crate::cluster::service::membership_reply(
+            &c.raft,
+        )))
     }
 
     async fn transfer_leader(
@@ -223,7 +229,9 @@ impl Admin for AdminService {
             metrics.wait_for(|m| m.current_leader == Some(id)),
         )
         .await;
-        Ok(Response::new(crate::cluster::service::membership_reply(&c.raft)))
+        Ok(Response::new(crate::cluster::service::membership_reply(
+            &c.raft,
+        )))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {

@@ -162,8 +162,7 @@ async fn serve_peer(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
         .add_service(
-            proto::peer_server::PeerServer::new(svc)
-                .max_decoding_message_size(256 * 1024 * 1024),
+            proto::peer_server::PeerServer::new(svc).max_decoding_message_size(256 * 1024 * 1024),
         )
         .serve_with_incoming(incoming)
         .await;

@@ -48,7 +48,10 @@ fn wait_members(n: &TestNode, want: usize) {
         if voters == want && s["quorum"] == true {
             return;
         }
-        assert!(Instant::now() < deadline, "members never reached {want}: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "members never reached {want}: {s}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -78,7 +81,12 @@ async fn online(node: &TestNode, user: &str, resource: &str, priority: i8) -> Cl
 
 async fn expect_body(c: &mut Client, want: &str) {
     let m = c.recv_message(WAIT).await.expect("a message");
-    assert_eq!(body(&m).as_deref(), Some(want), "{}", m.to_string_in(ns::CLIENT));
+    assert_eq!(
+        body(&m).as_deref(),
+        Some(want),
+        "{}",
+        m.to_string_in(ns::CLIENT)
+    );
 }
 
 /// Waits until every node's session table shows `jid` available.
@@ -94,14 +102,23 @@ fn wait_available(nodes: &[&TestNode], user: &str, want: usize) {
             if total as usize >= want {
                 break;
             }
-            assert!(Instant::now() < deadline, "{user}: sessions never reached {want}: {s}");
+            assert!(
+                Instant::now() < deadline,
+                "{user}: sessions never reached {want}: {s}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
 async fn subscribe_both(a: &mut Client, b: &mut Client) {
-    for (x, y) in [(&mut *a, &mut *b), (&mut *b, &mut *a)] {
+    subscribe(a, b).await;
+    subscribe(b, a).await;
+}
+
+/// `x` subscribes to `y`'s presence and `y` approves.
+async fn subscribe(x: &mut Client, y: &mut Client) {
+    {
         let to = y.bare_jid().to_owned();
         let sub = Element::new("presence", ns::CLIENT)
             .attr("to", to.as_str())
@@ -131,7 +148,13 @@ async fn account_made_through_one_node_logs_in_on_another_at_once() {
         n.adduser(&format!("u{i}"), PW).expect("adduser");
         let other = &nodes[(i + 1) % 3];
         let c = Client::login_bound(other, &format!("u{i}"), PW, "r").await;
-        assert!(c.is_ok(), "u{i} made on node {} logs in on node {}: {:?}", n.node_id, other.node_id, c.err());
+        assert!(
+            c.is_ok(),
+            "u{i} made on node {} logs in on node {}: {:?}",
+            n.node_id,
+            other.node_id,
+            c.err()
+        );
     }
     let users = nodes[2].clusterctl(&["users"]).expect("users");
     assert_eq!(users.lines().count(), 3, "{users}");
@@ -148,25 +171,35 @@ async fn messages_presence_and_roster_pushes_cross_nodes_and_priority_is_cluster
     wait_available(&[&nodes[2]], "alice", 3);
 
     // Bare JID: Home (10, node 1) beats Office (5, node 2).
-    bob.chat("alice@localhost", "to the bare jid").await.expect("send");
+    bob.chat("alice@localhost", "to the bare jid")
+        .await
+        .expect("send");
     expect_body(&mut home, "to the bare jid").await;
     // Office's next message is the marker: the bare one never went there.
-    bob.chat("alice@localhost/Office", "marker").await.expect("send");
+    bob.chat("alice@localhost/Office", "marker")
+        .await
+        .expect("send");
     expect_body(&mut office, "marker").await;
     // And back, full JID across nodes.
-    office.chat("bob@localhost/pc", "hi bob").await.expect("send");
+    office
+        .chat("bob@localhost/pc", "hi bob")
+        .await
+        .expect("send");
     expect_body(&mut bob, "hi bob").await;
 
     // Subscriptions and presence across nodes.
     subscribe_both(&mut bob, &mut home).await;
-    let away = Element::new("presence", ns::CLIENT)
-        .child(Element::new("show", ns::CLIENT).text("away"));
+    let away =
+        Element::new("presence", ns::CLIENT).child(Element::new("show", ns::CLIENT).text("away"));
     bob.send(&away).await.expect("away");
     for c in [&mut home, &mut office] {
         let p = c
             .recv_until(
-                |e| e.name == "presence" && e.get_attr("from") == Some("bob@localhost/pc")
-                    && e.get_child("show", ns::CLIENT).is_some(),
+                |e| {
+                    e.name == "presence"
+                        && e.get_attr("from") == Some("bob@localhost/pc")
+                        && e.get_child("show", ns::CLIENT).is_some()
+                },
                 WAIT,
             )
             .await
@@ -185,11 +218,14 @@ async fn messages_presence_and_roster_pushes_cross_nodes_and_priority_is_cluster
     assert_eq!(r.get_attr("type"), Some("result"));
     office
         .recv_until(
-            |e| e.name == "iq" && e.get_attr("type") == Some("set")
-                && e.get_child("query", ns::ROSTER)
-                    .and_then(|q| q.get_child("item", ns::ROSTER))
-                    .and_then(|i| i.get_attr("jid"))
-                    == Some("carol@localhost"),
+            |e| {
+                e.name == "iq"
+                    && e.get_attr("type") == Some("set")
+                    && e.get_child("query", ns::ROSTER)
+                        .and_then(|q| q.get_child("item", ns::ROSTER))
+                        .and_then(|i| i.get_attr("jid"))
+                        == Some("carol@localhost")
+            },
             WAIT,
         )
         .await
@@ -198,14 +234,21 @@ async fn messages_presence_and_roster_pushes_cross_nodes_and_priority_is_cluster
     let mut bob2 = online(&nodes[2], "alice", "Third", 0).await;
     let get = bob2.make_iq("get", None, Element::new("query", ns::ROSTER));
     let roster = bob2.iq(get).await.expect("roster");
-    assert!(roster.to_string_in(ns::CLIENT).contains("carol@localhost"), "{}", roster.to_string_in(ns::CLIENT));
+    assert!(
+        roster.to_string_in(ns::CLIENT).contains("carol@localhost"),
+        "{}",
+        roster.to_string_in(ns::CLIENT)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_leader_loses_no_acknowledged_write_and_its_users_go_unavailable() {
     let mut nodes = three("");
     let leader = leader_of(&nodes);
-    let li = nodes.iter().position(|n| n.node_id == leader).expect("leader index");
+    let li = nodes
+        .iter()
+        .position(|n| n.node_id == leader)
+        .expect("leader index");
     let (fa, fb) = ((li + 1) % 3, (li + 2) % 3);
     nodes[fa].adduser("alice", PW).expect("alice");
     nodes[fa].adduser("bob", PW).expect("bob");
@@ -224,25 +267,38 @@ async fn killed_leader_loses_no_acknowledged_write_and_its_users_go_unavailable(
             acked.push(format!("w{i}@localhost"));
         }
     }
-    assert!(acked.len() >= 30, "writes resumed under a new leader: {acked:?}");
+    assert!(
+        acked.len() >= 30,
+        "writes resumed under a new leader: {acked:?}"
+    );
     for n in [&nodes[fa], &nodes[fb]] {
         let users = n.clusterctl(&["users"]).expect("users");
         for a in &acked {
-            assert!(users.lines().any(|l| l == a), "node {} lost acknowledged {a}", n.node_id);
+            assert!(
+                users.lines().any(|l| l == a),
+                "node {} lost acknowledged {a}",
+                n.node_id
+            );
         }
     }
     // Bob was on the dead node: alice learns he is gone (NodeDown).
     alice
         .recv_until(
-            |e| e.name == "presence" && e.get_attr("from") == Some("bob@localhost/pc")
-                && e.get_attr("type") == Some("unavailable"),
+            |e| {
+                e.name == "presence"
+                    && e.get_attr("from") == Some("bob@localhost/pc")
+                    && e.get_attr("type") == Some("unavailable")
+            },
             Duration::from_secs(15),
         )
         .await
         .expect("bob seen unavailable");
     // He logs in elsewhere and carries on.
     let mut bob = online(&nodes[fb], "bob", "pc", 0).await;
-    alice.chat("bob@localhost", "still there?").await.expect("send");
+    alice
+        .chat("bob@localhost", "still there?")
+        .await
+        .expect("send");
     expect_body(&mut bob, "still there?").await;
 
     // The killed node comes back and catches up.
@@ -273,7 +329,11 @@ async fn restarted_node_catches_up_from_a_snapshot_after_compaction() {
         if users.lines().count() == 60 {
             break;
         }
-        assert!(Instant::now() < deadline, "node 3 never caught up: {}", users.lines().count());
+        assert!(
+            Instant::now() < deadline,
+            "node 3 never caught up: {}",
+            users.lines().count()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
@@ -310,7 +370,9 @@ async fn a_node_without_quorum_refuses_writes_and_logins_then_heals() {
     // The others come back: the cluster heals with no operator action.
     nodes[1].start_again().expect("node 2");
     nodes[2].start_again().expect("node 3");
-    nodes[0].wait_quorum(Instant::now() + Duration::from_secs(30)).expect("healed");
+    nodes[0]
+        .wait_quorum(Instant::now() + Duration::from_secs(30))
+        .expect("healed");
     nodes[0].adduser("healed", PW).expect("writes work again");
     let users = nodes[2].clusterctl(&["users"]).expect("users");
     // (`lonely` was never acknowledged: it may or may not be there now.)

@@ -220,7 +220,10 @@ async fn main() -> anyhow::Result<()> {
             if r.leader == node_id {
                 println!("node {node_id} is the leader");
             } else {
-                bail!("node {node_id} stood for election, but the leader is {}", r.leader);
+                bail!(
+                    "node {node_id} stood for election, but the leader is {}",
+                    r.leader
+                );
             }
         }
         Cmd::Adduser { jid, password: p } => {

@@ -17,8 +17,8 @@ use xmpp::xml::Event;
 use super::negotiate::{bind_result, Bound};
 use super::sm::{self, Handoff, Sm};
 use super::stream::{ConnError, Stream};
-use crate::modules::presence;
 use crate::cluster::state_machine::{Command, SessionEntry};
+use crate::modules::presence;
 use crate::router;
 use crate::sessions::{self, Outbound, SessionId};
 use crate::Server;
@@ -170,8 +170,13 @@ pub async fn run(s: Stream, bound: Bound) {
         ) {
             let _ = boxed(|| s.send(&reply)).await;
         }
-        boxed(|| super::finish(&mut s, Err(ConnError::stream(StreamError::Reset, "no quorum"))))
-            .await;
+        boxed(|| {
+            super::finish(
+                &mut s,
+                Err(ConnError::stream(StreamError::Reset, "no quorum")),
+            )
+        })
+        .await;
         return;
     }
     if let Some(old) = replaced {

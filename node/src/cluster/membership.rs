@@ -32,7 +32,9 @@ pub fn start(server: Arc<Server>) {
                 let mut members = BTreeMap::new();
                 members.insert(cluster.id, node(&advertised));
                 match cluster.raft.initialize(members).await {
-                    Ok(()) => tracing::info!(node = cluster.id, addr = %advertised, "started a new cluster of one"),
+                    Ok(()) => {
+                        tracing::info!(node = cluster.id, addr = %advertised, "started a new cluster of one")
+                    }
                     Err(e) => tracing::error!(error = %e, "cannot initialise the cluster"),
                 }
             } else {
@@ -115,7 +117,11 @@ async fn watch_members(server: Arc<Server>) {
                 None => since.elapsed() > grace,
             };
             if silent {
-                tracing::warn!(node = id, grace_secs = grace.as_secs(), "member stopped answering; marking it down and dropping its sessions");
+                tracing::warn!(
+                    node = id,
+                    grace_secs = grace.as_secs(),
+                    "member stopped answering; marking it down and dropping its sessions"
+                );
                 if let Err(e) = cluster.write(Command::NodeDown { node: *id }).await {
                     tracing::warn!(node = id, error = %e, "cannot commit NodeDown yet");
                 }

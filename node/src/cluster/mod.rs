@@ -105,15 +105,9 @@ impl Cluster {
             channels: channels.clone(),
             contacts: contacts.clone(),
         };
-        let raft = Raft::new(
-            config.node_id,
-            Arc::new(raft_config),
-            net,
-            log.clone(),
-            sm,
-        )
-        .await
-        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), net, log.clone(), sm)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let (returned_tx, returned) = mpsc::unbounded_channel();
         let cluster = Cluster {
             id: config.node_id,

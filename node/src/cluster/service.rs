@@ -152,10 +152,7 @@ pub fn membership_reply(raft: &Raft) -> MembershipReply {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn append_entries(
-        &self,
-        req: Request<RaftBytes>,
-    ) -> Result<Response<RaftBytes>, Status> {
+    async fn append_entries(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let r = self.raft.append_entries(rpc).await;
         Ok(Response::new(encode(&r)))
@@ -191,7 +188,9 @@ impl Peer for PeerService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<MembershipReply>, Status> {
         let JoinRequest { node_id, addr } = req.into_inner();
         if node_id == 0 || addr.is_empty() {
-            return Err(Status::invalid_argument("a join needs a node id and an address"));
+            return Err(Status::invalid_argument(
+                "a join needs a node id and an address",
+            ));
         }
         let r = tokio::time::timeout(
             Duration::from_secs(60),

@@ -779,7 +779,8 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
         }
         Command::BindSession { jid, entry } => {
             if let Some(old) = tx.session(&jid)? {
-                if (old.node, old.incarnation, old.sid) != (entry.node, entry.incarnation, entry.sid)
+                if (old.node, old.incarnation, old.sid)
+                    != (entry.node, entry.incarnation, entry.sid)
                 {
                     tx.effects.push(Effect::SessionReplaced {
                         jid: jid.clone(),

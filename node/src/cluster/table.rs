@@ -24,7 +24,9 @@ impl SessionTable {
         self.by_user.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<BareJid, Vec<(String, SessionEntry)>>> {
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<BareJid, Vec<(String, SessionEntry)>>> {
         self.by_user.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -71,7 +73,11 @@ impl SessionTable {
     }
 
     /// Runs `f` over the user's entries under the read lock (no awaiting).
-    pub fn with_user<R>(&self, user: &BareJid, f: impl FnOnce(&[(String, SessionEntry)]) -> R) -> R {
+    pub fn with_user<R>(
+        &self,
+        user: &BareJid,
+        f: impl FnOnce(&[(String, SessionEntry)]) -> R,
+    ) -> R {
         let map = self.read();
         f(map.get(user).map_or(&[][..], Vec::as_slice))
     }

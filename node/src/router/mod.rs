@@ -145,7 +145,14 @@ pub fn deliver_reply(server: &Server, reply: Element) {
         let _ = r.tx.send(Outbound::Xml(serialize(&reply)));
     } else if let Some(node) = remote::node_of(server, &to) {
         let xml = serialize(&reply);
-        remote::forward(server, node, Delivery::FullOrDrop, &to.to_string(), "", &xml);
+        remote::forward(
+            server,
+            node,
+            Delivery::FullOrDrop,
+            &to.to_string(),
+            "",
+            &xml,
+        );
     }
 }
 
@@ -154,7 +161,14 @@ pub fn deliver_reply_xml(server: &Server, to: &FullJid, xml: Arc<str>) {
     if let Some(r) = server.sessions.get(to) {
         let _ = r.tx.send(Outbound::Xml(xml));
     } else if let Some(node) = remote::node_of(server, to) {
-        remote::forward(server, node, Delivery::FullOrDrop, &to.to_string(), "", &xml);
+        remote::forward(
+            server,
+            node,
+            Delivery::FullOrDrop,
+            &to.to_string(),
+            "",
+            &xml,
+        );
     }
 }
 
@@ -250,7 +264,14 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
             });
             if pass.cluster {
                 for node in remote::nodes_of(server, &bare, |e| e.available && e.priority >= 0) {
-                    remote::forward(server, node, Delivery::AllAvailable, &bare.to_string(), "", &xml);
+                    remote::forward(
+                        server,
+                        node,
+                        Delivery::AllAvailable,
+                        &bare.to_string(),
+                        "",
+                        &xml,
+                    );
                 }
             }
         }
@@ -357,7 +378,14 @@ fn route_presence(server: &Server, stanza: Element, to: Jid, pass: Pass) {
             } else if pass.cluster {
                 if let Some(node) = remote::node_of(server, full) {
                     let xml = serialize(&stanza);
-                    remote::forward(server, node, Delivery::FullOrDrop, &full.to_string(), "", &xml);
+                    remote::forward(
+                        server,
+                        node,
+                        Delivery::FullOrDrop,
+                        &full.to_string(),
+                        "",
+                        &xml,
+                    );
                 }
             }
         }
