@@ -87,6 +87,9 @@ fn rest_of_key(key: &[u8], prefix_len: usize) -> String {
     String::from_utf8_lossy(key.get(prefix_len..).unwrap_or_default()).into_owned()
 }
 
+/// Keys and values, in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage: {0}")]
@@ -290,12 +293,12 @@ impl Store {
     }
 
     /// The whole replicated state, for a snapshot.
-    pub fn dump(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn dump(&self) -> Result<Pairs, StoreError> {
         self.scan_prefix(b"").collect()
     }
 
     /// Replaces the whole state with a snapshot's, in one atomic batch.
-    pub fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StoreError> {
+    pub fn replace_all(&self, pairs: Pairs) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for k in self.tree.iter().keys() {
             batch.remove(k?);

@@ -123,19 +123,22 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 type RpcErr<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
+/// One generated client method, boxed.
+type Rpc = fn(
+    PeerClient<Channel>,
+    RaftBytes,
+) -> futures_util::future::BoxFuture<
+    'static,
+    Result<tonic::Response<RaftBytes>, tonic::Status>,
+>;
+
 impl Connection {
     /// One RPC: encode, call, decode the remote `Result`.
     async fn call<Req, Resp, E>(
         &self,
         req: &Req,
         ttl: Duration,
-        rpc: fn(
-            PeerClient<Channel>,
-            RaftBytes,
-        ) -> futures_util::future::BoxFuture<
-            'static,
-            Result<tonic::Response<RaftBytes>, tonic::Status>,
-        >,
+        rpc: Rpc,
     ) -> Result<Resp, RpcErr<E>>
     where
         Req: Serialize,

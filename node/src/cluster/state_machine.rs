@@ -1226,4 +1226,135 @@ mod tests {
         }
         assert_eq!(dump(&s1), dump(&s2));
     }
+
+    fn entry(node: u64, incarnation: u64, sid: u64) -> SessionEntry {
+        SessionEntry {
+            node,
+            incarnation,
+            sid,
+            available: false,
+            priority: 0,
+        }
+    }
+
+    fn effects(s: &Store, cmd: Command) -> Vec<Effect> {
+        let meta = [(keys::APPLIED, 1u64.to_be_bytes().to_vec())];
+        let (outcome, effects) = apply_entry(s, &meta, cmd).expect("apply");
+        outcome.expect("not refused");
+        effects
+    }
+
+    #[test]
+    fn a_newer_bind_replaces_the_old_session_and_says_whose_it_was() {
+        let (_d, s) = store();
+        let jid = "a@x/r".to_string();
+        effects(
+            &s,
+            Command::BindSession {
+                jid: jid.clone(),
+                entry: entry(1, 7, 1),
+            },
+        );
+        let e = effects(
+            &s,
+            Command::BindSession {
+                jid: jid.clone(),
+                entry: entry(2, 9, 4),
+            },
+        );
+        assert!(
+            e.contains(&Effect::SessionReplaced {
+                jid: jid.clone(),
+                old: entry(1, 7, 1)
+            }),
+            "{e:?}"
+        );
+        // The loser's late unbind leaves the winner in place.
+        effects(
+            &s,
+            Command::UnbindSession {
+                jid: jid.clone(),
+                node: 1,
+                incarnation: 7,
+                sid: 1,
+            },
+        );
+        assert_eq!(
+            s.sessions().expect("table"),
+            vec![(jid.clone(), entry(2, 9, 4))]
+        );
+        // Presence of a session that is not the bound one changes nothing.
+        effects(
+            &s,
+            Command::SessionPresence {
+                jid: jid.clone(),
+                node: 1,
+                incarnation: 7,
+                sid: 1,
+                available: true,
+                priority: 5,
+            },
+        );
+        assert!(!s.sessions().expect("table")[0].1.available);
+        effects(
+            &s,
+            Command::SessionPresence {
+                jid: jid.clone(),
+                node: 2,
+                incarnation: 9,
+                sid: 4,
+                available: true,
+                priority: 5,
+            },
+        );
+        assert_eq!(s.sessions().expect("table")[0].1.priority, 5);
+    }
+
+    #[test]
+    fn node_up_drops_earlier_incarnations_and_node_down_drops_all() {
+        let (_d, s) = store();
+        effects(
+            &s,
+            Command::BindSession {
+                jid: "a@x/1".into(),
+                entry: entry(1, 7, 1),
+            },
+        );
+        effects(
+            &s,
+            Command::BindSession {
+                jid: "b@x/1".into(),
+                entry: entry(1, 8, 1),
+            },
+        );
+        effects(
+            &s,
+            Command::BindSession {
+                jid: "c@x/1".into(),
+                entry: entry(2, 5, 1),
+            },
+        );
+        let e = effects(
+            &s,
+            Command::NodeUp {
+                node: 1,
+                incarnation: 8,
+            },
+        );
+        assert!(
+            e.contains(&Effect::SessionsGone(vec![(
+                "a@x/1".into(),
+                entry(1, 7, 1)
+            )])),
+            "{e:?}"
+        );
+        effects(&s, Command::NodeDown { node: 2 });
+        let left: Vec<String> = s
+            .sessions()
+            .expect("table")
+            .into_iter()
+            .map(|(j, _)| j)
+            .collect();
+        assert_eq!(left, vec!["b@x/1".to_string()]);
+    }
 }
