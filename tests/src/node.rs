@@ -208,15 +208,19 @@ impl TestNode {
         Ok(())
     }
 
+    fn status_json(&self) -> anyhow::Result<std::process::Output> {
+        Command::new(bin("clusterctl"))
+            .arg("--node")
+            .arg(self.grpc.to_string())
+            .args(["status", "--json"])
+            .output()
+            .context("cannot run clusterctl")
+    }
+
     /// Waits until `clusterctl status` reports a quorum (exit status 0).
     pub fn wait_quorum(&mut self, deadline: Instant) -> anyhow::Result<()> {
         loop {
-            let out = Command::new(bin("clusterctl"))
-                .arg("--node")
-                .arg(self.grpc.to_string())
-                .args(["status", "--json"])
-                .output()
-                .context("cannot run clusterctl")?;
+            let out = self.status_json()?;
             if out.status.success() {
                 return Ok(());
             }
@@ -238,12 +242,7 @@ impl TestNode {
 
     /// `clusterctl status --json` as a JSON value (whatever its exit status).
     pub fn cluster_status(&self) -> anyhow::Result<serde_json::Value> {
-        let out = Command::new(bin("clusterctl"))
-            .arg("--node")
-            .arg(self.grpc.to_string())
-            .args(["status", "--json"])
-            .output()
-            .context("cannot run clusterctl")?;
+        let out = self.status_json()?;
         serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "clusterctl status --json: {}",

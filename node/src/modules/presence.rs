@@ -153,17 +153,8 @@ pub(crate) fn gone_elsewhere(server: &Server, full: &FullJid) {
     let unavailable = Element::new("presence", ns::CLIENT)
         .attr("type", "unavailable")
         .attr("from", full.to_string());
-    let roster = server.store().roster(&user.to_string()).unwrap_or_default();
-    for (c, item) in roster {
-        if !item.sub.subscription.has_from() {
-            continue;
-        }
-        let Ok(contact) = BareJid::parse(&c) else {
-            continue;
-        };
-        if is_local(server, &contact) {
-            to_local_available(server, &contact, &xml(&with_to(&unavailable, &c)));
-        }
+    for (c, contact) in local_subscribers(server, user) {
+        to_local_available(server, &contact, &xml(&with_to(&unavailable, &c)));
     }
     let own = xml(&with_to(&unavailable, &user.to_string()));
     to_local_available(server, user, &own);
@@ -352,6 +343,18 @@ pub async fn broadcast(
     }
 }
 
+/// The user's contacts on our domains subscribed to the user's presence
+/// (`from`/`both`), as (JID string, JID).
+fn local_subscribers(server: &Server, user: &BareJid) -> Vec<(String, BareJid)> {
+    let roster = server.store().roster(&user.to_string()).unwrap_or_default();
+    roster
+        .into_iter()
+        .filter(|(_, item)| item.sub.subscription.has_from())
+        .filter_map(|(c, _)| BareJid::parse(&c).ok().map(|j| (c, j)))
+        .filter(|(_, j)| is_local(server, j))
+        .collect()
+}
+
 /// Availability and priority into the replicated session table, when they
 /// changed (status texts alone are not replicated: DESIGN.md).
 async fn in_table(server: &Server, me: &FullJid, id: SessionId, available: bool, priority: i8) {
@@ -365,17 +368,7 @@ async fn in_table(server: &Server, me: &FullJid, id: SessionId, available: bool,
 /// user's other available resources.
 fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
     let user = me.bare();
-    let roster = server.store().roster(&user.to_string()).unwrap_or_default();
-    for (c, item) in roster {
-        if !item.sub.subscription.has_from() {
-            continue;
-        }
-        let Ok(contact) = BareJid::parse(&c) else {
-            continue;
-        };
-        if !is_local(server, &contact) {
-            continue;
-        }
+    for (c, contact) in local_subscribers(server, user) {
         if blocked_either_way(server, user, &contact) {
             continue;
         }

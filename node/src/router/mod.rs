@@ -141,19 +141,7 @@ pub fn deliver_reply(server: &Server, reply: Element) {
     let Some(to) = reply.get_attr("to").and_then(|t| FullJid::parse(t).ok()) else {
         return;
     };
-    if let Some(r) = server.sessions.get(&to) {
-        let _ = r.tx.send(Outbound::Xml(serialize(&reply)));
-    } else if let Some(node) = remote::node_of(server, &to) {
-        let xml = serialize(&reply);
-        remote::forward(
-            server,
-            node,
-            Delivery::FullOrDrop,
-            &to.to_string(),
-            "",
-            &xml,
-        );
-    }
+    deliver_reply_xml(server, &to, serialize(&reply));
 }
 
 /// Delivers serialised server-made XML to a full JID on any node.
