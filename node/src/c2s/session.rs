@@ -39,8 +39,12 @@ impl Drop for BoundGuard {
             tracing::debug!(jid = %self.jid, "session ended");
         }
         // The replicated table forgets it too (a task: drop cannot wait).
-        let (server, jid, id) = (self.server.clone(), self.jid.clone(), self.id);
-        tokio::spawn(async move { unbind_in_table(&server, &jid, id).await });
+        // (No runtime left means the process is exiting: NodeUp at the next
+        // start removes the entry.)
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (server, jid, id) = (self.server.clone(), self.jid.clone(), self.id);
+            rt.spawn(async move { unbind_in_table(&server, &jid, id).await });
+        }
     }
 }
 
