@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY of intent: build scripts are single-threaded; prost-build reads PROTOC.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto/cluster.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/cluster.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .bytes(".cluster.Forwarded.xml")
+        .compile_protos(&["proto/cluster.proto"], &["proto"])?;
     Ok(())
 }

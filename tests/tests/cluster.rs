@@ -89,8 +89,8 @@ async fn expect_body(c: &mut Client, want: &str) {
     );
 }
 
-/// Waits until every node's session table shows `jid` available.
-fn wait_available(nodes: &[&TestNode], user: &str, want: usize) {
+/// Waits until each node's session table holds at least `want` sessions.
+fn wait_sessions(nodes: &[&TestNode], want: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     for n in nodes {
         loop {
@@ -104,7 +104,7 @@ fn wait_available(nodes: &[&TestNode], user: &str, want: usize) {
             }
             assert!(
                 Instant::now() < deadline,
-                "{user}: sessions never reached {want}: {s}"
+                "sessions never reached {want}: {s}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -168,7 +168,7 @@ async fn messages_presence_and_roster_pushes_cross_nodes_and_priority_is_cluster
     let mut home = online(&nodes[0], "alice", "Home", 10).await;
     let mut office = online(&nodes[1], "alice", "Office", 5).await;
     let mut bob = online(&nodes[2], "bob", "pc", 0).await;
-    wait_available(&[&nodes[2]], "alice", 3);
+    wait_sessions(&[&nodes[2]], 3);
 
     // Bare JID: Home (10, node 1) beats Office (5, node 2).
     bob.chat("alice@localhost", "to the bare jid")

@@ -41,8 +41,11 @@ pub struct StateMachine {
     effects: mpsc::UnboundedSender<Effect>,
     applied: watch::Sender<u64>,
     snapshot_path: PathBuf,
-    current: Arc<Mutex<Option<Vec<u8>>>>,
+    current: Current,
 }
+
+/// The latest snapshot: its meta (decoded once) and its encoded file.
+type Current = Arc<Mutex<Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>>>;
 
 /// A fault in this node's own storage: logged, then the process stops.
 fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
@@ -63,7 +66,13 @@ impl StateMachine {
         snapshot_path: PathBuf,
     ) -> Result<StateMachine, StoreError> {
         table.reset(store.sessions()?);
-        let current = std::fs::read(&snapshot_path).ok();
+        // A snapshot that does not decode is ignored: the leader sends a
+        // new one, or this node builds one, when it is needed.
+        let current = std::fs::read(&snapshot_path).ok().and_then(|d| {
+            postcard::from_bytes::<SnapshotFile>(&d)
+                .ok()
+                .map(|f| (f.meta, d))
+        });
         let sm = StateMachine {
             store,
             table,
@@ -132,7 +141,7 @@ pub struct Builder {
     data: Vec<u8>,
     meta: SnapshotMeta<NodeId, BasicNode>,
     path: PathBuf,
-    current: Arc<Mutex<Option<Vec<u8>>>>,
+    current: Current,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
@@ -145,7 +154,8 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
         if let Err(e) = written.and(tokio::fs::rename(&tmp, &self.path).await) {
             return Err(StorageIOError::write_snapshot(Some(self.meta.signature()), &e).into());
         }
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(data.clone());
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((self.meta.clone(), data.clone()));
         Ok(Snapshot {
             meta: self.meta.clone(),
             snapshot: Box::new(Cursor::new(data)),
@@ -227,7 +237,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Err(e) => fatal("reading the installed session table", &e),
         }
         let _ = tokio::fs::write(&self.snapshot_path, &data).await;
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(data);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta.clone(), data));
         self.applied
             .send_replace(meta.last_log_id.map_or(0, |l| l.index));
         tracing::info!(snapshot = %meta.snapshot_id, "installed a snapshot from the leader");
@@ -242,10 +252,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let Some(data) = data else { return Ok(None) };
-        let file: SnapshotFile = postcard::from_bytes(&data).map_err(sm_err)?;
-        Ok(Some(Snapshot {
-            meta: file.meta,
+        Ok(data.map(|(meta, data)| Snapshot {
+            meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
     }

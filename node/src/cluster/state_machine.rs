@@ -193,10 +193,24 @@ pub enum Response {
     Batch(Vec<Response>),
 }
 
-/// Why a command was refused. Deterministic refusals are part of the
-/// replicated outcome; `Store` errors are local faults.
+/// Why a write did not take effect: a deterministic refusal (part of the
+/// replicated outcome), a local store fault, or no quorum in time.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The cluster could not commit the write in time (no quorum, no
+    /// leader): nothing was applied; the caller may try again later.
+    #[error("the cluster cannot commit writes now: {0}")]
+    Unavailable(String),
+}
+
+/// A deterministic refusal: every replica reaches the same one, and it
+/// travels back from the leader with the outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
     #[error("account {0} already exists")]
     AccountExists(String),
     #[error("no account {0}")]
@@ -209,37 +223,6 @@ pub enum ApplyError {
     BlocklistFull(String, u32),
     #[error("no roster item {contact} for {user}")]
     NoRosterItem { user: String, contact: String },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The cluster could not commit the write in time (no quorum, no
-    /// leader): nothing was applied; the caller may try again later.
-    #[error("the cluster cannot commit writes now: {0}")]
-    Unavailable(String),
-}
-
-/// A deterministic refusal, as it travels back from the leader: the
-/// replicated part of [`ApplyError`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Refusal {
-    AccountExists(String),
-    NoSuchAccount(String),
-    OfflineFull { user: String, max: u32 },
-    RosterFull(String, u32),
-    BlocklistFull(String, u32),
-    NoRosterItem { user: String, contact: String },
-}
-
-impl From<Refusal> for ApplyError {
-    fn from(r: Refusal) -> ApplyError {
-        match r {
-            Refusal::AccountExists(u) => ApplyError::AccountExists(u),
-            Refusal::NoSuchAccount(u) => ApplyError::NoSuchAccount(u),
-            Refusal::OfflineFull { user, max } => ApplyError::OfflineFull { user, max },
-            Refusal::RosterFull(u, m) => ApplyError::RosterFull(u, m),
-            Refusal::BlocklistFull(u, m) => ApplyError::BlocklistFull(u, m),
-            Refusal::NoRosterItem { user, contact } => ApplyError::NoRosterItem { user, contact },
-        }
-    }
 }
 
 /// The outcome of one applied command, as every replica computes it.
@@ -247,20 +230,13 @@ pub type Outcome = Result<Response, Refusal>;
 
 /// Splits an apply result into the replicated outcome and a local fault.
 fn outcome(r: Result<Response, ApplyError>) -> Result<Outcome, StoreError> {
-    Ok(match r {
-        Ok(r) => Ok(r),
-        Err(ApplyError::AccountExists(u)) => Err(Refusal::AccountExists(u)),
-        Err(ApplyError::NoSuchAccount(u)) => Err(Refusal::NoSuchAccount(u)),
-        Err(ApplyError::OfflineFull { user, max }) => Err(Refusal::OfflineFull { user, max }),
-        Err(ApplyError::RosterFull(u, m)) => Err(Refusal::RosterFull(u, m)),
-        Err(ApplyError::BlocklistFull(u, m)) => Err(Refusal::BlocklistFull(u, m)),
-        Err(ApplyError::NoRosterItem { user, contact }) => {
-            Err(Refusal::NoRosterItem { user, contact })
-        }
-        Err(ApplyError::Store(e)) => return Err(e),
+    match r {
+        Ok(r) => Ok(Ok(r)),
+        Err(ApplyError::Refused(refusal)) => Ok(Err(refusal)),
+        Err(ApplyError::Store(e)) => Err(e),
         // Never produced by apply itself.
-        Err(ApplyError::Unavailable(m)) => return Err(StoreError::Fault(m)),
-    })
+        Err(ApplyError::Unavailable(m)) => Err(StoreError::Fault(m)),
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -467,7 +443,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
         Command::CreateAccount { user, credentials } => {
             let key = keys::account(&user);
             if tx.get(&key)?.is_some() {
-                return Err(ApplyError::AccountExists(user));
+                return Err(Refusal::AccountExists(user).into());
             }
             tx.put(key, encode(&Account { credentials }));
             Ok(Response::Done)
@@ -499,7 +475,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
         Command::SetPassword { user, credentials } => {
             let key = keys::account(&user);
             if tx.get(&key)?.is_none() {
-                return Err(ApplyError::NoSuchAccount(user));
+                return Err(Refusal::NoSuchAccount(user).into());
             }
             tx.put(key, encode(&Account { credentials }));
             Ok(Response::Done)
@@ -507,7 +483,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
         Command::DeleteAccount { user } => {
             let key = keys::account(&user);
             if tx.get(&key)?.is_none() {
-                return Err(ApplyError::NoSuchAccount(user));
+                return Err(Refusal::NoSuchAccount(user).into());
             }
             tx.delete(key);
             tx.delete([keys::ROSTER_VER, user.as_bytes()].concat());
@@ -527,7 +503,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             let prefix = keys::offline_prefix(&user);
             let queued = tx.scan(&prefix)?;
             if queued.len() >= max as usize {
-                return Err(ApplyError::OfflineFull { user, max });
+                return Err(Refusal::OfflineFull { user, max }.into());
             }
             // Sequence numbers continue after the newest stored message,
             // so order is kept without a counter of its own.
@@ -558,7 +534,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             if previous.is_none()
                 && tx.scan(&keys::user_prefix(keys::ROSTER, &user))?.len() >= max as usize
             {
-                return Err(ApplyError::RosterFull(user, max));
+                return Err(Refusal::RosterFull(user, max).into());
             }
             let mut item = previous.clone().unwrap_or_default();
             item.name = name;
@@ -573,7 +549,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
         }
         Command::RosterRemove { user, contact } => {
             let Some(previous) = tx.roster_item(&user, &contact)? else {
-                return Err(ApplyError::NoRosterItem { user, contact });
+                return Err(Refusal::NoRosterItem { user, contact }.into());
             };
             let ver = tx.next_roster_version(&user)?;
             tx.delete(keys::user_key(keys::ROSTER, &user, &contact));
@@ -734,7 +710,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 .filter(|j| !matches!(tx.get(&keys::user_key(keys::BLOCK, &user, j)), Ok(Some(_))))
                 .count();
             if listed + new > max as usize {
-                return Err(ApplyError::BlocklistFull(user, max));
+                return Err(Refusal::BlocklistFull(user, max).into());
             }
             let mut changed = Vec::new();
             for j in jids {
@@ -876,7 +852,7 @@ mod tests {
                     credentials: creds("b")
                 }
             ),
-            Err(ApplyError::AccountExists(_))
+            Err(ApplyError::Refused(Refusal::AccountExists(_)))
         ));
         assert_eq!(
             s.account(&alice)
@@ -932,7 +908,7 @@ mod tests {
                     max: 3
                 }
             ),
-            Err(ApplyError::OfflineFull { max: 3, .. })
+            Err(ApplyError::Refused(Refusal::OfflineFull { max: 3, .. }))
         ));
         let got = apply(&s, 5, Command::TakeOffline { user: user.clone() }).expect("take");
         assert_eq!(
@@ -1151,7 +1127,7 @@ mod tests {
                     contact: "zz@x".into()
                 }
             ),
-            Err(ApplyError::NoRosterItem { .. })
+            Err(ApplyError::Refused(Refusal::NoRosterItem { .. }))
         ));
     }
 
@@ -1173,7 +1149,10 @@ mod tests {
         };
         set(1, "b@x").expect("first");
         set(2, "c@x").expect("second");
-        assert!(matches!(set(3, "d@x"), Err(ApplyError::RosterFull(_, 2))));
+        assert!(matches!(
+            set(3, "d@x"),
+            Err(ApplyError::Refused(Refusal::RosterFull(_, 2)))
+        ));
         // Updating a contact already there is not growth.
         set(4, "b@x").expect("update");
         let block = |i, jids: &[&str]| {
@@ -1191,7 +1170,7 @@ mod tests {
         block(6, &["m@x"]).expect("already listed");
         assert!(matches!(
             block(7, &["o@x"]),
-            Err(ApplyError::BlocklistFull(_, 2))
+            Err(ApplyError::Refused(Refusal::BlocklistFull(_, 2)))
         ));
         assert_eq!(s.blocklist("a@x").expect("list").len(), 2);
     }

@@ -9,7 +9,7 @@ use xmpp::jid::{BareJid, Jid};
 use xmpp::stanza::{iq_result, ns, StanzaKind};
 
 use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module, RouteCheck};
-use crate::cluster::state_machine::{ApplyError, Command, Response};
+use crate::cluster::state_machine::{ApplyError, Command, Refusal, Response};
 use crate::sessions::Outbound;
 use crate::Server;
 
@@ -104,7 +104,7 @@ impl Module for Blocking {
             let changed = match server.cluster.write(cmd).await {
                 Ok(Response::Blocking(c)) => c,
                 Ok(_) => Vec::new(),
-                Err(e @ ApplyError::BlocklistFull(..)) => {
+                Err(e @ ApplyError::Refused(Refusal::BlocklistFull(..))) => {
                     return Some(iq_error(
                         req.iq,
                         StanzaError::NotAcceptable,

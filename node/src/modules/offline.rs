@@ -13,7 +13,7 @@ use xmpp::jid::{BareJid, FullJid};
 use xmpp::stanza::{error_reply, ns};
 
 use super::{BoxFuture, Module};
-use crate::cluster::state_machine::{ApplyError, Command, Response};
+use crate::cluster::state_machine::{ApplyError, Command, Refusal, Response};
 use crate::sessions::Outbound;
 use crate::Server;
 
@@ -52,7 +52,7 @@ impl Module for Offline {
             };
             match server.cluster.write(cmd).await {
                 Ok(_) => Some(Ok(())),
-                Err(ApplyError::OfflineFull { max, .. }) => {
+                Err(ApplyError::Refused(Refusal::OfflineFull { max, .. })) => {
                     let text = format!("{to} is offline and their message store is full ({max} messages); try later");
                     Some(Err(error_reply(
                         message,

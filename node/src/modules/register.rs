@@ -10,7 +10,7 @@ use xmpp::stanza::{iq_result, ns, IqType};
 
 use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module};
 use crate::accounts::{self, AccountError};
-use crate::cluster::state_machine::ApplyError;
+use crate::cluster::state_machine::{ApplyError, Refusal};
 use crate::Server;
 
 pub struct Register;
@@ -74,7 +74,7 @@ pub async fn preauth(server: &Server, vhost: &str, iq: &Element) -> Element {
                     tracing::info!(user = %jid, "account registered in-band");
                     iq_result(iq)
                 }
-                Err(AccountError::Apply(ApplyError::AccountExists(_))) => {
+                Err(AccountError::Apply(ApplyError::Refused(Refusal::AccountExists(_)))) => {
                     iq_error(iq, StanzaError::Conflict, Some("that username is taken"))
                 }
                 Err(AccountError::BadPassword) => {

@@ -148,31 +148,27 @@ pub fn deliver_reply(server: &Server, reply: Element) {
 pub fn deliver_reply_xml(server: &Server, to: &FullJid, xml: Arc<str>) {
     if let Some(r) = server.sessions.get(to) {
         let _ = r.tx.send(Outbound::Xml(xml));
-    } else if let Some(node) = remote::node_of(server, to) {
-        remote::forward(
-            server,
-            node,
-            Delivery::FullOrDrop,
-            &to.to_string(),
-            "",
-            &xml,
-        );
+    } else {
+        remote::forward_to_full(server, to, Delivery::FullOrDrop, &xml);
     }
 }
 
-/// Hands a stanza to the node holding `full`, if another node does.
-fn forward_full(server: &Server, full: &FullJid, stanza: &Element, pass: Pass) -> bool {
-    if !pass.cluster {
-        return false;
-    }
-    match remote::node_of(server, full) {
-        Some(node) => {
-            let xml = serialize(stanza);
-            remote::forward(server, node, Delivery::Full, &full.to_string(), "", &xml);
-            true
-        }
-        None => false,
-    }
+/// Hands a stanza to the node holding `full`, if another node does
+/// (serialised only then).
+fn forward_full(
+    server: &Server,
+    full: &FullJid,
+    stanza: &Element,
+    pass: Pass,
+    delivery: Delivery,
+) -> bool {
+    let node = match remote::node_of(server, full) {
+        Some(node) if pass.cluster => node,
+        _ => return false,
+    };
+    let xml = serialize(stanza);
+    remote::forward(server, node, delivery, &full.to_string(), "", &xml);
+    true
 }
 
 fn serialize(stanza: &Element) -> Arc<str> {
@@ -208,7 +204,7 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
                     return;
                 }
             }
-            if forward_full(server, full, &stanza, pass) {
+            if forward_full(server, full, &stanza, pass, Delivery::Full) {
                 return;
             }
             // RFC 6121 §8.5.3.2.1: no such resource.
@@ -363,18 +359,8 @@ fn route_presence(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         Jid::Full(full) => {
             if let Some(r) = server.sessions.get(full) {
                 let _ = r.tx.send(Outbound::Xml(serialize(&stanza)));
-            } else if pass.cluster {
-                if let Some(node) = remote::node_of(server, full) {
-                    let xml = serialize(&stanza);
-                    remote::forward(
-                        server,
-                        node,
-                        Delivery::FullOrDrop,
-                        &full.to_string(),
-                        "",
-                        &xml,
-                    );
-                }
+            } else {
+                forward_full(server, full, &stanza, pass, Delivery::FullOrDrop);
             }
         }
         Jid::Bare(bare) => {
@@ -418,7 +404,7 @@ async fn route_iq(server: &Server, stanza: Element, to: Jid, pass: Pass) {
                 Some(r) => {
                     let _ = r.tx.send(Outbound::Xml(serialize(&stanza)));
                 }
-                None if forward_full(server, full, &stanza, pass) => {}
+                None if forward_full(server, full, &stanza, pass, Delivery::Full) => {}
                 // RFC 6121 §8.5.3.2.1: requests get an error, responses are dropped.
                 None if itype.is_request() => {
                     bounce(server, &stanza, StanzaError::ServiceUnavailable, None)

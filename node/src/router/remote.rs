@@ -51,7 +51,7 @@ pub fn forward(server: &Server, node: u64, delivery: Delivery, to: &str, from: &
     let f = Forwarded {
         delivery: delivery as i32,
         to: to.to_owned(),
-        xml: xml.to_owned(),
+        xml: prost::bytes::Bytes::copy_from_slice(xml.as_bytes()),
         from: from.to_owned(),
     };
     match server.cluster.addr_of(node) {
@@ -60,6 +60,17 @@ pub fn forward(server: &Server, node: u64, delivery: Delivery, to: &str, from: &
             tracing::warn!(node, "no address for a node of the session table");
             server.cluster.returned(f);
         }
+    }
+}
+
+/// Hands `xml` to the other node holding `full`; false when none does.
+pub fn forward_to_full(server: &Server, full: &FullJid, delivery: Delivery, xml: &str) -> bool {
+    match node_of(server, full) {
+        Some(node) => {
+            forward(server, node, delivery, &full.to_string(), "", xml);
+            true
+        }
+        None => false,
     }
 }
 
@@ -106,6 +117,10 @@ pub fn available_elsewhere(server: &Server, user: &BareJid) -> Vec<String> {
 /// What a stanza from another node becomes here.
 async fn deliver(server: &Server, f: Forwarded, returned: bool) {
     let delivery = Delivery::try_from(f.delivery).unwrap_or(Delivery::Full);
+    let Ok(xml) = std::str::from_utf8(&f.xml) else {
+        tracing::warn!(to = %f.to, "forwarded stanza is not UTF-8; dropped");
+        return;
+    };
     match delivery {
         Delivery::Full | Delivery::FullOrDrop => {
             let Ok(full) = FullJid::parse(&f.to) else {
@@ -113,7 +128,7 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
             };
             if !returned {
                 if let Some(r) = server.sessions.get(&full) {
-                    if r.tx.send(Outbound::Xml(Arc::from(f.xml.as_str()))).is_ok() {
+                    if r.tx.send(Outbound::Xml(Arc::from(xml))).is_ok() {
                         return;
                     }
                 }
@@ -123,20 +138,20 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
             }
             // The session is gone: the delivery rules again, here
             // (DESIGN.md step 3), so nothing is dropped silently.
-            match xmpp::xml::parse_element(&f.xml, ns::CLIENT) {
+            match xmpp::xml::parse_element(xml, ns::CLIENT) {
                 Ok(stanza) => super::reroute_here(server, stanza).await,
                 Err(e) => tracing::warn!(error = %e, "unparsable forwarded stanza"),
             }
         }
         Delivery::AllAvailable if !returned => {
             if let Ok(user) = BareJid::parse(&f.to) {
-                presence::to_local_available(server, &user, &Arc::from(f.xml.as_str()));
+                presence::to_local_available(server, &user, &Arc::from(xml));
             }
         }
         Delivery::Interested if !returned => {
             if let (Ok(user), Ok(iq)) = (
                 BareJid::parse(&f.to),
-                xmpp::xml::parse_element(&f.xml, ns::CLIENT),
+                xmpp::xml::parse_element(xml, ns::CLIENT),
             ) {
                 crate::modules::roster::push_local(server, &user, &iq);
             }
