@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use xmpp::jid::BareJid;
 
 use crate::accounts::{self, AccountError};
-use crate::cluster::state_machine::ApplyError;
+use crate::cluster::state_machine::{ApplyError, Refusal};
 use crate::Server;
 
 pub async fn serve(server: Arc<Server>, listener: tokio::net::TcpListener) {
@@ -36,8 +36,12 @@ fn status_of(e: AccountError) -> Status {
         AccountError::BadJid(..) | AccountError::UnknownHost(_) | AccountError::BadPassword => {
             Status::invalid_argument(e.to_string())
         }
-        AccountError::Apply(ApplyError::AccountExists(_)) => Status::already_exists(e.to_string()),
-        AccountError::Apply(ApplyError::NoSuchAccount(_)) => Status::not_found(e.to_string()),
+        AccountError::Apply(ApplyError::Refused(Refusal::AccountExists(_))) => {
+            Status::already_exists(e.to_string())
+        }
+        AccountError::Apply(ApplyError::Refused(Refusal::NoSuchAccount(_))) => {
+            Status::not_found(e.to_string())
+        }
         AccountError::Apply(ApplyError::Unavailable(_)) => Status::unavailable(e.to_string()),
         AccountError::Apply(_) | AccountError::Internal(_) => Status::internal(e.to_string()),
     }
@@ -300,6 +304,7 @@ impl Admin for AdminService {
                 "`{vhost}` is not a virtual host of this node"
             )));
         }
+        self.server.cluster.read_barrier().await;
         let jids = self
             .server
             .store()

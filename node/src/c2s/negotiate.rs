@@ -252,6 +252,8 @@ async fn sasl(
         return Ok(SaslOutcome::Refused);
     };
     let server = s.server.clone();
+    // An account created through another node a moment ago is here too.
+    server.cluster.read_barrier().await;
     let vhost = s.vhost.clone();
     let lookup = |username: &str, hash: HashAlg| {
         let node = nodeprep(username).ok()?;

@@ -205,6 +205,44 @@ impl Cluster {
         }
     }
 
+    /// Waits until this node has applied what the leader had committed when
+    /// asked (Raft's read index), so a read here sees every write
+    /// acknowledged anywhere before it: an account made through node 1
+    /// logs in on node 2, a roster set on node 1 is in node 2's next roster
+    /// get. The leader needs no round trip: it applied every write it
+    /// acknowledged. Bounded by the write timeout; a node with no leader
+    /// reads what it has (and refuses logins on its own, see `has_quorum`).
+    pub async fn read_barrier(&self) {
+        let wait = async {
+            loop {
+                // Asked again when the node we took for the leader is not
+                // (any more): our view of the leader may lag an election.
+                let Some((leader, addr)) = self.leader() else {
+                    return;
+                };
+                if leader == self.id {
+                    return;
+                }
+                let index = match self.channels.get(&addr) {
+                    Ok(mut client) => client
+                        .read_index(proto::ReadIndexRequest {})
+                        .await
+                        .map(|r| r.into_inner().index),
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                };
+                if let Ok(index) = index {
+                    let mut applied = self.applied.clone();
+                    let _ = applied.wait_for(|a| *a >= index).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(self.write_timeout, wait).await.is_err() {
+            tracing::warn!("read barrier timed out; reading local state");
+        }
+    }
+
     /// Whether this node currently knows a leader that heard from a quorum.
     pub fn has_quorum(&self) -> bool {
         let m = self.raft.metrics();

@@ -10,7 +10,7 @@ use openraft::BasicNode;
 use proto::peer_server::Peer;
 use proto::{
     ElectReply, ElectRequest, ForwardAck, ForwardBatch, Forwarded, JoinRequest, MembershipReply,
-    RaftBytes,
+    RaftBytes, ReadIndexReply, ReadIndexRequest,
 };
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
@@ -208,6 +208,20 @@ impl Peer for PeerService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ElectReply {}))
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexReply>, Status> {
+        let (read, _) = self
+            .raft
+            .get_read_log_id()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(ReadIndexReply {
+            index: read.map_or(0, |l| l.index),
+        }))
     }
 
     async fn forward(&self, req: Request<ForwardBatch>) -> Result<Response<ForwardAck>, Status> {

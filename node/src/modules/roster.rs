@@ -11,7 +11,7 @@ use xmpp::roster::SubKind;
 use xmpp::stanza::{iq_result, ns};
 
 use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module};
-use crate::cluster::state_machine::{ApplyError, Command, Response};
+use crate::cluster::state_machine::{ApplyError, Command, Refusal, Response};
 use crate::sessions::Outbound;
 use crate::store::RosterItem;
 use crate::Server;
@@ -99,6 +99,8 @@ impl Module for Roster {
             if req.is_set() {
                 Some(set(server, &req, user).await)
             } else {
+                // A change acknowledged on another node is in this answer.
+                server.cluster.read_barrier().await;
                 get(server, &req, user)
             }
         })
@@ -233,7 +235,7 @@ async fn set(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Element {
         }
         Ok(_) => iq_result(req.iq),
         // RFC 6121 §2.3.3: the roster size limit.
-        Err(e @ ApplyError::RosterFull(..)) => {
+        Err(e @ ApplyError::Refused(Refusal::RosterFull(..))) => {
             iq_error(req.iq, StanzaError::NotAllowed, Some(&e.to_string()))
         }
         Err(e) => {
@@ -278,7 +280,7 @@ async fn remove(
             iq_result(req.iq)
         }
         Ok(_) => iq_result(req.iq),
-        Err(ApplyError::NoRosterItem { .. }) => iq_result(req.iq),
+        Err(ApplyError::Refused(Refusal::NoRosterItem { .. })) => iq_result(req.iq),
         Err(e) => {
             tracing::error!(error = %e, "roster remove failed");
             iq_error(req.iq, StanzaError::InternalServerError, None)
