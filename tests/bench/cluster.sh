@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The cluster benchmark: logins/s and login latency on one node, then on a
+# 3-node cluster through the leader and through a follower. A login is TCP,
+# STARTTLS, SCRAM-SHA-1, bind (one Raft write: the session table), roster
+# get, initial presence (one Raft write: availability), close (one Raft
+# write: unbind), so the difference between the rows is the cost of
+# replication on the login path.
+#
+#   tests/bench/cluster.sh [--users N] [--secs S] [--concurrency C]
+#
+# Nodes listen on 127.0.30.1-3 with data in a temporary directory; no CPU
+# pinning (three nodes and xmpp-load share this machine's cores), so read
+# the rows against each other, not against the single-server table of
+# tests/bench/run.sh. Prints a Markdown table.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+USERS=500
+SECS=10
+CONC=50
+while [ $# -gt 0 ]; do
+    case $1 in
+        --users) USERS=$2; shift 2 ;;
+        --secs) SECS=$2; shift 2 ;;
+        --concurrency) CONC=$2; shift 2 ;;
+        -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+        *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+cd "$ROOT"
+cargo build --release -q -p node -p tests --bins
+BIN=$ROOT/target/release
+TMP=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+DOMAIN=bench.test
+
+start() { # id, join...
+    local i=$1; shift
+    local ip=127.0.30.$i
+    mkdir -p "$TMP/n$i"
+    "$BIN/xmpp-node" --node-id "$i" --data-dir "$TMP/n$i" --vhost "$DOMAIN" \
+        --c2s-addr "$ip:5222" --c2s-tls-addr "$ip:5223" --grpc-addr "$ip:5290" \
+        --cluster-addr "$ip:5291" --log-level warn "$@" 2>"$TMP/n$i.log" &
+    pids+=($!)
+    for _ in $(seq 150); do
+        "$BIN/clusterctl" --node "$ip:5290" status >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    echo "node $i did not come up: $(tail -5 "$TMP/n$i.log")" >&2
+    exit 1
+}
+stop_all() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pids=(); rm -rf "$TMP"/n*; }
+
+"$BIN/xmpp-load" accounts --users "$USERS" --domain "$DOMAIN" >"$TMP/accounts.txt"
+
+login() { # c2s address -> "per_s p50 p99 failed"
+    "$BIN/xmpp-load" login --server "$1" --domain "$DOMAIN" --accounts "$TMP/accounts.txt" \
+        --users "$USERS" --mechanism scram-sha-1 --concurrency "$CONC" --arrival-rate 0 \
+        --duration "$SECS" --json --quiet |
+        /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["login"]; print("%.0f %.1f %.1f %d" % (r["per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["failed"]))'
+}
+
+row() { read -r per p50 p99 failed <<<"$2"; printf '| %s | %s | %s / %s | %s |\n' "$1" "$per" "$p50" "$p99" "$failed"; }
+
+start 1
+"$BIN/clusterctl" --node 127.0.30.1:5290 import-users "$TMP/accounts.txt" >/dev/null
+one=$(login 127.0.30.1:5222)
+stop_all
+
+start 1
+start 2 --join 127.0.30.1:5291
+start 3 --join 127.0.30.1:5291
+for _ in $(seq 100); do
+    n=$("$BIN/clusterctl" --node 127.0.30.1:5290 status --json | /usr/bin/python3 -c 'import json,sys; print(sum(1 for m in json.load(sys.stdin)["members"] if m["role"]!="learner"))')
+    [ "$n" = 3 ] && break
+    sleep 0.2
+done
+"$BIN/clusterctl" --node 127.0.30.2:5290 import-users "$TMP/accounts.txt" >/dev/null
+leader=$("$BIN/clusterctl" --node 127.0.30.1:5290 status --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
+follower=$(( leader % 3 + 1 ))
+via_leader=$(login "127.0.30.$leader:5222")
+via_follower=$(login "127.0.30.$follower:5222")
+
+echo "Logins ($USERS accounts, $CONC in flight, ${SECS} s each, SCRAM-SHA-1 over STARTTLS), $(date -u +%F):"
+echo
+echo "| | logins/s | latency p50 / p99 (ms) | failed |"
+echo "|---|---:|---:|---:|"
+row "one node" "$one"
+row "3-node cluster, via the leader" "$via_leader"
+row "3-node cluster, via a follower" "$via_follower"
