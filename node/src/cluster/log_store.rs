@@ -8,9 +8,12 @@
 //! flushes and the state machine's batches never meet, and each database
 //! is only ever written from one task at a time.
 //!
-//! `append` reports an entry flushed only after `flush_async` returned: one
-//! flush covers every entry openraft handed over in that call (group
-//! commit), which is what makes an acknowledged write survive kill -9.
+//! `append` reports an entry flushed only after a `flush_async` that began
+//! after the entry was written returned: that is what makes an acknowledged
+//! write survive kill -9. The flushes run in a task of their own (group
+//! commit): `append` writes and returns, the flusher takes every callback
+//! waiting, flushes once, and completes them all in order. Writes and
+//! flushes never overlap (the `io` lock), the rule sled 0.34 needs.
 
 // openraft's trait methods return its `StorageError` (over 200 bytes);
 // the helpers here return the same type rather than convert twice.
@@ -19,6 +22,9 @@
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, StorageError, StorageIOError, Vote};
@@ -36,6 +42,10 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// Held while writing and while flushing: they never run at once.
+    io: Arc<tokio::sync::Mutex<()>>,
+    /// Appended entries waiting for the flusher.
+    flushes: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -47,13 +57,31 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 }
 
 impl LogStore {
+    /// Opens the log and starts its flusher (inside a tokio runtime).
     pub fn open(dir: &Path) -> Result<LogStore, sled::Error> {
         let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
+        let io = Arc::new(tokio::sync::Mutex::new(()));
+        let (flushes, rx) = mpsc::unbounded_channel();
+        tokio::spawn(flusher(db.clone(), io.clone(), rx));
         Ok(LogStore {
             log: db.open_tree("log")?,
             meta: db.open_tree("meta")?,
             db,
+            io,
+            flushes,
         })
+    }
+
+    /// Writes a batch to a tree, never during a flush.
+    async fn write(&self, tree: &sled::Tree, batch: sled::Batch) -> Result<(), sled::Error> {
+        let _io = self.io.lock().await;
+        tree.apply_batch(batch)
+    }
+
+    /// Flushes now, never during a write.
+    async fn flush_now(&self) -> Result<(), sled::Error> {
+        let _io = self.io.lock().await;
+        self.db.flush_async().await.map(|_| ())
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -72,8 +100,10 @@ impl LogStore {
         value: &T,
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = postcard::to_allocvec(value).map_err(write_err)?;
-        self.meta.insert(key, bytes).map_err(write_err)?;
-        self.db.flush_async().await.map_err(write_err)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(key, bytes);
+        self.write(&self.meta, batch).await.map_err(write_err)?;
+        self.flush_now().await.map_err(write_err)?;
         Ok(())
     }
 
@@ -89,7 +119,35 @@ impl LogStore {
 
     /// Flushes the log database (at shutdown).
     pub async fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush_async().await.map(|_| ())
+        self.flush_now().await
+    }
+}
+
+/// Group commit: one flush for every append waiting when it starts.
+async fn flusher(
+    db: sled::Db,
+    io: Arc<tokio::sync::Mutex<()>>,
+    mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        // Every entry of `waiting` was written before its callback was
+        // queued, so before this flush begins.
+        let result = {
+            let _io = io.lock().await;
+            db.flush_async().await.map(|_| ())
+        };
+        for callback in waiting {
+            callback.log_io_completed(
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+            );
+        }
     }
 }
 
@@ -155,7 +213,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     ) -> Result<(), StorageError<NodeId>> {
         // Not flushed on its own: losing it only makes a restarted node
         // learn the commit point from the leader again.
+        // A plain insert, not a batch: sled seals (and syncs) its log
+        // buffer for every batch, and this runs once per commit.
         let bytes = postcard::to_allocvec(&committed).map_err(write_err)?;
+        let _io = self.io.lock().await;
         self.meta.insert(COMMITTED, bytes).map_err(write_err)?;
         Ok(())
     }
@@ -178,9 +239,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = postcard::to_allocvec(&e).map_err(write_err)?;
             batch.insert(&key(e.log_id.index), bytes);
         }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        let flushed = self.db.flush_async().await;
-        callback.log_io_completed(flushed.map(|_| ()).map_err(std::io::Error::other));
+        self.write(&self.log, batch).await.map_err(write_err)?;
+        // The flusher completes the callback once this batch is on disk;
+        // if it is gone the process is stopping and the entry unacknowledged.
+        let _ = self.flushes.send(callback);
         Ok(())
     }
 
@@ -189,8 +251,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for k in self.log.range(key(log_id.index)..).keys() {
             batch.remove(k.map_err(write_err)?);
         }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        self.db.flush_async().await.map_err(write_err)?;
+        self.write(&self.log, batch).await.map_err(write_err)?;
+        self.flush_now().await.map_err(write_err)?;
         Ok(())
     }
 
@@ -202,8 +264,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for k in self.log.range(..=key(log_id.index)).keys() {
             batch.remove(k.map_err(write_err)?);
         }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        Ok(())
+        self.write(&self.log, batch).await.map_err(write_err)
     }
 }
 

@@ -238,7 +238,10 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        if tokio::time::timeout(self.write_timeout, wait).await.is_err() {
+        if tokio::time::timeout(self.write_timeout, wait)
+            .await
+            .is_err()
+        {
             tracing::warn!("read barrier timed out; reading local state");
         }
     }

@@ -19,7 +19,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::state_machine::{self, Effect, Outcome, Response};
+use super::state_machine::{self, Effect, Outcome};
 use super::table::SessionTable;
 use super::TypeConfig;
 use crate::store::{keys, Store, StoreError};
@@ -98,42 +98,51 @@ impl StateMachine {
         Ok((last, membership))
     }
 
-    fn apply_one(&self, entry: Entry<TypeConfig>) -> Outcome {
-        let log_id = Some(entry.log_id);
-        let mut meta: Vec<(&[u8], Vec<u8>)> = vec![(
-            keys::APPLIED_LOG,
-            postcard::to_allocvec(&log_id).unwrap_or_default(),
-        )];
-        let cmd = match entry.payload {
-            EntryPayload::Blank => None,
-            EntryPayload::Normal(cmd) => Some(cmd),
-            EntryPayload::Membership(m) => {
-                let stored = Membership::new(log_id, m);
-                meta.push((
-                    keys::MEMBERSHIP,
-                    postcard::to_allocvec(&stored).unwrap_or_default(),
-                ));
-                None
-            }
-        };
-        let result = match cmd {
-            Some(cmd) => state_machine::apply_entry(&self.store, &meta, cmd),
-            None => state_machine::record_position(&self.store, &meta)
-                .map(|()| (Ok(Response::Done), Vec::new())),
-        };
-        let (outcome, effects) = match result {
+    /// Applies openraft's entries as one batch, then publishes their
+    /// effects and the applied index, in log order.
+    fn apply_all(&self, entries: Vec<Entry<TypeConfig>>) -> Vec<Outcome> {
+        let mut indexes = Vec::with_capacity(entries.len());
+        let items = entries
+            .into_iter()
+            .map(|entry| {
+                let log_id = Some(entry.log_id);
+                indexes.push(entry.log_id.index);
+                let mut meta = vec![(
+                    keys::APPLIED_LOG,
+                    postcard::to_allocvec(&log_id).unwrap_or_default(),
+                )];
+                let cmd = match entry.payload {
+                    EntryPayload::Blank => None,
+                    EntryPayload::Normal(cmd) => Some(cmd),
+                    EntryPayload::Membership(m) => {
+                        let stored = Membership::new(log_id, m);
+                        meta.push((
+                            keys::MEMBERSHIP,
+                            postcard::to_allocvec(&stored).unwrap_or_default(),
+                        ));
+                        None
+                    }
+                };
+                (meta, cmd)
+            })
+            .collect();
+        let results = match state_machine::apply_entries(&self.store, items) {
             Ok(r) => r,
-            Err(e) => fatal("applying a committed entry", &e),
+            Err(e) => fatal("applying committed entries", &e),
         };
-        for effect in effects {
-            if let Effect::SessionChanged { jid, entry } = &effect {
-                self.table.set(jid, *entry);
-            } else {
-                let _ = self.effects.send(effect);
+        let mut outcomes = Vec::with_capacity(results.len());
+        for ((outcome, effects), index) in results.into_iter().zip(indexes) {
+            for effect in effects {
+                if let Effect::SessionChanged { jid, entry } = &effect {
+                    self.table.set(jid, *entry);
+                } else {
+                    let _ = self.effects.send(effect);
+                }
             }
+            self.applied.send_replace(index);
+            outcomes.push(outcome);
         }
-        self.applied.send_replace(entry.log_id.index);
-        outcome
+        outcomes
     }
 }
 
@@ -177,7 +186,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
-        Ok(entries.into_iter().map(|e| self.apply_one(e)).collect())
+        Ok(self.apply_all(entries.into_iter().collect()))
     }
 
     async fn get_snapshot_builder(&mut self) -> Builder {

@@ -250,14 +250,23 @@ type KeyValue = (Vec<u8>, Vec<u8>);
 /// a `Batch` sees its own earlier writes and commits as one sled batch.
 struct Tx<'a> {
     store: &'a Store,
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Writes of the entries before this one in the same batch.
+    base: &'a Writes,
+    writes: Writes,
     effects: Vec<Effect>,
 }
 
+/// Pending writes by key (`None`: delete).
+type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// A key and value recording the applied position.
+pub type Meta = (&'static [u8], Vec<u8>);
+
 impl<'a> Tx<'a> {
-    fn new(store: &'a Store) -> Tx<'a> {
+    fn new(store: &'a Store, base: &'a Writes) -> Tx<'a> {
         Tx {
             store,
+            base,
             writes: BTreeMap::new(),
             effects: Vec::new(),
         }
@@ -299,7 +308,7 @@ impl<'a> Tx<'a> {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.writes.get(key) {
+        match self.writes.get(key).or_else(|| self.base.get(key)) {
             Some(v) => Ok(v.clone()),
             None => self.store.get(key),
         }
@@ -320,33 +329,18 @@ impl<'a> Tx<'a> {
             let (k, v) = kv?;
             all.insert(k, v);
         }
-        for (k, v) in self.writes.range(prefix.to_vec()..) {
-            if !k.starts_with(prefix) {
-                break;
+        for layer in [self.base, &self.writes] {
+            for (k, v) in layer.range(prefix.to_vec()..) {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                match v {
+                    Some(v) => all.insert(k.clone(), v.clone()),
+                    None => all.remove(k),
+                };
             }
-            match v {
-                Some(v) => all.insert(k.clone(), v.clone()),
-                None => all.remove(k),
-            };
         }
         Ok(all.into_iter().collect())
-    }
-
-    /// Writes everything, with the applied-position `meta` keys, in one
-    /// atomic batch; returns the effects.
-    fn commit(self, meta: &[(&[u8], Vec<u8>)]) -> Result<Vec<Effect>, StoreError> {
-        let mut batch = Batch::default();
-        for (k, v) in self.writes {
-            match v {
-                Some(v) => batch.put(&k, &v),
-                None => batch.delete(&k),
-            }
-        }
-        for (k, v) in meta {
-            batch.put(k, v);
-        }
-        self.store.apply(batch)?;
-        Ok(self.effects)
     }
 
     fn roster_item(&self, user: &str, contact: &str) -> Result<Option<RosterItem>, ApplyError> {
@@ -406,36 +400,56 @@ impl<'a> Tx<'a> {
 /// Applies one command at log position `index` (the form the unit tests
 /// use; Raft goes through [`apply_entry`]).
 pub fn apply(store: &Store, index: u64, cmd: Command) -> Result<Response, ApplyError> {
-    let meta = [(keys::APPLIED, index.to_be_bytes().to_vec())];
-    match apply_entry(store, &meta, cmd) {
-        Ok((outcome, _)) => outcome.map_err(ApplyError::from),
+    let meta = vec![(keys::APPLIED, index.to_be_bytes().to_vec())];
+    match apply_entries(store, vec![(meta, Some(cmd))]) {
+        Ok(mut r) => match r.pop() {
+            Some((outcome, _)) => outcome.map_err(ApplyError::from),
+            None => Ok(Response::Done),
+        },
         Err(e) => Err(ApplyError::Store(e)),
     }
 }
 
-/// Applies one command and records `meta` (the applied log position) in
-/// the same atomic batch. A refused command still advances the position and
-/// leaves nothing else behind. `Err` is a local store fault: the caller
-/// must stop, never skip the entry.
-pub fn apply_entry(
+/// Applies entries in log order as one atomic sled batch (sled seals and
+/// syncs its log buffer once per batch, so one batch for all the entries
+/// openraft hands over at once is the cheap way). Each entry records its
+/// `meta` (the applied log position) and sees the writes of the entries
+/// before it; a refused command (or an entry without one: openraft's
+/// blank and membership entries) still advances the position and leaves
+/// nothing else behind. `Err` is a local store fault: the caller must stop,
+/// never skip an entry.
+pub fn apply_entries(
     store: &Store,
-    meta: &[(&[u8], Vec<u8>)],
-    cmd: Command,
-) -> Result<(Outcome, Vec<Effect>), StoreError> {
-    let mut tx = Tx::new(store);
-    match outcome(apply_in(&mut tx, cmd))? {
-        Ok(r) => Ok((Ok(r), tx.commit(meta)?)),
-        Err(refusal) => {
-            Tx::new(store).commit(meta)?;
-            Ok((Err(refusal), Vec::new()))
+    entries: Vec<(Vec<Meta>, Option<Command>)>,
+) -> Result<Vec<(Outcome, Vec<Effect>)>, StoreError> {
+    let mut done = Writes::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for (meta, cmd) in entries {
+        let (result, writes) = match cmd {
+            None => ((Ok(Response::Done), Vec::new()), Writes::new()),
+            Some(cmd) => {
+                let mut tx = Tx::new(store, &done);
+                match outcome(apply_in(&mut tx, cmd))? {
+                    Ok(r) => ((Ok(r), tx.effects), tx.writes),
+                    Err(refusal) => ((Err(refusal), Vec::new()), Writes::new()),
+                }
+            }
+        };
+        done.extend(writes);
+        for (k, v) in meta {
+            done.insert(k.to_vec(), Some(v));
+        }
+        out.push(result);
+    }
+    let mut batch = Batch::default();
+    for (k, v) in done {
+        match v {
+            Some(v) => batch.put(&k, &v),
+            None => batch.delete(&k),
         }
     }
-}
-
-/// Records the applied position of an entry that carries no command
-/// (openraft's blank and membership entries).
-pub fn record_position(store: &Store, meta: &[(&[u8], Vec<u8>)]) -> Result<(), StoreError> {
-    Tx::new(store).commit(meta).map(|_| ())
+    store.apply(batch)?;
+    Ok(out)
 }
 
 fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
@@ -1217,8 +1231,9 @@ mod tests {
     }
 
     fn effects(s: &Store, cmd: Command) -> Vec<Effect> {
-        let meta = [(keys::APPLIED, 1u64.to_be_bytes().to_vec())];
-        let (outcome, effects) = apply_entry(s, &meta, cmd).expect("apply");
+        let meta = vec![(keys::APPLIED, 1u64.to_be_bytes().to_vec())];
+        let mut r = apply_entries(s, vec![(meta, Some(cmd))]).expect("apply");
+        let (outcome, effects) = r.pop().expect("one outcome");
         outcome.expect("not refused");
         effects
     }
