@@ -45,9 +45,20 @@ fn fresh_ip() -> Ipv4Addr {
     )
 }
 
-fn free_port(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind((ip, 0)).with_context(|| format!("cannot bind {ip}"))?;
-    Ok(l.local_addr()?)
+/// `N` distinct free ports on `ip`, chosen by the kernel. The listeners are
+/// all held until every port is chosen: released one by one, the kernel
+/// may hand the same port out twice.
+fn free_ports<const N: usize>(ip: Ipv4Addr) -> anyhow::Result<[SocketAddr; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind((ip, 0)).with_context(|| format!("cannot bind {ip}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    addrs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("wrong number of ports"))
 }
 
 /// Options for a test node.
@@ -104,14 +115,7 @@ impl TestNode {
     pub fn start_with(opts: NodeOptions) -> anyhow::Result<TestNode> {
         let dir = tempfile::tempdir()?;
         let ip = fresh_ip();
-        let (c2s, c2s_tls, s2s, http, grpc, cluster) = (
-            free_port(ip)?,
-            free_port(ip)?,
-            free_port(ip)?,
-            free_port(ip)?,
-            free_port(ip)?,
-            free_port(ip)?,
-        );
+        let [c2s, c2s_tls, s2s, http, grpc, cluster] = free_ports::<6>(ip)?;
         let mut toml = format!(
             "data_dir = {:?}\nnode_id = {}\n",
             dir.path().join("data"),
