@@ -122,6 +122,11 @@ fn wrong_password_fails_naming_the_authentication_failure() {
         "2",
         "--password-pattern",
         "not-the-password",
+        // One login at a time: user1 is tried (and fails) first, so the
+        // first failure named is user1's, not whichever of two racing
+        // logins the server answered first.
+        "--concurrency",
+        "1",
         "--duration",
         "1",
         "--quiet",
