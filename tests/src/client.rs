@@ -204,11 +204,27 @@ impl Client {
         password: &str,
         resource: &str,
     ) -> anyhow::Result<Client> {
-        let mut c = Client::connect_starttls(node.c2s, &node.domain).await?;
+        Client::login_at(node.c2s, &node.domain, user, password, resource).await
+    }
+
+    /// [`Client::login_bound`] by address.
+    pub async fn login_at(
+        addr: SocketAddr,
+        domain: &str,
+        user: &str,
+        password: &str,
+        resource: &str,
+    ) -> anyhow::Result<Client> {
+        let mut c = Client::connect_starttls(addr, domain).await?;
         c.login(user, password, Mechanism::Scram(HashAlg::Sha256))
             .await?;
         c.bind(Some(resource)).await?;
         Ok(c)
+    }
+
+    /// Elements received but not yet taken by a `recv`.
+    pub fn take_pending(&mut self) -> Vec<Element> {
+        self.pending.drain(..).collect()
     }
 
     /// The client parser accepts anything the server may send.

@@ -2,7 +2,9 @@
 //! `xmpp-node` process ([`node`]) and talk XMPP to it over real TLS
 //! ([`client`]); and the `xmpp-load` load generator ([`load`]).
 
+pub mod checker;
 pub mod client;
+pub mod faultnet;
 pub mod load;
 pub mod node;
 pub mod tls;

@@ -33,7 +33,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A loopback address of its own for each test node (127.0.0.0/8 is all
 /// loopback), so parallel tests don't collide on ports.
-fn fresh_ip() -> Ipv4Addr {
+pub fn fresh_ip() -> Ipv4Addr {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
@@ -77,6 +77,9 @@ pub struct NodeOptions {
     pub cluster_config: String,
     /// Wait at start until the node knows a leader with a quorum.
     pub wait_quorum: bool,
+    /// The cluster address peers dial (`advertise_addr`), e.g. a
+    /// [`crate::faultnet::FaultNet`] proxy in front of the node.
+    pub advertise_addr: Option<String>,
 }
 
 impl Default for NodeOptions {
@@ -88,6 +91,7 @@ impl Default for NodeOptions {
             join: Vec::new(),
             cluster_config: String::new(),
             wait_quorum: true,
+            advertise_addr: None,
         }
     }
 }
@@ -102,6 +106,8 @@ pub struct TestNode {
     pub grpc: SocketAddr,
     /// The inter-node (Raft) address.
     pub cluster: SocketAddr,
+    /// The cluster address peers dial: `advertise_addr`, or `cluster`.
+    pub advertised: String,
     pub node_id: u64,
     pub domain: String,
     wait_quorum: bool,
@@ -113,6 +119,14 @@ impl TestNode {
     }
 
     pub fn start_with(opts: NodeOptions) -> anyhow::Result<TestNode> {
+        let mut node = TestNode::create(opts)?;
+        node.spawn()?;
+        Ok(node)
+    }
+
+    /// Writes the config and picks the addresses without starting the
+    /// process ([`TestNode::start_again`] starts it).
+    pub fn create(opts: NodeOptions) -> anyhow::Result<TestNode> {
         let dir = tempfile::tempdir()?;
         let ip = fresh_ip();
         let [c2s, c2s_tls, s2s, http, grpc, cluster] = free_ports::<6>(ip)?;
@@ -125,6 +139,9 @@ impl TestNode {
             "[cluster]\naddr = \"{cluster}\"\njoin = {:?}\n{}\n",
             opts.join, opts.cluster_config
         ));
+        if let Some(a) = &opts.advertise_addr {
+            toml.push_str(&format!("advertise_addr = {a:?}\n"));
+        }
         toml.push_str("[listen]\n");
         toml.push_str(&format!(
             "c2s = \"{c2s}\"\nc2s_tls = \"{c2s_tls}\"\ns2s = \"{s2s}\"\nhttp = \"{http}\"\ngrpc = \"{grpc}\"\n"
@@ -137,7 +154,7 @@ impl TestNode {
         toml.push_str(&opts.extra_config);
         let config_path = dir.path().join("node.toml");
         std::fs::write(&config_path, toml)?;
-        let mut node = TestNode {
+        Ok(TestNode {
             child: None,
             dir,
             config_path,
@@ -145,12 +162,14 @@ impl TestNode {
             c2s_tls,
             grpc,
             cluster,
+            advertised: opts
+                .advertise_addr
+                .clone()
+                .unwrap_or_else(|| cluster.to_string()),
             node_id: opts.node_id,
             domain: opts.vhosts.first().cloned().unwrap_or_default(),
             wait_quorum: opts.wait_quorum,
-        };
-        node.spawn()?;
-        Ok(node)
+        })
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -301,19 +320,26 @@ impl TestNode {
 
     /// Runs `clusterctl --node <grpc> ARGS`; returns stdout, or an error with stderr.
     pub fn clusterctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(bin("clusterctl"))
-            .arg("--node")
-            .arg(self.grpc.to_string())
-            .args(args)
-            .output()
-            .context("cannot run clusterctl")?;
-        if !out.status.success() {
-            bail!(
-                "clusterctl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        clusterctl(self.grpc, args)
+    }
+
+    /// Waits until this node sees `want` voting members and a quorum.
+    pub fn wait_voters(&self, want: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.cluster_status()?;
+            let voters = s["members"]
+                .as_array()
+                .map(|m| m.iter().filter(|m| m["role"] != "learner").count())
+                .unwrap_or(0);
+            if voters == want && s["quorum"] == true {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("members never reached {want}: {s}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Creates `user@<domain>` with this password.
@@ -322,6 +348,51 @@ impl TestNode {
         self.clusterctl(&["adduser", &jid, "--password", password])
             .map(|_| ())
     }
+}
+
+/// `count` nodes of one cluster, each behind its own proxy in `net`
+/// (advertising the proxy): node 1 bootstraps, the others join through it.
+/// `opts(id, join)` gives each node's options.
+pub fn cluster_behind(
+    net: &crate::faultnet::FaultNet,
+    count: u64,
+    opts: impl Fn(u64, Vec<String>) -> NodeOptions,
+) -> anyhow::Result<Vec<TestNode>> {
+    let mut nodes: Vec<TestNode> = Vec::new();
+    for id in 1..=count {
+        let proxy = net.listen(id)?;
+        let join = nodes
+            .first()
+            .map(|n| vec![n.advertised.clone()])
+            .unwrap_or_default();
+        let mut o = opts(id, join);
+        o.advertise_addr = Some(proxy.to_string());
+        let mut n = TestNode::create(o)?;
+        net.route(id, n.cluster);
+        n.start_again().with_context(|| format!("node {id}"))?;
+        nodes.push(n);
+    }
+    if let Some(first) = nodes.first() {
+        first.wait_voters(nodes.len())?;
+    }
+    Ok(nodes)
+}
+
+/// Runs `clusterctl --node <grpc> ARGS`; returns stdout, or an error with stderr.
+pub fn clusterctl(grpc: SocketAddr, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin("clusterctl"))
+        .arg("--node")
+        .arg(grpc.to_string())
+        .args(args)
+        .output()
+        .context("cannot run clusterctl")?;
+    if !out.status.success() {
+        bail!(
+            "clusterctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Drop for TestNode {

@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use tests::client::{body, Client, WAIT};
+use tests::faultnet::FaultNet;
 use tests::node::{NodeOptions, TestNode};
 use xmpp::element::Element;
 use xmpp::stanza::ns;
@@ -37,23 +38,13 @@ fn three(extra: &str) -> Vec<TestNode> {
     nodes
 }
 
+/// As [`three`], with every node behind its own proxy in `net`.
+fn three_behind(net: &FaultNet, extra: &str) -> Vec<TestNode> {
+    tests::node::cluster_behind(net, 3, |id, join| opts(id, join, extra)).expect("cluster")
+}
+
 fn wait_members(n: &TestNode, want: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = n.cluster_status().expect("status");
-        let voters = s["members"]
-            .as_array()
-            .map(|m| m.iter().filter(|m| m["role"] != "learner").count())
-            .unwrap_or(0);
-        if voters == want && s["quorum"] == true {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "members never reached {want}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    n.wait_voters(want).expect("members");
 }
 
 fn leader_of(nodes: &[TestNode]) -> u64 {
@@ -377,4 +368,130 @@ async fn a_node_without_quorum_refuses_writes_and_logins_then_heals() {
     let users = nodes[2].clusterctl(&["users"]).expect("users");
     // (`lonely` was never acknowledged: it may or may not be there now.)
     assert!(users.contains("healed@localhost"), "{users}");
+}
+
+/// Retries a write through `n` until it is acknowledged.
+fn adduser_eventually(n: &TestNode, user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match n.adduser(user, PW) {
+            Ok(()) => return,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "node {} never took {user}: {e:#}\n{}",
+                n.node_id,
+                n.log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn users_of(n: &TestNode) -> Vec<String> {
+    let mut u: Vec<String> = n
+        .clusterctl(&["users"])
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    u.sort();
+    u
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_by_a_partition_refuses_writes_and_the_cluster_heals() {
+    let net = FaultNet::new().expect("proxies");
+    let nodes = three_behind(&net, "");
+    let li = nodes
+        .iter()
+        .position(|n| n.node_id == leader_of(&nodes))
+        .expect("leader index");
+    let (fa, fb) = ((li + 1) % 3, (li + 2) % 3);
+    nodes[fa].adduser("alice", PW).expect("alice");
+    nodes[fa].adduser("bob", PW).expect("bob");
+    let mut bob = online(&nodes[li], "bob", "pc", 0).await;
+    let mut alice = online(&nodes[fa], "alice", "pc", 0).await;
+    subscribe_both(&mut alice, &mut bob).await;
+
+    // The leader is the minority: it may not commit anything any more.
+    net.isolate(nodes[li].node_id);
+    // (A write racing the cut may still commit; the first refusal is final.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut raced = Vec::new();
+    let (refused, err) = loop {
+        let user = format!("minority{}", raced.len());
+        match nodes[li].adduser(&user, PW) {
+            Err(e) => break (format!("{user}@localhost"), e.to_string()),
+            Ok(()) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "a cut-off leader kept committing"
+                );
+                raced.push(format!("{user}@localhost"));
+            }
+        }
+    };
+    assert!(err.contains("quorum"), "{err}");
+    let login = Client::login_bound(&nodes[li], "alice", PW, "x").await;
+    let msg = format!("{:?}", login.err());
+    assert!(msg.contains("temporary-auth-failure"), "{msg}");
+
+    // The majority elects a leader of its own and carries on.
+    adduser_eventually(&nodes[fb], "majority");
+    let c = Client::login_bound(&nodes[fb], "majority", PW, "r").await;
+    assert!(c.is_ok(), "{:?}", c.err());
+    // Bob's node stopped answering: alice sees him go.
+    alice
+        .recv_until(
+            |e| {
+                e.name == "presence"
+                    && e.get_attr("from") == Some("bob@localhost/pc")
+                    && e.get_attr("type") == Some("unavailable")
+            },
+            Duration::from_secs(15),
+        )
+        .await
+        .expect("bob seen unavailable on the majority side");
+
+    // Healed: the old leader learns the new term and what was committed,
+    // drops what it could not commit, and closes the session the cluster
+    // counted gone so its client binds again.
+    net.heal();
+    let cond = bob
+        .expect_stream_error(Duration::from_secs(20))
+        .await
+        .expect("bob's stale session is closed");
+    assert_eq!(cond, "reset");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all: Vec<Vec<String>> = nodes.iter().map(users_of).collect();
+        if all.iter().all(|u| u == &all[0]) && all[0].iter().any(|u| u == "majority@localhost") {
+            assert!(
+                !all[0].contains(&refused),
+                "{refused}, refused on the minority side, took effect: {all:?}"
+            );
+            for r in &raced {
+                assert!(all[0].contains(r), "acknowledged {r} was lost: {all:?}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas never agreed: {all:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut bob = online(&nodes[li], "bob", "pc", 0).await;
+    alice
+        .chat("bob@localhost", "welcome back")
+        .await
+        .expect("send");
+    let m = bob.recv_message(WAIT).await;
+    assert!(
+        m.as_ref().ok().and_then(body).as_deref() == Some("welcome back"),
+        "{m:?}\n--- node {} (bob's)\n{}\n--- node {} (alice's)\n{}\n--- node {}\n{}",
+        nodes[li].node_id,
+        nodes[li].log(),
+        nodes[fa].node_id,
+        nodes[fa].log(),
+        nodes[fb].node_id,
+        nodes[fb].log()
+    );
 }

@@ -108,6 +108,14 @@ async fn watch_members(server: Arc<Server>) {
             continue;
         }
         let since = *leader_since.get_or_insert_with(Instant::now);
+        // A leader the majority has not acknowledged within the grace
+        // period is the one cut off: it must not even propose.
+        let heard = m
+            .millis_since_quorum_ack
+            .is_some_and(|ms| u128::from(ms) < grace.as_millis());
+        if !heard {
+            continue;
+        }
         for (id, _) in m.membership_config.membership().nodes() {
             if *id == cluster.id || !cluster.table.has_node(*id) {
                 continue;
@@ -122,7 +130,10 @@ async fn watch_members(server: Arc<Server>) {
                     grace_secs = grace.as_secs(),
                     "member stopped answering; marking it down and dropping its sessions"
                 );
-                if let Err(e) = cluster.write(Command::NodeDown { node: *id }).await {
+                if let Err(e) = cluster
+                    .write_as_leader(Command::NodeDown { node: *id })
+                    .await
+                {
                     tracing::warn!(node = id, error = %e, "cannot commit NodeDown yet");
                 }
             }

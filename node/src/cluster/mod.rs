@@ -99,7 +99,7 @@ impl Cluster {
         }
         .validate()
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        let channels = Arc::new(Channels::default());
+        let channels = Arc::new(Channels::new(c.addr.ip()));
         let contacts = Arc::new(Contacts::default());
         let net = network::Network {
             channels: channels.clone(),
@@ -165,6 +165,20 @@ impl Cluster {
     /// it (read-your-writes). Without a quorum this fails within the
     /// configured write timeout with [`ApplyError::Unavailable`].
     pub async fn write(&self, cmd: Command) -> Result<Response, ApplyError> {
+        self.write_with(cmd, true).await
+    }
+
+    /// A write this node decided as the leader, on what only the leader
+    /// knows (which members answer it): committed by this node while it
+    /// leads, never handed to a successor, who must decide for itself. (A
+    /// cut-off leader's `NodeDown` for the members it could not reach,
+    /// forwarded to the new leader after the partition heals, would drop
+    /// the sessions of healthy nodes.)
+    pub async fn write_as_leader(&self, cmd: Command) -> Result<Response, ApplyError> {
+        self.write_with(cmd, false).await
+    }
+
+    async fn write_with(&self, cmd: Command, forward: bool) -> Result<Response, ApplyError> {
         let deadline = tokio::time::Instant::now() + self.write_timeout;
         let unavailable = || {
             ApplyError::Unavailable(format!(
@@ -172,7 +186,7 @@ impl Cluster {
                 self.write_timeout.as_millis()
             ))
         };
-        let (index, outcome) = tokio::time::timeout_at(deadline, self.commit(cmd))
+        let (index, outcome) = tokio::time::timeout_at(deadline, self.commit(cmd, forward))
             .await
             .map_err(|_| unavailable())??;
         let mut applied = self.applied.clone();
@@ -183,11 +197,16 @@ impl Cluster {
         outcome.map_err(ApplyError::from)
     }
 
-    async fn commit(&self, cmd: Command) -> Result<(u64, Outcome), ApplyError> {
+    async fn commit(&self, cmd: Command, forward: bool) -> Result<(u64, Outcome), ApplyError> {
         let mut backoff = Duration::from_millis(10);
         loop {
             match self.raft.client_write(cmd.clone()).await {
                 Ok(r) => return Ok((r.log_id.index, r.data)),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) if !forward => {
+                    return Err(ApplyError::Unavailable(
+                        "this node is not the leader any more".into(),
+                    ))
+                }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let Some(node) = f.leader_node {
                         if let Some(r) = service::forward_write(&self.channels, &node, &cmd).await?

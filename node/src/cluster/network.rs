@@ -8,6 +8,7 @@
 //! which is how the leader tells a member that stopped answering.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,8 +56,11 @@ impl Contacts {
 
 /// A lazily connected channel to `addr` (`host:port`; DNS names resolve at
 /// connect time, so a peer whose name does not resolve yet is retried).
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+/// With `local`, connections leave from that address (the node's own
+/// cluster address, so peers and firewalls see which node is calling).
+pub fn channel(addr: &str, local: Option<IpAddr>) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .local_address(local)
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -68,15 +72,25 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 #[derive(Default)]
 pub struct Channels {
     by_addr: Mutex<HashMap<String, Channel>>,
+    local: Option<IpAddr>,
 }
 
 impl Channels {
+    /// Outgoing connections bound to `local` when it is a specific address
+    /// (not `0.0.0.0` or `::`).
+    pub fn new(local: IpAddr) -> Channels {
+        Channels {
+            by_addr: Mutex::default(),
+            local: (!local.is_unspecified()).then_some(local),
+        }
+    }
+
     pub fn get(&self, addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
         let mut map = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
         let ch = match map.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = channel(addr)?;
+                let c = channel(addr, self.local)?;
                 map.insert(addr.to_owned(), c.clone());
                 c
             }

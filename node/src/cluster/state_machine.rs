@@ -160,6 +160,9 @@ pub enum Effect {
     SessionReplaced { jid: String, old: SessionEntry },
     /// These sessions are gone because their node died or restarted.
     SessionsGone(Vec<(String, SessionEntry)>),
+    /// A message was stored for `user`, who may have come online on some
+    /// node after the sender's node decided they were offline.
+    OfflineStored { user: String },
 }
 
 /// A roster item that changed: `None` when it was removed (or hidden).
@@ -527,6 +530,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 .and_then(|s| <[u8; 8]>::try_from(s).ok())
                 .map_or(0, |b| u64::from_be_bytes(b) + 1);
             tx.put(keys::offline(&user, next), stanza.into_bytes());
+            tx.effects.push(Effect::OfflineStored { user });
             Ok(Response::Done)
         }
         Command::TakeOffline { user } => {

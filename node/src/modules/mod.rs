@@ -9,7 +9,7 @@
 mod blocking;
 mod carbons;
 mod disco;
-mod offline;
+pub(crate) mod offline;
 mod ping;
 pub mod presence;
 mod private;

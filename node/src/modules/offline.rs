@@ -86,51 +86,60 @@ impl Module for Offline {
             if !initial || res.priority < 0 {
                 return;
             }
-            let user = session.bare();
-            match server.store().offline_count(user) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, %user, "cannot read offline queue");
-                    return;
-                }
-            }
-            match server
-                .cluster
-                .write(Command::TakeOffline {
-                    user: user.to_string(),
-                })
-                .await
-            {
-                Ok(Response::Offline(messages)) if !messages.is_empty() => {
-                    tracing::debug!(%session, count = messages.len(), "delivering offline messages");
-                    // One queue entry for the lot: this runs inside the
-                    // session's own task, which cannot drain its queue
-                    // until this returns.
-                    let all =
-                        Outbound::Batch(messages.iter().map(|m| Arc::from(m.as_str())).collect());
-                    if res.tx.send(all).is_err() {
-                        // The session went away while we read the queue:
-                        // put the messages back, in order, rather than lose them.
-                        let back = Command::Batch(
-                            messages
-                                .into_iter()
-                                .map(|stanza| Command::StoreOffline {
-                                    user: user.to_string(),
-                                    stanza,
-                                    max: u32::MAX,
-                                })
-                                .collect(),
-                        );
-                        if let Err(e) = server.cluster.write(back).await {
-                            tracing::error!(error = %e, %user, "lost offline messages");
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, %user, "cannot take offline messages"),
-            }
+            deliver_stored(server, session).await;
         })
+    }
+}
+
+/// Takes `session`'s user's stored messages and hands them to that
+/// session (or puts them back, in order, if it went away meanwhile).
+pub async fn deliver_stored(server: &Server, session: &FullJid) {
+    let Some(res) = server.sessions.get(session) else {
+        return;
+    };
+    let user = session.bare();
+    match server.store().offline_count(user) {
+        Ok(0) => return,
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, %user, "cannot read offline queue");
+            return;
+        }
+    }
+    match server
+        .cluster
+        .write(Command::TakeOffline {
+            user: user.to_string(),
+        })
+        .await
+    {
+        Ok(Response::Offline(messages)) if !messages.is_empty() => {
+            tracing::debug!(%session, count = messages.len(), "delivering offline messages");
+            // One queue entry for the lot: this runs inside the
+            // session's own task, which cannot drain its queue
+            // until this returns.
+            let all =
+                Outbound::Batch(messages.iter().map(|m| Arc::from(m.as_str())).collect());
+            if res.tx.send(all).is_err() {
+                // The session went away while we read the queue:
+                // put the messages back, in order, rather than lose them.
+                let back = Command::Batch(
+                    messages
+                        .into_iter()
+                        .map(|stanza| Command::StoreOffline {
+                            user: user.to_string(),
+                            stanza,
+                            max: u32::MAX,
+                        })
+                        .collect(),
+                );
+                if let Err(e) = server.cluster.write(back).await {
+                    tracing::error!(error = %e, %user, "lost offline messages");
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, %user, "cannot take offline messages"),
     }
 }
 

@@ -168,7 +168,7 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
 }
 
 /// Effects of applied entries that concern this node's sessions.
-async fn on_effect(server: &Server, effect: Effect) {
+async fn on_effect(server: &Arc<Server>, effect: Effect) {
     let me = (server.cluster.id, server.cluster.incarnation);
     match effect {
         Effect::SessionReplaced { jid, old } if (old.node, old.incarnation) == me => {
@@ -200,6 +200,36 @@ async fn on_effect(server: &Server, effect: Effect) {
                     }
                 } else if entry.node != me.0 && entry.available {
                     presence::gone_elsewhere(server, &full);
+                }
+            }
+        }
+        Effect::OfflineStored { user } => {
+            // The sender's node stored it while the user's initial presence
+            // was still on its way: the node of the user's best session
+            // (the same answer on every node, from the same table) hands
+            // it over now rather than at the next login.
+            let Ok(user) = BareJid::parse(&user) else {
+                return;
+            };
+            let best = server.cluster.table.with_user(&user, |list| {
+                list.iter()
+                    .filter(|(_, e)| e.available && e.priority >= 0)
+                    .max_by(|(ra, a), (rb, b)| {
+                        a.priority
+                            .cmp(&b.priority)
+                            .then_with(|| b.node.cmp(&a.node))
+                            .then_with(|| rb.cmp(ra))
+                    })
+                    .map(|(r, e)| (r.clone(), *e))
+            });
+            if let Some((resource, e)) = best {
+                if (e.node, e.incarnation) == me {
+                    if let Ok(full) = FullJid::parse(&format!("{user}/{resource}")) {
+                        let server = server.clone();
+                        tokio::spawn(async move {
+                            crate::modules::offline::deliver_stored(&server, &full).await
+                        });
+                    }
                 }
             }
         }
