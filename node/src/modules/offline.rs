@@ -118,8 +118,7 @@ pub async fn deliver_stored(server: &Server, session: &FullJid) {
             // One queue entry for the lot: this runs inside the
             // session's own task, which cannot drain its queue
             // until this returns.
-            let all =
-                Outbound::Batch(messages.iter().map(|m| Arc::from(m.as_str())).collect());
+            let all = Outbound::Batch(messages.iter().map(|m| Arc::from(m.as_str())).collect());
             if res.tx.send(all).is_err() {
                 // The session went away while we read the queue:
                 // put the messages back, in order, rather than lose them.
