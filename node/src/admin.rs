@@ -1,6 +1,8 @@
 //! The admin gRPC service `clusterctl` talks to (proto/cluster.proto,
-//! service `Admin`). It listens on `listen.grpc`, loopback by default:
-//! whoever reaches it administers the node.
+//! service `Admin`). It listens on `listen.grpc`, loopback by default.
+//! With `admin.token_file` (required beyond loopback) every call must carry
+//! `authorization: Bearer <token>`; without it, whoever reaches the
+//! loopback address administers the node.
 
 use std::sync::Arc;
 
@@ -13,11 +15,35 @@ use crate::accounts::{self, AccountError};
 use crate::cluster::state_machine::{ApplyError, Refusal};
 use crate::Server;
 
-pub async fn serve(server: Arc<Server>, listener: tokio::net::TcpListener) {
+pub async fn serve(server: Arc<Server>, listener: tokio::net::TcpListener, token: Option<String>) {
     let mut shutdown = server.shutdown.subscribe();
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let Some(token) = &token else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(subtle::ConstantTimeEq::ct_eq(
+            given.as_bytes(),
+            token.as_bytes(),
+        )) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(
+                "this node's admin API needs its token: clusterctl --token-file FILE (the file named by admin.token_file on the node)",
+            ))
+        }
+    };
     let result = tonic::transport::Server::builder()
-        .add_service(AdminServer::new(AdminService { server }))
+        .add_service(AdminServer::with_interceptor(
+            AdminService { server },
+            check,
+        ))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.changed().await;
         })

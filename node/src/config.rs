@@ -117,6 +117,23 @@ pub struct Flags {
     #[arg(long, env = "XMPP_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
 
+    /// The cluster CA certificate (PEM): with --cluster-cert and
+    /// --cluster-key, mutual TLS between nodes.
+    #[arg(long, env = "XMPP_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+
+    /// This node's certificate for inter-node TLS (PEM).
+    #[arg(long, env = "XMPP_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+
+    /// This node's private key for inter-node TLS (PEM).
+    #[arg(long, env = "XMPP_CLUSTER_KEY")]
+    pub cluster_key: Option<PathBuf>,
+
+    /// A file holding the token every admin API call must carry.
+    #[arg(long, env = "XMPP_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Join the cluster through this member's cluster address (repeatable;
     /// tried in turn). Without it, a node with an empty data dir starts a
     /// cluster of its own.
@@ -155,15 +172,34 @@ pub struct Config {
     pub limits: Limits,
     pub log: Log,
     pub cluster: ClusterConfig,
+    pub admin: Admin,
+}
+
+/// The admin gRPC API that `clusterctl` talks to (`listen.grpc`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// A file holding the bearer token every admin call must carry
+    /// (`clusterctl --token-file`). Required when `listen.grpc` is not a
+    /// loopback address.
+    pub token_file: Option<PathBuf>,
 }
 
 /// The Raft cluster (DESIGN.md, "Cluster membership and operations").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// Inter-node listener. Without certificates (not built yet) it must be
-    /// a loopback address: nothing authenticates a peer otherwise.
+    /// Inter-node listener. Without `ca`/`cert`/`key` it must be a
+    /// loopback address: nothing authenticates a peer otherwise.
     pub addr: SocketAddr,
+    /// The cluster CA (PEM): with `cert` and `key`, inter-node gRPC is
+    /// mutual TLS, and only peers with a certificate from this CA are let in.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (PEM, issued by `ca`, valid for the host
+    /// part of its advertised address; `clusterctl certs init` makes them).
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub key: Option<PathBuf>,
     /// What peers dial; empty means `addr`.
     pub advertise_addr: String,
     /// Members to ask for admission; empty: bootstrap a cluster of one.
@@ -187,6 +223,9 @@ impl Default for ClusterConfig {
         ClusterConfig {
             addr: addr("127.0.0.1:5291"),
             advertise_addr: String::new(),
+            ca: None,
+            cert: None,
+            key: None,
             join: Vec::new(),
             write_timeout_ms: 5_000,
             node_down_grace_secs: 10,
@@ -333,6 +372,7 @@ impl Default for Config {
             limits: Limits::default(),
             log: Log::default(),
             cluster: ClusterConfig::default(),
+            admin: Admin::default(),
         }
     }
 }
@@ -547,6 +587,18 @@ impl Config {
         set(&mut self.limits.max_roster_items, f.max_roster_items);
         set(&mut self.limits.max_blocklist_items, f.max_blocklist_items);
         set(&mut self.cluster.addr, f.cluster_addr);
+        if let Some(p) = &f.cluster_ca {
+            self.cluster.ca = Some(p.clone());
+        }
+        if let Some(p) = &f.cluster_cert {
+            self.cluster.cert = Some(p.clone());
+        }
+        if let Some(p) = &f.cluster_key {
+            self.cluster.key = Some(p.clone());
+        }
+        if let Some(p) = &f.admin_token_file {
+            self.admin.token_file = Some(p.clone());
+        }
         if let Some(a) = &f.advertise_addr {
             self.cluster.advertise_addr = a.clone();
         }
@@ -647,12 +699,28 @@ impl Config {
             });
         }
         let c = &self.cluster;
-        if !c.addr.ip().is_loopback() {
+        let tls = [&c.ca, &c.cert, &c.key];
+        if tls.iter().any(|p| p.is_some()) && !tls.iter().all(|p| p.is_some()) {
+            return Err(ConfigError::Invalid {
+                origin: origin("cluster"),
+                message: "ca, cert and key go together: set all three for mutual TLS between nodes (`clusterctl certs init` makes them), or none".into(),
+            });
+        }
+        if c.ca.is_none() && !c.addr.ip().is_loopback() {
             return Err(ConfigError::Invalid {
                 origin: origin("cluster.addr"),
                 message: format!(
-                    "{} is not a loopback address; inter-node traffic is not authenticated yet (mutual TLS is a later issue), so bind it to 127.0.0.1 or another 127.x.y.z",
+                    "{} is not a loopback address, and without certificates nothing authenticates a peer: set cluster.ca, cluster.cert and cluster.key (`clusterctl certs init`), or bind it to 127.0.0.1 or another 127.x.y.z",
                     c.addr
+                ),
+            });
+        }
+        if self.admin.token_file.is_none() && !self.listen.grpc.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                origin: origin("listen.grpc"),
+                message: format!(
+                    "the admin API on {} would be open to anyone who reaches it: set admin.token_file (a file holding a secret token; clusterctl sends it with --token-file), or listen on a loopback address",
+                    self.listen.grpc
                 ),
             });
         }
@@ -760,6 +828,23 @@ max_stanza_bytes = 65536
         let msg = err.to_string();
         assert!(msg.starts_with("/etc/xmpp/node.toml:3:"), "{msg}");
         assert!(msg.contains("socket address"), "{msg}");
+    }
+
+    #[test]
+    fn listeners_beyond_loopback_need_certificates_or_a_token() {
+        let err = load_str("[cluster]\naddr = \"10.0.0.1:5291\"\n").expect_err("no certs");
+        assert!(err.to_string().contains("cluster.ca"), "{err}");
+        let err = load_str("[cluster]\naddr = \"10.0.0.1:5291\"\nca = \"/c/ca.crt\"\n")
+            .expect_err("half the set");
+        assert!(err.to_string().contains("go together"), "{err}");
+        load_str(
+            "[cluster]\naddr = \"10.0.0.1:5291\"\nca = \"/c/ca.crt\"\ncert = \"/c/n.crt\"\nkey = \"/c/n.key\"\n",
+        )
+        .expect("mutual TLS may listen anywhere");
+        let err = load_str("[listen]\ngrpc = \"0.0.0.0:5290\"\n").expect_err("open admin");
+        assert!(err.to_string().contains("admin.token_file"), "{err}");
+        load_str("[listen]\ngrpc = \"0.0.0.0:5290\"\n[admin]\ntoken_file = \"/t\"\n")
+            .expect("a token guards it");
     }
 
     #[test]

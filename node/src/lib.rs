@@ -68,6 +68,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("cannot open the Raft log and state machine")?;
     let tls = tls::Tls::load(&config).context("cannot set up TLS")?;
     let sasl_secret = load_or_make_secret(&config.data_dir.join("sasl.secret"))?;
+    let admin_token = match &config.admin.token_file {
+        Some(path) => {
+            let t = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read admin.token_file {}", path.display()))?;
+            let t = t.trim().to_owned();
+            if t.len() < 16 {
+                anyhow::bail!(
+                    "admin.token_file {}: the token is {} characters; use at least 16 random ones (e.g. `head -c 32 /dev/urandom | base64`)",
+                    path.display(),
+                    t.len()
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let server = Arc::new(Server {
         throttle: AuthThrottle::new(&config.auth),
@@ -126,7 +142,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(router::remote::run(server.clone(), feeds, inbox_rx)),
         tokio::spawn(c2s::listen(server.clone(), c2s_plain, false)),
         tokio::spawn(c2s::listen(server.clone(), c2s_tls, true)),
-        tokio::spawn(admin::serve(server.clone(), grpc)),
+        tokio::spawn(admin::serve(server.clone(), grpc, admin_token)),
     ];
     cluster::membership::start(server.clone());
 
@@ -160,7 +176,17 @@ async fn serve_peer(
         inbox,
     };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &server.cluster.tls {
+        builder = match builder.tls_config(tls.server.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use the cluster certificate; the cluster listener is not running");
+                return;
+            }
+        };
+    }
+    let result = builder
         .add_service(
             proto::peer_server::PeerServer::new(svc).max_decoding_message_size(256 * 1024 * 1024),
         )

@@ -80,6 +80,10 @@ pub struct NodeOptions {
     /// The cluster address peers dial (`advertise_addr`), e.g. a
     /// [`crate::faultnet::FaultNet`] proxy in front of the node.
     pub advertise_addr: Option<String>,
+    /// The loopback address to use (a fresh one when `None`).
+    pub ip: Option<Ipv4Addr>,
+    /// `admin.token_file`: this node's `clusterctl` calls send it.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for NodeOptions {
@@ -92,6 +96,8 @@ impl Default for NodeOptions {
             cluster_config: String::new(),
             wait_quorum: true,
             advertise_addr: None,
+            ip: None,
+            admin_token_file: None,
         }
     }
 }
@@ -110,6 +116,7 @@ pub struct TestNode {
     pub advertised: String,
     pub node_id: u64,
     pub domain: String,
+    token_file: Option<PathBuf>,
     wait_quorum: bool,
 }
 
@@ -128,7 +135,7 @@ impl TestNode {
     /// process ([`TestNode::start_again`] starts it).
     pub fn create(opts: NodeOptions) -> anyhow::Result<TestNode> {
         let dir = tempfile::tempdir()?;
-        let ip = fresh_ip();
+        let ip = opts.ip.unwrap_or_else(fresh_ip);
         let [c2s, c2s_tls, s2s, http, grpc, cluster] = free_ports::<6>(ip)?;
         let mut toml = format!(
             "data_dir = {:?}\nnode_id = {}\n",
@@ -141,6 +148,9 @@ impl TestNode {
         ));
         if let Some(a) = &opts.advertise_addr {
             toml.push_str(&format!("advertise_addr = {a:?}\n"));
+        }
+        if let Some(t) = &opts.admin_token_file {
+            toml.push_str(&format!("[admin]\ntoken_file = {t:?}\n"));
         }
         toml.push_str("[listen]\n");
         toml.push_str(&format!(
@@ -167,6 +177,7 @@ impl TestNode {
                 .clone()
                 .unwrap_or_else(|| cluster.to_string()),
             node_id: opts.node_id,
+            token_file: opts.admin_token_file.clone(),
             domain: opts.vhosts.first().cloned().unwrap_or_default(),
             wait_quorum: opts.wait_quorum,
         })
@@ -232,9 +243,7 @@ impl TestNode {
     }
 
     fn status_json(&self) -> anyhow::Result<std::process::Output> {
-        Command::new(bin("clusterctl"))
-            .arg("--node")
-            .arg(self.grpc.to_string())
+        self.clusterctl_command()
             .args(["status", "--json"])
             .output()
             .context("cannot run clusterctl")
@@ -320,7 +329,17 @@ impl TestNode {
 
     /// Runs `clusterctl --node <grpc> ARGS`; returns stdout, or an error with stderr.
     pub fn clusterctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        clusterctl(self.grpc, args)
+        run_clusterctl(self.clusterctl_command(), args)
+    }
+
+    /// `clusterctl --node <grpc>`, with this node's token if it has one.
+    pub fn clusterctl_command(&self) -> Command {
+        let mut c = Command::new(bin("clusterctl"));
+        c.arg("--node").arg(self.grpc.to_string());
+        if let Some(t) = &self.token_file {
+            c.arg("--token-file").arg(t);
+        }
+        c
     }
 
     /// Waits until this node sees `want` voting members and a quorum.
@@ -380,12 +399,13 @@ pub fn cluster_behind(
 
 /// Runs `clusterctl --node <grpc> ARGS`; returns stdout, or an error with stderr.
 pub fn clusterctl(grpc: SocketAddr, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin("clusterctl"))
-        .arg("--node")
-        .arg(grpc.to_string())
-        .args(args)
-        .output()
-        .context("cannot run clusterctl")?;
+    let mut c = Command::new(bin("clusterctl"));
+    c.arg("--node").arg(grpc.to_string());
+    run_clusterctl(c, args)
+}
+
+fn run_clusterctl(mut c: Command, args: &[&str]) -> anyhow::Result<String> {
+    let out = c.args(args).output().context("cannot run clusterctl")?;
     if !out.status.success() {
         bail!(
             "clusterctl {args:?} failed: {}",

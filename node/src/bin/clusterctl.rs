@@ -17,6 +17,9 @@ struct Cli {
         global = true
     )]
     node: String,
+    /// A file holding the node's admin token (its `admin.token_file`).
+    #[arg(long, env = "XMPP_ADMIN_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -62,6 +65,11 @@ enum Cmd {
     /// List live sessions.
     Sessions { vhost: Option<String> },
     /// Create accounts from a file of `user@domain;password` lines.
+    /// Make TLS material for mutual TLS between nodes.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
     ImportUsers {
         file: std::path::PathBuf,
         /// Replace the password of accounts that already exist.
@@ -70,8 +78,82 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// A cluster CA and one certificate per node, written to DIR:
+    /// ca.crt, ca.key, node-ID.crt, node-ID.key (keys mode 0600).
+    Init {
+        /// Where to write them (created if missing; existing files are kept).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// ID=HOST for each node: HOST is what peers dial (its advertised
+        /// address without the port), an IP address or a DNS name.
+        #[arg(long, required = true)]
+        node: Vec<String>,
+    },
+}
+
+fn certs_init(dir: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut list = Vec::new();
+    for n in nodes {
+        let (id, host) = n
+            .split_once('=')
+            .with_context(|| format!("--node {n}: expected ID=HOST, e.g. 1=10.0.0.1"))?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("--node {n}: {id} is not a node id"))?;
+        list.push((id, host.to_owned()));
+    }
+    let issued = node::cluster::peer_tls::issue(&list).context("cannot make the certificates")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let write = |name: String, text: &str, secret: bool| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&path)
+            .with_context(|| {
+                format!(
+                    "cannot create {} (already there? certs init never overwrites)",
+                    path.display()
+                )
+            })?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    write("ca.crt".into(), &issued.ca_cert, false)?;
+    write("ca.key".into(), &issued.ca_key, true)?;
+    for (id, cert, key) in &issued.nodes {
+        write(format!("node-{id}.crt"), cert, false)?;
+        write(format!("node-{id}.key"), key, true)?;
+    }
+    println!(
+        "wrote ca.crt, ca.key and node-ID.crt/.key in {}; on node ID:",
+        dir.display()
+    );
+    println!(
+        "[cluster]\nca = \"{0}/ca.crt\"\ncert = \"{0}/node-ID.crt\"\nkey = \"{0}/node-ID.key\"",
+        dir.display()
+    );
+    Ok(())
+}
+
 fn password(given: Option<String>, confirm: bool) -> anyhow::Result<String> {
     if let Some(p) = given {
+        return Ok(p);
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // Piped: `printf '%s\n' "$PW" | clusterctl adduser JID`.
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("cannot read the password from stdin")?;
+        let p = line.trim_end_matches(['\r', '\n']).to_owned();
+        if p.is_empty() {
+            bail!("no password on stdin");
+        }
         return Ok(p);
     }
     let p = rpassword::prompt_password("Password: ").context("cannot read the password")?;
@@ -138,9 +220,34 @@ async fn main() -> anyhow::Result<()> {
     } else {
         format!("http://{}", cli.node)
     };
-    let mut c = AdminClient::connect(url.clone())
+    if let Cmd::Certs {
+        cmd: CertsCmd::Init { dir, node },
+    } = &cli.cmd
+    {
+        return certs_init(dir, node);
+    }
+    let auth = match &cli.token_file {
+        Some(path) => {
+            let t = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?;
+            Some(
+                tonic::metadata::MetadataValue::try_from(format!("Bearer {}", t.trim()))
+                    .context("the token file holds characters a header cannot carry")?,
+            )
+        }
+        None => None,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .context("--node is not an address")?
+        .connect()
         .await
         .with_context(|| format!("cannot reach the node's admin API at {}; is xmpp-node running, and is --node its --grpc-addr?", cli.node))?;
+    let mut c = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(v) = &auth {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    });
     match cli.cmd {
         Cmd::Status { json } => {
             let s = c
@@ -287,6 +394,8 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        // Made locally, before connecting to any node.
+        Cmd::Certs { .. } => {}
         Cmd::ImportUsers {
             file,
             update_existing,

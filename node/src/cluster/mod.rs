@@ -12,6 +12,7 @@ pub mod forward;
 pub mod log_store;
 pub mod membership;
 pub mod network;
+pub mod peer_tls;
 pub mod raft_sm;
 pub mod service;
 pub mod state_machine;
@@ -48,6 +49,8 @@ pub enum ClusterError {
     Log(#[from] sled::Error),
     #[error("cannot start Raft: {0}")]
     Raft(String),
+    #[error(transparent)]
+    Tls(#[from] peer_tls::TlsFileError),
 }
 
 pub struct Cluster {
@@ -60,6 +63,8 @@ pub struct Cluster {
     pub table: Arc<SessionTable>,
     applied: watch::Receiver<u64>,
     pub channels: Arc<Channels>,
+    /// Mutual TLS between nodes, when configured.
+    pub tls: Option<peer_tls::PeerTls>,
     pub contacts: Arc<Contacts>,
     pub forwarder: forward::Forwarder,
     write_timeout: Duration,
@@ -99,7 +104,11 @@ impl Cluster {
         }
         .validate()
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        let channels = Arc::new(Channels::new(c.addr.ip()));
+        let tls = peer_tls::PeerTls::load(c)?;
+        let channels = Arc::new(Channels::new(
+            c.addr.ip(),
+            tls.as_ref().map(|t| t.client.clone()),
+        ));
         let contacts = Arc::new(Contacts::default());
         let net = network::Network {
             channels: channels.clone(),
@@ -119,6 +128,7 @@ impl Cluster {
             applied,
             forwarder: forward::Forwarder::new(config.node_id, channels.clone(), returned_tx),
             channels,
+            tls,
             contacts,
             write_timeout: c.write_timeout(),
         };

@@ -25,7 +25,7 @@ use proto::peer_client::PeerClient;
 use proto::RaftBytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::TypeConfig;
 
@@ -58,8 +58,18 @@ impl Contacts {
 /// connect time, so a peer whose name does not resolve yet is retried).
 /// With `local`, connections leave from that address (the node's own
 /// cluster address, so peers and firewalls see which node is calling).
-pub fn channel(addr: &str, local: Option<IpAddr>) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// With `tls`, the peer must show a certificate from the cluster CA valid
+/// for the host of `addr`, and this node shows its own.
+pub fn channel(
+    addr: &str,
+    local: Option<IpAddr>,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = match tls {
+        Some(t) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(t.clone())?,
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    Ok(endpoint
         .local_address(local)
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
@@ -73,15 +83,17 @@ pub fn channel(addr: &str, local: Option<IpAddr>) -> Result<Channel, tonic::tran
 pub struct Channels {
     by_addr: Mutex<HashMap<String, Channel>>,
     local: Option<IpAddr>,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Channels {
     /// Outgoing connections bound to `local` when it is a specific address
     /// (not `0.0.0.0` or `::`).
-    pub fn new(local: IpAddr) -> Channels {
+    pub fn new(local: IpAddr, tls: Option<ClientTlsConfig>) -> Channels {
         Channels {
             by_addr: Mutex::default(),
             local: (!local.is_unspecified()).then_some(local),
+            tls,
         }
     }
 
@@ -90,7 +102,7 @@ impl Channels {
         let ch = match map.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = channel(addr, self.local)?;
+                let c = channel(addr, self.local, self.tls.as_ref())?;
                 map.insert(addr.to_owned(), c.clone());
                 c
             }
