@@ -1,11 +1,23 @@
 //! Read access to the replicated state, and the narrow storage interface
 //! the state machine writes through.
 //!
-//! Everything lives in one sled tree under typed key prefixes, so that one
-//! command's writes are one atomic `apply_batch`. sled is durable only after
-//! a flush: [`Store::flush`] is awaited before a write is acknowledged
-//! (DESIGN.md, "Storage"). Keeping sled behind this one file is what makes a
-//! switch to another engine a local change.
+//! Everything lives in one sled tree under typed key prefixes. The Raft log
+//! (its own sled database) is what makes a write durable; this state is
+//! derived from it, so it is written behind: applied batches collect in
+//! memory ([`Store::apply`]) and reach sled together, in one atomic
+//! `apply_batch` with the applied index, every [`PERSIST_EVERY`] or
+//! [`PERSIST_KEYS`] keys, before a snapshot and at shutdown. Reads see the
+//! pending writes first. After a crash sled holds the state at some
+//! applied index and openraft applies the rest again from the log (which
+//! is never purged past a snapshot, and a snapshot persists everything
+//! first). A sled batch seals and syncs its log buffer twice; doing that
+//! per applied entry was most of a write's cost. Keeping sled behind this
+//! one file is what makes a switch to another engine a local change.
+
+use std::collections::BTreeMap;
+use std::iter::Peekable;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use xmpp::jid::BareJid;
@@ -114,21 +126,37 @@ impl Account {
 
 /// A write set applied atomically.
 #[derive(Default)]
-pub struct Batch(sled::Batch);
+pub struct Batch(Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
 impl Batch {
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.0.insert(key, value);
+        self.0.push((key.to_vec(), Some(value.to_vec())));
     }
     pub fn delete(&mut self, key: &[u8]) {
-        self.0.remove(key);
+        self.0.push((key.to_vec(), None));
     }
+}
+
+/// Pending writes older than this reach sled at the next apply.
+pub const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// This many pending keys reach sled at once.
+pub const PERSIST_KEYS: usize = 4096;
+
+/// Applied writes not yet in sled (`None`: a deletion).
+#[derive(Default)]
+struct Pending {
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    since: Option<Instant>,
 }
 
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    pending: Arc<RwLock<Pending>>,
+    /// Held while pending writes move to sled: one mover at a time.
+    persisting: Arc<Mutex<()>>,
+    persist_every: std::time::Duration,
 }
 
 impl Store {
@@ -139,30 +167,108 @@ impl Store {
         // described there.
         let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
         let tree = db.open_tree("state")?;
-        Ok(Store { db, tree })
+        Ok(Store {
+            db,
+            tree,
+            pending: Arc::default(),
+            persisting: Arc::default(),
+            persist_every: PERSIST_EVERY,
+        })
+    }
+
+    /// Pending writes reach sled after `d` instead of [`PERSIST_EVERY`].
+    pub fn with_persist_every(mut self, d: std::time::Duration) -> Store {
+        self.persist_every = d;
+        self
+    }
+
+    fn pending(&self) -> std::sync::RwLockReadGuard<'_, Pending> {
+        self.pending.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.pending().writes.get(key) {
+            return Ok(v.clone());
+        }
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
     }
 
+    fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        if let Some(v) = self.pending().writes.get(key) {
+            return Ok(v.is_some());
+        }
+        Ok(self.tree.contains_key(key)?)
+    }
+
+    /// Keys with this prefix, in order, pending writes included.
     pub fn scan_prefix(
         &self,
         prefix: &[u8],
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
-        self.tree.scan_prefix(prefix).map(|r| {
-            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .map_err(StoreError::from)
-        })
+        let overlay: Vec<(Vec<u8>, Option<Vec<u8>>)> = {
+            let p = self.pending();
+            p.writes
+                .range(prefix.to_vec()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        Merge {
+            base: self.tree.scan_prefix(prefix).peekable(),
+            overlay: overlay.into_iter().peekable(),
+        }
     }
 
+    /// Applies a batch: visible to reads at once, in sled soon (see the
+    /// module documentation).
     pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
-        self.tree.apply_batch(batch.0)?;
+        let due = {
+            let mut p = self.pending.write().unwrap_or_else(|p| p.into_inner());
+            p.writes.extend(batch.0);
+            let since = *p.since.get_or_insert_with(Instant::now);
+            p.writes.len() >= PERSIST_KEYS || since.elapsed() >= self.persist_every
+        };
+        if due {
+            self.persist()?;
+        }
         Ok(())
     }
 
-    /// Makes every write so far durable.
+    /// Moves the pending writes to sled in one atomic batch.
+    pub fn persist(&self) -> Result<(), StoreError> {
+        let _one = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
+        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = {
+            let p = self.pending();
+            if p.writes.is_empty() {
+                return Ok(());
+            }
+            p.writes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let mut batch = sled::Batch::default();
+        for (k, v) in &writes {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        // Drop what reached sled, unless it was written again meanwhile.
+        let mut p = self.pending.write().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in writes {
+            if p.writes.get(&k) == Some(&v) {
+                p.writes.remove(&k);
+            }
+        }
+        p.since = (!p.writes.is_empty()).then(Instant::now);
+        Ok(())
+    }
+
+    /// Makes every write so far durable in this database.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        self.persist()?;
         self.db.flush_async().await?;
         Ok(())
     }
@@ -177,7 +283,7 @@ impl Store {
     }
 
     pub fn account_exists(&self, user: &BareJid) -> Result<bool, StoreError> {
-        Ok(self.tree.contains_key(keys::account(&user.to_string()))?)
+        self.contains(&keys::account(&user.to_string()))
     }
 
     /// Users of one virtual host (all hosts when `vhost` is empty), sorted.
@@ -196,7 +302,7 @@ impl Store {
 
     pub fn account_count(&self) -> Result<u64, StoreError> {
         let mut n = 0;
-        for kv in self.tree.scan_prefix(keys::ACCOUNT).keys() {
+        for kv in self.scan_prefix(keys::ACCOUNT) {
             kv?;
             n += 1;
         }
@@ -205,11 +311,7 @@ impl Store {
 
     pub fn offline_count(&self, user: &BareJid) -> Result<usize, StoreError> {
         let mut n = 0;
-        for kv in self
-            .tree
-            .scan_prefix(keys::offline_prefix(&user.to_string()))
-            .keys()
-        {
+        for kv in self.scan_prefix(&keys::offline_prefix(&user.to_string())) {
             kv?;
             n += 1;
         }
@@ -266,18 +368,14 @@ impl Store {
 
     pub fn blocklist_is_empty(&self, user: &str) -> Result<bool, StoreError> {
         Ok(self
-            .tree
-            .scan_prefix(keys::user_prefix(keys::BLOCK, user))
-            .keys()
+            .scan_prefix(&keys::user_prefix(keys::BLOCK, user))
             .next()
             .transpose()?
             .is_none())
     }
 
     pub fn is_blocked(&self, user: &str, jid: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .tree
-            .contains_key(keys::user_key(keys::BLOCK, user, jid))?)
+        self.contains(&keys::user_key(keys::BLOCK, user, jid))
     }
 
     pub fn vcard(&self, user: &str) -> Result<Option<String>, StoreError> {
@@ -299,6 +397,8 @@ impl Store {
 
     /// Replaces the whole state with a snapshot's, in one atomic batch.
     pub fn replace_all(&self, pairs: Pairs) -> Result<(), StoreError> {
+        let _one = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
+        *self.pending.write().unwrap_or_else(|p| p.into_inner()) = Pending::default();
         let mut batch = sled::Batch::default();
         for k in self.tree.iter().keys() {
             batch.remove(k?);
@@ -328,5 +428,144 @@ impl Store {
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0))
+    }
+}
+
+/// Pending writes of one scan, in key order.
+type Overlay = Peekable<std::vec::IntoIter<(Vec<u8>, Option<Vec<u8>>)>>;
+
+/// sled's keys merged with the pending writes (which win, and hide what
+/// they delete), in key order.
+struct Merge<B: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> {
+    base: Peekable<B>,
+    overlay: Overlay,
+}
+
+impl<B: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> Iterator for Merge<B> {
+    type Item = Result<(Vec<u8>, Vec<u8>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let take_overlay = match (self.base.peek(), self.overlay.peek()) {
+                (None, None) => return None,
+                (Some(Err(_)), _) => {
+                    return self.base.next().map(|r| match r {
+                        Err(e) => Err(e.into()),
+                        Ok((k, v)) => Ok((k.to_vec(), v.to_vec())),
+                    })
+                }
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+                (Some(Ok((bk, _))), Some((ok, _))) => {
+                    if ok.as_slice() == bk.as_ref() {
+                        // Same key: the pending write replaces sled's value.
+                        self.base.next();
+                        true
+                    } else {
+                        ok.as_slice() < bk.as_ref()
+                    }
+                }
+            };
+            if take_overlay {
+                match self.overlay.next() {
+                    Some((k, Some(v))) => return Some(Ok((k, v))),
+                    // A pending deletion: skip it (sled's copy, if any,
+                    // was consumed above).
+                    Some((_, None)) => continue,
+                    None => return None,
+                }
+            }
+            return self.base.next().map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(StoreError::from)
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(ops: &[(&str, Option<&str>)]) -> Batch {
+        let mut b = Batch::default();
+        for (k, v) in ops {
+            match v {
+                Some(v) => b.put(k.as_bytes(), v.as_bytes()),
+                None => b.delete(k.as_bytes()),
+            }
+        }
+        b
+    }
+
+    fn scan(s: &Store, prefix: &str) -> Vec<(String, String)> {
+        s.scan_prefix(prefix.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv.expect("scan");
+                (
+                    String::from_utf8(k).expect("utf8"),
+                    String::from_utf8(v).expect("utf8"),
+                )
+            })
+            .collect()
+    }
+
+    /// Reads merge sled with the pending writes (which win and hide their
+    /// deletions); pending writes reach sled only when persisted.
+    #[test]
+    fn pending_writes_are_read_first_and_persisted_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            s.apply(batch(&[
+                ("p:a", Some("1")),
+                ("p:c", Some("3")),
+                ("p:e", Some("5")),
+            ]))
+            .expect("apply");
+            s.persist().expect("persist");
+            // Pending over persisted: overwrite c, delete e, add b and d,
+            // delete a key that never existed.
+            s.apply(batch(&[
+                ("p:c", Some("33")),
+                ("p:e", None),
+                ("p:b", Some("2")),
+                ("p:d", Some("4")),
+                ("p:zz", None),
+                ("q:x", Some("other prefix")),
+            ]))
+            .expect("apply");
+            let want: Vec<(String, String)> =
+                [("p:a", "1"), ("p:b", "2"), ("p:c", "33"), ("p:d", "4")]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+            assert_eq!(scan(&s, "p:"), want);
+            assert_eq!(s.get(b"p:e").expect("get"), None);
+            assert_eq!(s.get(b"p:c").expect("get").as_deref(), Some(&b"33"[..]));
+            assert!(!s.contains(b"p:e").expect("contains"));
+            // Dropped without persisting, as in a crash.
+        }
+        {
+            let s = Store::open(dir.path()).expect("reopen");
+            let persisted: Vec<String> = scan(&s, "p:")
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            assert_eq!(
+                persisted,
+                ["p:a=1", "p:c=3", "p:e=5"],
+                "only what was persisted"
+            );
+            s.apply(batch(&[("p:e", None), ("p:b", Some("2"))]))
+                .expect("apply");
+            s.persist().expect("persist");
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        let persisted: Vec<String> = scan(&s, "p:")
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(persisted, ["p:a=1", "p:b=2", "p:c=3"]);
     }
 }

@@ -30,6 +30,7 @@ pub mod presence;
 pub mod report;
 pub mod session;
 pub mod sys;
+pub mod writes;
 
 use std::io::IsTerminal as _;
 use std::net::{SocketAddr, ToSocketAddrs as _};
@@ -56,6 +57,9 @@ pub enum Scenario {
     Chat,
     /// Status changes fanned out over rosters of --roster-size contacts.
     Presence,
+    /// Every user does roster sets back to back (one replicated write each):
+    /// committed writes/s and commit latency.
+    Writes,
     /// Print the generated accounts as `user@domain;password` lines (the
     /// format of `clusterctl import-users`) and exit.
     Accounts,
@@ -247,6 +251,7 @@ pub fn run(opts: Options) -> Result<Report, Failure> {
         Scenario::Hold => hold::run(&ctx),
         Scenario::Chat => chat::run(&ctx),
         Scenario::Presence => presence::run(&ctx),
+        Scenario::Writes => writes::run(&ctx),
         Scenario::Accounts => unreachable!("handled above"),
     }
 }

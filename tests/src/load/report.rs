@@ -33,6 +33,8 @@ pub struct Report {
     pub chat: Option<ChatFigures>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub presence: Option<PresenceFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes: Option<WriteFigures>,
     /// The server process during the measurement (with --server-pid).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_process: Option<ProcFigures>,
@@ -57,6 +59,20 @@ pub struct LoginFigures {
     /// Server CPU milliseconds per successful login (with --server-pid).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu_ms_per_login: Option<f64>,
+}
+
+/// The `writes` scenario: acknowledged roster sets, each one replicated
+/// write (a Raft entry committed and applied before the result).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WriteFigures {
+    pub acknowledged: u64,
+    /// Answered with an error, or not answered before the end.
+    pub failed: u64,
+    pub per_s: f64,
+    /// From sending the IQ to its result.
+    pub latency: Summary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_ms_per_write: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -156,6 +172,7 @@ impl Report {
             hold: None,
             chat: None,
             presence: None,
+            writes: None,
             server_process: None,
             load_process: ProcFigures::default(),
         }
@@ -194,6 +211,17 @@ impl Report {
             }
             if let Some(ms) = l.server_cpu_ms_per_login {
                 t.row("server CPU per login", format!("{ms:.2} ms"));
+            }
+        }
+        if let Some(w) = &self.writes {
+            t.row(
+                "writes",
+                format!("{} acknowledged, {} failed", w.acknowledged, w.failed),
+            );
+            t.row("writes/s", format!("{:.1}", w.per_s));
+            t.row("write latency", latency(&w.latency));
+            if let Some(ms) = w.server_cpu_ms_per_write {
+                t.row("server CPU per write", format!("{ms:.3} ms"));
             }
         }
         if let Some(h) = &self.hold {
