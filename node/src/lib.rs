@@ -172,6 +172,7 @@ async fn serve_peer(
 ) {
     let svc = cluster::service::PeerService {
         raft: server.cluster.raft.clone(),
+        combiner: server.cluster.combiner.clone(),
         channels: server.cluster.channels.clone(),
         inbox,
     };

@@ -8,6 +8,7 @@
 //! XMPP code only calls `write(Command)` and reads through [`Store`] and
 //! [`SessionTable`]; it never sees log indexes or Raft types (STYLE.md).
 
+pub mod combine;
 pub mod forward;
 pub mod log_store;
 pub mod membership;
@@ -63,6 +64,8 @@ pub struct Cluster {
     pub table: Arc<SessionTable>,
     applied: watch::Receiver<u64>,
     pub channels: Arc<Channels>,
+    /// Concurrent writes grouped into shared log entries.
+    pub combiner: combine::Combiner,
     /// Mutual TLS between nodes, when configured.
     pub tls: Option<peer_tls::PeerTls>,
     pub contacts: Arc<Contacts>,
@@ -118,6 +121,7 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let (returned_tx, returned) = mpsc::unbounded_channel();
+        let combiner = combine::Combiner::new(raft.clone());
         let cluster = Cluster {
             id: config.node_id,
             incarnation: rand::random::<u64>() | 1,
@@ -127,6 +131,7 @@ impl Cluster {
             table,
             applied,
             forwarder: forward::Forwarder::new(config.node_id, channels.clone(), returned_tx),
+            combiner,
             channels,
             tls,
             contacts,
@@ -210,8 +215,8 @@ impl Cluster {
     async fn commit(&self, cmd: Command, forward: bool) -> Result<(u64, Outcome), ApplyError> {
         let mut backoff = Duration::from_millis(10);
         loop {
-            match self.raft.client_write(cmd.clone()).await {
-                Ok(r) => return Ok((r.log_id.index, r.data)),
+            match self.combiner.client_write(cmd.clone()).await {
+                Ok(r) => return Ok(r),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) if !forward => {
                     return Err(ApplyError::Unavailable(
                         "this node is not the leader any more".into(),

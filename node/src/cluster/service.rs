@@ -24,6 +24,8 @@ pub type Inbox = mpsc::Sender<(Vec<Forwarded>, oneshot::Sender<()>)>;
 
 pub struct PeerService {
     pub raft: Raft,
+    /// Forwarded writes join the leader's own in shared log entries.
+    pub combiner: super::combine::Combiner,
     pub channels: Arc<Channels>,
     pub inbox: Inbox,
 }
@@ -175,8 +177,8 @@ impl Peer for PeerService {
 
     async fn write(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let cmd: Command = decode(req.get_ref()).map_err(bad)?;
-        let r: Result<(u64, Outcome), String> = match self.raft.client_write(cmd).await {
-            Ok(r) => Ok((r.log_id.index, r.data)),
+        let r: Result<(u64, Outcome), String> = match self.combiner.client_write(cmd).await {
+            Ok(r) => Ok(r),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err("not the leader".into())
             }

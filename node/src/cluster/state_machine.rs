@@ -133,6 +133,10 @@ pub enum Command {
     NodeUp { node: u64, incarnation: u64 },
     /// The leader found `node` unreachable past the grace period.
     NodeDown { node: u64 },
+    /// Independent commands that arrived together, in one log entry (group
+    /// commit): each is applied on its own, in order, and has an outcome
+    /// of its own; a refusal refuses only that one.
+    Many(Vec<Command>),
 }
 
 /// Where one full JID is bound (DESIGN.md, "What Raft replicates").
@@ -194,6 +198,8 @@ pub enum Response {
     /// JIDs whose blocking state changed.
     Blocking(Vec<String>),
     Batch(Vec<Response>),
+    /// The outcomes of a `Command::Many`, in order.
+    Many(Vec<Outcome>),
 }
 
 /// Why a write did not take effect: a deterministic refusal (part of the
@@ -226,6 +232,9 @@ pub enum Refusal {
     BlocklistFull(String, u32),
     #[error("no roster item {contact} for {user}")]
     NoRosterItem { user: String, contact: String },
+    /// Only the group commit makes `Many`, and only at the top level.
+    #[error("a group of commands cannot be nested in another command")]
+    Nested,
 }
 
 /// The outcome of one applied command, as every replica computes it.
@@ -430,6 +439,21 @@ pub fn apply_entries(
     for (meta, cmd) in entries {
         let (result, writes) = match cmd {
             None => ((Ok(Response::Done), Vec::new()), Writes::new()),
+            Some(Command::Many(cmds)) => {
+                let mut outcomes = Vec::with_capacity(cmds.len());
+                let mut effects = Vec::new();
+                for cmd in cmds {
+                    let mut tx = Tx::new(store, &done);
+                    let o = outcome(apply_in(&mut tx, cmd))?;
+                    if o.is_ok() {
+                        effects.extend(tx.effects);
+                        let writes = tx.writes;
+                        done.extend(writes);
+                    }
+                    outcomes.push(o);
+                }
+                ((Ok(Response::Many(outcomes)), effects), Writes::new())
+            }
             Some(cmd) => {
                 let mut tx = Tx::new(store, &done);
                 match outcome(apply_in(&mut tx, cmd))? {
@@ -714,6 +738,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             }
             Ok(Response::Batch(out))
         }
+        Command::Many(_) => Err(Refusal::Nested.into()),
         Command::Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());
             for c in cmds {
@@ -845,6 +870,50 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(dir.path()).expect("open");
         (dir, s)
+    }
+
+    /// A group commit: each command has its own outcome, a refusal refuses
+    /// only its own command, and later commands see earlier ones' writes.
+    #[test]
+    fn many_applies_each_command_on_its_own() {
+        let (_d, s) = store();
+        let create = |u: &str, pw: &str| Command::CreateAccount {
+            user: u.to_owned(),
+            credentials: creds(pw),
+        };
+        let r = apply(
+            &s,
+            1,
+            Command::Many(vec![
+                create("a@example.com", "1"),
+                create("a@example.com", "2"),
+                create("b@example.com", "3"),
+                Command::Many(vec![]),
+            ]),
+        )
+        .expect("group applied");
+        let Response::Many(outcomes) = r else {
+            panic!("not a group answer: {r:?}")
+        };
+        assert_eq!(outcomes.len(), 4);
+        assert!(outcomes[0].is_ok(), "{outcomes:?}");
+        assert_eq!(
+            outcomes[1],
+            Err(Refusal::AccountExists("a@example.com".into()))
+        );
+        assert!(outcomes[2].is_ok(), "{outcomes:?}");
+        assert_eq!(outcomes[3], Err(Refusal::Nested));
+        let a = BareJid::parse("a@example.com").expect("jid");
+        assert_eq!(
+            s.account(&a).expect("read").expect("a exists").credentials,
+            creds("1"),
+            "the refused second create left nothing behind"
+        );
+        assert!(s
+            .account(&BareJid::parse("b@example.com").expect("jid"))
+            .expect("read")
+            .is_some());
+        assert_eq!(s.applied_index().expect("index"), 1);
     }
 
     #[test]
