@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The cluster benchmark: logins/s and login latency on one node, then on a
-# 3-node cluster through the leader and through a follower. A login is TCP,
+# The cluster benchmark: logins/s and login latency, and committed writes/s
+# and commit latency (xmpp-load writes: roster sets, one replicated write
+# each, one in flight per user), on one node, then on a 3-node cluster
+# through the leader and through a follower. A login is TCP,
 # STARTTLS, SCRAM-SHA-1, bind (one Raft write: the session table), roster
 # get, initial presence (one Raft write: availability), close (one Raft
 # write: unbind), so the difference between the rows is the cost of
@@ -31,6 +33,7 @@ cargo build --release -q -p node -p tests --bins
 BIN=$ROOT/target/release
 TMP=$(mktemp -d)
 pids=()
+declare -A nodepid
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$TMP"; }
 trap cleanup EXIT
 DOMAIN=bench.test
@@ -43,6 +46,7 @@ start() { # id, join...
         --c2s-addr "$ip:5222" --c2s-tls-addr "$ip:5223" --grpc-addr "$ip:5290" \
         --cluster-addr "$ip:5291" --log-level warn "$@" 2>"$TMP/n$i.log" &
     pids+=($!)
+    nodepid[$i]=$!
     for _ in $(seq 150); do
         "$BIN/clusterctl" --node "$ip:5290" status >/dev/null 2>&1 && return 0
         sleep 0.2
@@ -54,18 +58,30 @@ stop_all() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pi
 
 "$BIN/xmpp-load" accounts --users "$USERS" --domain "$DOMAIN" >"$TMP/accounts.txt"
 
-login() { # c2s address -> "per_s p50 p99 failed"
-    "$BIN/xmpp-load" login --server "$1" --domain "$DOMAIN" --accounts "$TMP/accounts.txt" \
-        --users "$USERS" --mechanism scram-sha-1 --concurrency "$CONC" --arrival-rate 0 \
-        --duration "$SECS" --json --quiet |
-        /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["login"]; print("%.0f %.1f %.1f %d" % (r["per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["failed"]))'
+pid_of() { # node id -> pid
+    echo "${nodepid[$1]}"
 }
 
-row() { read -r per p50 p99 failed <<<"$2"; printf '| %s | %s | %s / %s | %s |\n' "$1" "$per" "$p50" "$p99" "$failed"; }
+login() { # c2s address, node id -> "per_s p50 p99 failed cpu_ms"
+    "$BIN/xmpp-load" login --server "$1" --domain "$DOMAIN" --accounts "$TMP/accounts.txt" \
+        --users "$USERS" --mechanism scram-sha-1 --concurrency "$CONC" --arrival-rate 0 \
+        --duration "$SECS" --server-pid "$(pid_of "$2")" --json --quiet |
+        /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["login"]; print("%.0f %.1f %.1f %d %.2f" % (r["per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["failed"], r.get("server_cpu_ms_per_login") or 0))'
+}
+
+writes() { # c2s address, node id, users -> "per_s p50 p99 failed cpu_ms"
+    "$BIN/xmpp-load" writes --server "$1" --domain "$DOMAIN" --accounts "$TMP/accounts.txt" \
+        --users "$3" --duration "$SECS" --server-pid "$(pid_of "$2")" --json --quiet |
+        /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["writes"]; print("%.0f %.2f %.2f %d %.3f" % (r["per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["failed"], r.get("server_cpu_ms_per_write") or 0))'
+}
+
+row() { read -r per p50 p99 failed cpu <<<"$2"; printf '| %s | %s | %s / %s | %s | %s |\n' "$1" "$per" "$p50" "$p99" "$cpu" "$failed"; }
 
 start 1
 "$BIN/clusterctl" --node 127.0.30.1:5290 import-users "$TMP/accounts.txt" >/dev/null
-one=$(login 127.0.30.1:5222)
+one=$(login 127.0.30.1:5222 1)
+one_w1=$(writes 127.0.30.1:5222 1 1)
+one_w=$(writes 127.0.30.1:5222 1 "$CONC")
 stop_all
 
 start 1
@@ -79,13 +95,26 @@ done
 "$BIN/clusterctl" --node 127.0.30.2:5290 import-users "$TMP/accounts.txt" >/dev/null
 leader=$("$BIN/clusterctl" --node 127.0.30.1:5290 status --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
 follower=$(( leader % 3 + 1 ))
-via_leader=$(login "127.0.30.$leader:5222")
-via_follower=$(login "127.0.30.$follower:5222")
+via_leader=$(login "127.0.30.$leader:5222" "$leader")
+via_follower=$(login "127.0.30.$follower:5222" "$follower")
+lw1=$(writes "127.0.30.$leader:5222" "$leader" 1)
+lw=$(writes "127.0.30.$leader:5222" "$leader" "$CONC")
+fw=$(writes "127.0.30.$follower:5222" "$follower" "$CONC")
 
 echo "Logins ($USERS accounts, $CONC in flight, ${SECS} s each, SCRAM-SHA-1 over STARTTLS), $(date -u +%F):"
 echo
-echo "| | logins/s | latency p50 / p99 (ms) | failed |"
-echo "|---|---:|---:|---:|"
+echo "| | logins/s | latency p50 / p99 (ms) | CPU-ms per login (that node) | failed |"
+echo "|---|---:|---:|---:|---:|"
 row "one node" "$one"
 row "3-node cluster, via the leader" "$via_leader"
 row "3-node cluster, via a follower" "$via_follower"
+echo
+echo "Committed writes (roster sets, one in flight per user, ${SECS} s each):"
+echo
+echo "| | writes/s | commit latency p50 / p99 (ms) | CPU-ms per write (that node) | failed |"
+echo "|---|---:|---:|---:|---:|"
+row "one node, 1 user" "$one_w1"
+row "one node, $CONC users" "$one_w"
+row "3-node cluster, via the leader, 1 user" "$lw1"
+row "3-node cluster, via the leader, $CONC users" "$lw"
+row "3-node cluster, via a follower, $CONC users" "$fw"

@@ -215,6 +215,18 @@ impl Cluster {
     async fn commit(&self, cmd: Command, forward: bool) -> Result<(u64, Outcome), ApplyError> {
         let mut backoff = Duration::from_millis(10);
         loop {
+            // Known to be a follower: straight to the leader, which groups
+            // it with the others (asking our own Raft first costs a round
+            // through the combiner for the same answer).
+            if forward {
+                if let Some((_, addr)) = self.leader().filter(|(l, _)| *l != self.id) {
+                    if let Some(r) =
+                        service::forward_write(&self.channels, &node(&addr), &cmd).await?
+                    {
+                        return Ok(r);
+                    }
+                }
+            }
             match self.combiner.client_write(cmd.clone()).await {
                 Ok(r) => return Ok(r),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) if !forward => {
