@@ -495,3 +495,53 @@ async fn a_leader_cut_off_by_a_partition_refuses_writes_and_the_cluster_heals() 
         nodes[fb].log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carbons_reach_a_users_devices_on_other_nodes() {
+    const CARBONS: &str = "urn:xmpp:carbons:2";
+    const FORWARD: &str = "urn:xmpp:forward:0";
+    let nodes = three("");
+    nodes[0].adduser("alice", PW).expect("alice");
+    nodes[0].adduser("bob", PW).expect("bob");
+    let mut phone = online(&nodes[0], "alice", "phone", 5).await;
+    let mut desktop = online(&nodes[1], "alice", "desktop", 1).await;
+    let enable = desktop.make_iq("set", None, Element::new("enable", CARBONS));
+    let r = desktop.iq(enable).await.expect("enable carbons");
+    assert_eq!(r.get_attr("type"), Some("result"));
+    let mut bob = online(&nodes[2], "bob", "pc", 0).await;
+    wait_sessions(&[&nodes[0], &nodes[1], &nodes[2]], 3);
+    let carbon_of = |m: &Element, wrapper: &str| {
+        m.get_child(wrapper, CARBONS)
+            .and_then(|w| w.get_child("forwarded", FORWARD))
+            .and_then(|f| f.get_child("message", ns::CLIENT))
+            .and_then(body)
+    };
+
+    // Received on node 1 (the phone has the highest priority): the
+    // desktop on node 2 gets a <received/> copy.
+    bob.chat("alice@localhost", "to the phone")
+        .await
+        .expect("send");
+    expect_body(&mut phone, "to the phone").await;
+    let m = desktop.recv_message(WAIT).await.expect("received carbon");
+    assert_eq!(
+        carbon_of(&m, "received").as_deref(),
+        Some("to the phone"),
+        "{}",
+        m.to_string_in(ns::CLIENT)
+    );
+    assert_eq!(m.get_attr("to"), Some("alice@localhost/desktop"));
+    // Sent from node 1: a <sent/> copy on node 2.
+    phone
+        .chat("bob@localhost/pc", "from the phone")
+        .await
+        .expect("send");
+    expect_body(&mut bob, "from the phone").await;
+    let m = desktop.recv_message(WAIT).await.expect("sent carbon");
+    assert_eq!(
+        carbon_of(&m, "sent").as_deref(),
+        Some("from the phone"),
+        "{}",
+        m.to_string_in(ns::CLIENT)
+    );
+}

@@ -40,29 +40,65 @@ fn copy(server: &Server, user: &BareJid, skip: &[&str], wrapper: &str, m: &Eleme
     let wanted = |r: &crate::sessions::Resource| {
         r.carbons && r.available && !skip.contains(&r.resource.as_str())
     };
-    if !server
+    let here = server
         .sessions
-        .with_resources(user, |rs| rs.iter().any(wanted))
-    {
+        .with_resources(user, |rs| rs.iter().any(wanted));
+    // Resources on other nodes: whether they enabled carbons is theirs to
+    // know, so every node with an available session of the user gets the
+    // wrapper once and picks its own.
+    let elsewhere = crate::router::remote::nodes_of(server, user, |e| e.available);
+    if !here && elsewhere.is_empty() {
         return;
     }
+    let forwarded =
+        Element::new(wrapper, NS).child(Element::new("forwarded", NS_FORWARD).child(m.clone()));
+    let kind = m.get_attr("type").unwrap_or("normal");
+    if !elsewhere.is_empty() {
+        let xml = forwarded.to_string_in(ns::CLIENT);
+        let to = user.to_string();
+        for n in elsewhere {
+            crate::router::remote::forward(server, n, proto::Delivery::Carbons, &to, kind, &xml);
+        }
+    }
+    if here {
+        deliver(server, user, &forwarded, kind, wanted);
+    }
+}
+
+/// Wraps `forwarded` for each of `user`'s resources here that `wanted`
+/// picks.
+fn deliver(
+    server: &Server,
+    user: &BareJid,
+    forwarded: &Element,
+    kind: &str,
+    wanted: impl Fn(&crate::sessions::Resource) -> bool,
+) {
     let targets: Vec<_> = server
         .sessions
         .resources(user)
         .into_iter()
         .filter(|r| wanted(r))
         .collect();
-    let forwarded =
-        Element::new(wrapper, NS).child(Element::new("forwarded", NS_FORWARD).child(m.clone()));
     for r in targets {
         let carbon = Element::new("message", ns::CLIENT)
             .attr("from", user.to_string())
             .attr("to", format!("{user}/{}", r.resource))
-            .attr("type", m.get_attr("type").unwrap_or("normal"))
+            .attr("type", kind)
             .child(forwarded.clone());
         let _ =
             r.tx.send(Outbound::Xml(Arc::from(carbon.to_string_in(ns::CLIENT))));
     }
+}
+
+/// A carbon wrapper from another node (`Delivery::Carbons`): for this
+/// node's carbons-enabled available resources of `user`.
+pub fn deliver_forwarded(server: &Server, user: &BareJid, kind: &str, wrapper: &Element) {
+    let kind = match kind {
+        "chat" | "normal" => kind,
+        _ => "normal",
+    };
+    deliver(server, user, wrapper, kind, |r| r.carbons && r.available);
 }
 
 impl Module for Carbons {

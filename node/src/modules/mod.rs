@@ -7,7 +7,7 @@
 //! A new XEP is a new file here plus one line in [`all`].
 
 mod blocking;
-mod carbons;
+pub(crate) mod carbons;
 mod disco;
 pub(crate) mod offline;
 mod ping;

@@ -328,7 +328,7 @@ fn remote_highest(server: &Server, user: &BareJid) -> Option<(i8, Vec<(u64, Stri
     })
 }
 
-fn delivered(server: &Server, message: &Element, user: &BareJid, resources: &[&str]) {
+pub(crate) fn delivered(server: &Server, message: &Element, user: &BareJid, resources: &[&str]) {
     for m in server.modules.iter() {
         m.on_message_delivered(server, message, user, resources);
     }

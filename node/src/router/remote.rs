@@ -129,6 +129,9 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
             if !returned {
                 if let Some(r) = server.sessions.get(&full) {
                     if r.tx.send(Outbound::Xml(Arc::from(xml))).is_ok() {
+                        if delivery == Delivery::Full && xml.starts_with("<message") {
+                            after_message(server, &full, xml);
+                        }
                         return;
                     }
                 }
@@ -141,6 +144,14 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
             match xmpp::xml::parse_element(xml, ns::CLIENT) {
                 Ok(stanza) => super::reroute_here(server, stanza).await,
                 Err(e) => tracing::warn!(error = %e, "unparsable forwarded stanza"),
+            }
+        }
+        Delivery::Carbons if !returned => {
+            if let (Ok(user), Ok(wrapper)) = (
+                BareJid::parse(&f.to),
+                xmpp::xml::parse_element(xml, ns::CLIENT),
+            ) {
+                crate::modules::carbons::deliver_forwarded(server, &user, &f.from, &wrapper);
             }
         }
         Delivery::AllAvailable if !returned => {
@@ -164,6 +175,20 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
         // Broadcasts and probes to a node that is gone: its sessions are
         // gone with it, and its contacts learn that from NodeDown.
         _ => {}
+    }
+}
+
+/// A message from another node reached `full` here: the delivery hooks
+/// (carbons to the user's other devices) run here, where the delivery
+/// happened. Parsed only when the user has another session somewhere.
+fn after_message(server: &Server, full: &FullJid, xml: &str) {
+    let user = full.bare();
+    let others_here = server.sessions.with_resources(user, |rs| rs.len() > 1);
+    if !others_here && nodes_of(server, user, |e| e.available).is_empty() {
+        return;
+    }
+    if let Ok(stanza) = xmpp::xml::parse_element(xml, ns::CLIENT) {
+        super::delivered(server, &stanza, user, &[full.resource()]);
     }
 }
 
