@@ -80,6 +80,21 @@ async fn expect_body(c: &mut Client, want: &str) {
     );
 }
 
+/// Waits until `c` gets `unavailable` presence from the full JID `from`
+/// (NodeDown takes the grace period and a commit).
+async fn expect_unavailable(c: &mut Client, from: &str, what: &str) {
+    c.recv_until(
+        |e| {
+            e.name == "presence"
+                && e.get_attr("from") == Some(from)
+                && e.get_attr("type") == Some("unavailable")
+        },
+        Duration::from_secs(15),
+    )
+    .await
+    .expect(what);
+}
+
 /// Waits until each node's session table holds at least `want` sessions.
 fn wait_sessions(nodes: &[&TestNode], want: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -273,17 +288,7 @@ async fn killed_leader_loses_no_acknowledged_write_and_its_users_go_unavailable(
         }
     }
     // Bob was on the dead node: alice learns he is gone (NodeDown).
-    alice
-        .recv_until(
-            |e| {
-                e.name == "presence"
-                    && e.get_attr("from") == Some("bob@localhost/pc")
-                    && e.get_attr("type") == Some("unavailable")
-            },
-            Duration::from_secs(15),
-        )
-        .await
-        .expect("bob seen unavailable");
+    expect_unavailable(&mut alice, "bob@localhost/pc", "bob seen unavailable").await;
     // He logs in elsewhere and carries on.
     let mut bob = online(&nodes[fb], "bob", "pc", 0).await;
     alice
@@ -441,17 +446,12 @@ async fn a_leader_cut_off_by_a_partition_refuses_writes_and_the_cluster_heals() 
     let c = Client::login_bound(&nodes[fb], "majority", PW, "r").await;
     assert!(c.is_ok(), "{:?}", c.err());
     // Bob's node stopped answering: alice sees him go.
-    alice
-        .recv_until(
-            |e| {
-                e.name == "presence"
-                    && e.get_attr("from") == Some("bob@localhost/pc")
-                    && e.get_attr("type") == Some("unavailable")
-            },
-            Duration::from_secs(15),
-        )
-        .await
-        .expect("bob seen unavailable on the majority side");
+    expect_unavailable(
+        &mut alice,
+        "bob@localhost/pc",
+        "bob seen unavailable on the majority side",
+    )
+    .await;
 
     // Healed: the old leader learns the new term and what was committed,
     // drops what it could not commit, and closes the session the cluster
