@@ -13,18 +13,27 @@
 # Nodes listen on 127.0.30.1-3 with data in a temporary directory; no CPU
 # pinning (three nodes and xmpp-load share this machine's cores), so read
 # the rows against each other, not against the single-server table of
-# tests/bench/run.sh. Prints a Markdown table.
+# tests/bench/run.sh. Prints Markdown tables.
+#
+# Messages: --chat-users users (on the two followers) send chat messages at
+# --chat-rate per second in total, once all to users of the same node and
+# once all to users of the other node; CPU is the sum of all three nodes,
+# so the cross-node row carries the cost of the hop between nodes.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 USERS=500
 SECS=10
 CONC=50
+CHAT_USERS=200
+CHAT_RATE=2000
 while [ $# -gt 0 ]; do
     case $1 in
         --users) USERS=$2; shift 2 ;;
         --secs) SECS=$2; shift 2 ;;
         --concurrency) CONC=$2; shift 2 ;;
-        -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+        --chat-users) CHAT_USERS=$2; shift 2 ;;
+        --chat-rate) CHAT_RATE=$2; shift 2 ;;
+        -h|--help) sed -n 2,19p "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -75,6 +84,13 @@ writes() { # c2s address, node id, users -> "per_s p50 p99 failed cpu_ms"
         /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["writes"]; print("%.0f %.2f %.2f %d %.3f" % (r["per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["failed"], r.get("server_cpu_ms_per_write") or 0))'
 }
 
+chat() { # servers (comma-separated), pids (comma-separated) -> "delivered_per_s p50 p99 lost cpu_ms"
+    "$BIN/xmpp-load" chat --server "$1" --domain "$DOMAIN" --accounts "$TMP/accounts.txt" \
+        --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$SECS" --arrival-rate 0 \
+        --concurrency "$CONC" --server-pid "$2" --json --quiet |
+        /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["chat"]; print("%.0f %.2f %.2f %d %.3f" % (r["delivered_per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["lost"], r.get("server_cpu_s_per_1000_messages") or 0))'
+}
+
 row() { read -r per p50 p99 failed cpu <<<"$2"; printf '| %s | %s | %s / %s | %s | %s |\n' "$1" "$per" "$p50" "$p99" "$cpu" "$failed"; }
 
 start 1
@@ -100,6 +116,11 @@ via_follower=$(login "127.0.30.$follower:5222" "$follower")
 lw1=$(writes "127.0.30.$leader:5222" "$leader" 1)
 lw=$(writes "127.0.30.$leader:5222" "$leader" "$CONC")
 fw=$(writes "127.0.30.$follower:5222" "$follower" "$CONC")
+other=$(( follower % 3 + 1 ))
+[ "$other" = "$leader" ] && other=$(( other % 3 + 1 ))
+all="${nodepid[1]},${nodepid[2]},${nodepid[3]}"
+same=$(chat "127.0.30.$follower:5222" "$all")
+cross=$(chat "127.0.30.$follower:5222,127.0.30.$other:5222" "$all")
 
 echo "Logins ($USERS accounts, $CONC in flight, ${SECS} s each, SCRAM-SHA-1 over STARTTLS), $(date -u +%F):"
 echo
@@ -118,3 +139,10 @@ row "one node, $CONC users" "$one_w"
 row "3-node cluster, via the leader, 1 user" "$lw1"
 row "3-node cluster, via the leader, $CONC users" "$lw"
 row "3-node cluster, via a follower, $CONC users" "$fw"
+echo
+echo "Messages ($CHAT_USERS users, $CHAT_RATE/s offered, ${SECS} s, 3-node cluster; CPU of all three nodes):"
+echo
+echo "| | delivered/s | latency p50 / p99 (ms) | CPU-ms per message (all nodes) | lost |"
+echo "|---|---:|---:|---:|---:|"
+row "same node (every user on one follower)" "$same"
+row "across nodes (users on two followers, every message to the other)" "$cross"

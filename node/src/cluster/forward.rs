@@ -1,15 +1,24 @@
 //! Stanzas between nodes (DESIGN.md, "The life of a stanza", step 3): one
-//! queue and one sender task per peer node, batching whatever waits, one
-//! batch in flight on the peer's long-lived HTTP/2 connection.
+//! queue per peer node and one long-lived gRPC stream (`ForwardStream`)
+//! on the peer's HTTP/2 connection. Whatever waits in the queue when the
+//! stream is polled travels as one batch; the peer acknowledges, with a
+//! running count, what it handed to its sessions (or to its own delivery
+//! rules), coalescing acknowledgements while batches keep arriving.
 //!
-//! A batch the peer did not acknowledge (it is down, or the connection
-//! broke) comes back through `returned`: the node applies the delivery
-//! rules to it locally (offline storage or an error), so a stanza is never
-//! dropped silently.
+//! What the peer did not acknowledge when the stream breaks (it is down,
+//! or the connection failed) comes back through `returned`: the node
+//! applies the delivery rules to it locally (offline storage or an error),
+//! so a stanza is never dropped silently. Delivery is at-least-once: a
+//! batch delivered whose acknowledgement was lost with the connection is
+//! also given back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use futures_util::Stream;
 use proto::{ForwardBatch, Forwarded};
 use tokio::sync::mpsc;
 
@@ -19,6 +28,9 @@ use super::network::Channels;
 const BATCH: usize = 512;
 /// Stanzas waiting for one peer before the sender is refused.
 const QUEUE: usize = 65_536;
+/// Waits between attempts to open the stream to a peer that is down.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 pub struct Forwarder {
     me: u64,
@@ -73,34 +85,127 @@ impl Forwarder {
     }
 }
 
-async fn run(
+/// The queue of one peer and what was sent on the current stream but not
+/// yet acknowledged. Shared by the request stream (polled by the HTTP/2
+/// client, which sends what it yields) and the task reading the
+/// acknowledgements.
+struct Outgoing {
+    rx: mpsc::Receiver<Forwarded>,
+    unacked: VecDeque<Forwarded>,
+    /// Set once the queue's senders are gone (the node shuts down).
+    closed: bool,
+}
+
+/// The request side of one `ForwardStream`: yields a batch of whatever is
+/// queued each time it is polled.
+struct Batches {
     me: u64,
-    addr: String,
-    channels: Arc<Channels>,
-    mut rx: mpsc::Receiver<Forwarded>,
-    returned: mpsc::UnboundedSender<Forwarded>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut stanzas = vec![first];
+    out: Arc<Mutex<Outgoing>>,
+}
+
+impl Stream for Batches {
+    type Item = ForwardBatch;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ForwardBatch>> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let out = &mut *out;
+        let first = match out.rx.poll_recv(cx) {
+            Poll::Ready(Some(f)) => f,
+            Poll::Ready(None) => {
+                out.closed = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => return Poll::Pending,
+        };
+        let mut stanzas = Vec::with_capacity(out.rx.len().min(BATCH - 1) + 1);
+        stanzas.push(first);
         while stanzas.len() < BATCH {
-            match rx.try_recv() {
+            match out.rx.try_recv() {
                 Ok(f) => stanzas.push(f),
                 Err(_) => break,
             }
         }
-        let batch = ForwardBatch {
-            from_node: me,
+        // Kept until acknowledged; `xml` is shared, not copied.
+        out.unacked.extend(stanzas.iter().cloned());
+        Poll::Ready(Some(ForwardBatch {
+            from_node: self.me,
             stanzas,
-        };
-        let sent = match channels.get(&addr) {
-            Ok(mut client) => client.forward(batch.clone()).await.map(|_| ()),
+        }))
+    }
+}
+
+async fn run(
+    me: u64,
+    addr: String,
+    channels: Arc<Channels>,
+    rx: mpsc::Receiver<Forwarded>,
+    returned: mpsc::UnboundedSender<Forwarded>,
+) {
+    let out = Arc::new(Mutex::new(Outgoing {
+        rx,
+        unacked: VecDeque::new(),
+        closed: false,
+    }));
+    let give_back_unacked = |out: &Mutex<Outgoing>| {
+        let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+        let n = o.unacked.len();
+        for f in o.unacked.drain(..) {
+            let _ = returned.send(f);
+        }
+        n
+    };
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let opened = match channels.get(&addr) {
+            Ok(mut client) => client
+                .forward_stream(Batches {
+                    me,
+                    out: out.clone(),
+                })
+                .await
+                .map(|r| r.into_inner()),
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         };
-        if let Err(status) = sent {
-            tracing::warn!(peer = %addr, error = %status, stanzas = batch.stanzas.len(), "forwarding to a peer node failed; delivering those stanzas by the local rules");
-            for f in batch.stanzas {
+        let error = match opened {
+            Ok(mut acks) => {
+                backoff = BACKOFF_MIN;
+                let mut acked = 0u64;
+                loop {
+                    match acks.message().await {
+                        Ok(Some(ack)) => {
+                            let n = ack.received.saturating_sub(acked);
+                            acked = ack.received;
+                            let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                            let n = (n as usize).min(o.unacked.len());
+                            o.unacked.drain(..n);
+                        }
+                        Ok(None) => break tonic::Status::unavailable("the peer ended the stream"),
+                        Err(s) => break s,
+                    }
+                }
+            }
+            Err(s) => s,
+        };
+        let unacked = give_back_unacked(&out);
+        {
+            let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+            if o.closed {
+                return;
+            }
+            // The peer is unreachable: what waits now goes to the local
+            // rules rather than wait for it.
+            let mut n = unacked;
+            while let Ok(f) = o.rx.try_recv() {
                 let _ = returned.send(f);
+                n += 1;
+            }
+            if n > 0 {
+                tracing::warn!(peer = %addr, error = %error, stanzas = n, "forwarding to a peer node failed; delivering those stanzas by the local rules");
+            } else {
+                tracing::debug!(peer = %addr, error = %error, "stream to a peer node ended");
             }
         }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }

@@ -2,8 +2,11 @@
 //! this one (openraft's RPCs, forwarded writes, joins, elections, and
 //! stanzas for this node's sessions).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::Stream;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
@@ -13,7 +16,7 @@ use proto::{
     RaftBytes, ReadIndexReply, ReadIndexRequest,
 };
 use tokio::sync::{mpsc, oneshot};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::network::{decode, encode, Channels};
 use super::state_machine::{ApplyError, Command, Outcome};
@@ -226,16 +229,83 @@ impl Peer for PeerService {
         }))
     }
 
-    async fn forward(&self, req: Request<ForwardBatch>) -> Result<Response<ForwardAck>, Status> {
-        let batch = req.into_inner();
-        let n = batch.stanzas.len() as u64;
-        let (done, wait) = oneshot::channel();
-        self.inbox
-            .send((batch.stanzas, done))
-            .await
-            .map_err(|_| Status::unavailable("this node is shutting down"))?;
-        wait.await
-            .map_err(|_| Status::unavailable("this node is shutting down"))?;
-        Ok(Response::new(ForwardAck { received: n }))
+    type ForwardStreamStream =
+        Pin<Box<dyn Stream<Item = Result<ForwardAck, Status>> + Send + 'static>>;
+
+    async fn forward_stream(
+        &self,
+        req: Request<Streaming<ForwardBatch>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let inbound = req.into_inner();
+        let inbox = self.inbox.clone();
+        let acks = futures_util::stream::unfold(Some((inbound, inbox, 0u64)), |state| async move {
+            let (mut inbound, inbox, mut total) = state?;
+            let gone = || Status::unavailable("this node is shutting down");
+            // Acknowledged at most every ACK_DELAY or ACK_MAX stanzas:
+            // an ack is a write and a wakeup on both nodes, and it only
+            // bounds what the sender keeps for re-routing.
+            let mut last: Option<oneshot::Receiver<()>> = None;
+            let mut since_ack = 0u64;
+            let mut deadline: Option<tokio::time::Instant> = None;
+            let mut ended = false;
+            loop {
+                let tick = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(b)) => {
+                            let n = b.stanzas.len() as u64;
+                            match hand_in(&inbox, b, &mut total).await {
+                                Some(w) => last = Some(w),
+                                None => return Some((Err(gone()), None)),
+                            }
+                            since_ack += n;
+                            deadline.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+                            if since_ack >= ACK_MAX {
+                                break;
+                            }
+                        }
+                        Ok(None) | Err(_) => {
+                            ended = true;
+                            break;
+                        }
+                    },
+                    () = tick => break,
+                }
+            }
+            let Some(last) = last else {
+                return None; // ended with nothing to acknowledge
+            };
+            // The consumer takes batches in order: the last one handed
+            // in being done means all are.
+            if last.await.is_err() {
+                return Some((Err(gone()), None));
+            }
+            let next = (!ended).then_some((inbound, inbox, total));
+            Some((Ok(ForwardAck { received: total }), next))
+        });
+        Ok(Response::new(Box::pin(acks)))
     }
+}
+
+/// Longest wait before delivered stanzas are acknowledged to the sender.
+const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+/// Stanzas delivered before an acknowledgement goes out at once.
+const ACK_MAX: u64 = 1024;
+
+/// Hands one batch to the node's consumer; the receiver fires once it was
+/// delivered. `None`: the node is shutting down.
+async fn hand_in(
+    inbox: &Inbox,
+    batch: ForwardBatch,
+    total: &mut u64,
+) -> Option<oneshot::Receiver<()>> {
+    *total += batch.stanzas.len() as u64;
+    let (done, wait) = oneshot::channel();
+    inbox.send((batch.stanzas, done)).await.ok()?;
+    Some(wait)
 }

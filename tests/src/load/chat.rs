@@ -103,7 +103,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     };
     await_logins(ctx, rx, "chat")?;
 
-    let server_before = o.server_pid.map(sys::sample).transpose();
+    let server_before = sys::sample_all(&o.server_pid);
     let server_before = server_before.map_err(|e| Failure {
         message: format!("{e:#}"),
         report: None,
@@ -150,7 +150,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     }
     let drain_s = drain_start.elapsed().as_secs_f64();
     let wall = t0.elapsed().as_secs_f64();
-    let server_after = o.server_pid.map(sys::sample).transpose().ok().flatten();
+    let server_after = sys::sample_all(&o.server_pid).ok().flatten();
     let self_after = sys::sample_self();
     ctx.phase.send_replace(Phase::Stop);
     let mut hist = Latency::new();
@@ -264,6 +264,7 @@ async fn chat_conn(
     t0: Instant,
 ) -> std::io::Result<()> {
     let n = plan.users as u64;
+    let servers = ctx.target.addrs.len() as u64;
     let mine = plan.messages_of(me);
     let phase = me as f64 / n as f64;
     let due_at = |k: u64| t0 + Duration::from_secs_f64((k as f64 + phase) / plan.per_user_rate);
@@ -280,7 +281,12 @@ async fn chat_conn(
             let sent_ns = now.duration_since(ctx.clock).as_nanos() as u64;
             let before = k;
             while k < mine && due_at(k) <= now {
-                let to = (me as u64 + 1 + k % (n - 1)) % n;
+                let mut to = (me as u64 + 1 + k % (n - 1)) % n;
+                if servers > 1 && to % servers == me as u64 % servers {
+                    // Users are on server i mod count and the count divides
+                    // n, so the next user is on another server.
+                    to = (to + 1) % n;
+                }
                 let out = &mut conn.out;
                 out.extend_from_slice(&plan.prefixes[to as usize]);
                 out.extend_from_slice(hex(k * n + me as u64, &mut itoa));

@@ -23,12 +23,12 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         message: format!("{e:#}"),
         report: None,
     };
-    let server_start = o.server_pid.map(sys::sample).transpose().map_err(err)?;
+    let server_start = sys::sample_all(&o.server_pid).map_err(err)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let workers = ctx.spawn_workers(move |ctx, w| worker(ctx, w, tx.clone()));
     await_logins(ctx, rx, "hold")?;
     std::thread::sleep(SETTLE);
-    let server_held = o.server_pid.and_then(|p| sys::sample(p).ok());
+    let server_held = sys::sample_all(&o.server_pid).ok().flatten();
     let self_before = sys::sample_self();
     let t0 = Instant::now();
     ctx.phase.send_replace(Phase::Go(t0));
@@ -50,7 +50,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         }
     }
     let wall = t0.elapsed().as_secs_f64();
-    let server_end = o.server_pid.and_then(|p| sys::sample(p).ok());
+    let server_end = sys::sample_all(&o.server_pid).ok().flatten();
     let self_after = sys::sample_self();
     ctx.phase.send_replace(Phase::Stop);
     for w in workers {

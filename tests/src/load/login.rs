@@ -27,14 +27,10 @@ struct WorkerOut {
 pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     let o = &ctx.opts;
     let workers = ctx.spawn_workers(worker);
-    let server_before = o
-        .server_pid
-        .map(sys::sample)
-        .transpose()
-        .map_err(|e| Failure {
-            message: format!("{e:#}"),
-            report: None,
-        })?;
+    let server_before = sys::sample_all(&o.server_pid).map_err(|e| Failure {
+        message: format!("{e:#}"),
+        report: None,
+    })?;
     let self_before = sys::sample_self();
     let t0 = Instant::now();
     ctx.phase.send_replace(Phase::Go(t0));
@@ -57,7 +53,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     }
     ctx.phase.send_replace(Phase::Stop);
     let wall = t0.elapsed().as_secs_f64();
-    let server_after = o.server_pid.and_then(|p| sys::sample(p).ok());
+    let server_after = sys::sample_all(&o.server_pid).ok().flatten();
     let self_after = sys::sample_self();
     let mut total = WorkerOut::default();
     for w in workers {
@@ -136,7 +132,7 @@ async fn worker(ctx: Arc<RunCtx>, w: usize) -> WorkerOut {
         let out = &out;
         async move {
             let begun = Instant::now();
-            match Session::login(&ctx.target, &ctx.accounts[i]).await {
+            match Session::login(&ctx.target, i, &ctx.accounts[i]).await {
                 Ok(mut s) => {
                     let us = begun.elapsed().as_micros() as u64;
                     ctx.counters.logged_in.fetch_add(1, Ordering::Relaxed);

@@ -77,9 +77,11 @@ Exit status: 0 on success; 1 when the run failed (cannot connect, login errors b
 pub struct Options {
     #[arg(value_enum)]
     pub scenario: Scenario,
-    /// Server address (HOST:PORT).
-    #[arg(long, default_value = "127.0.0.1:5222")]
-    pub server: String,
+    /// Server address (HOST:PORT); several, comma-separated, for the nodes
+    /// of a cluster: user i logs in to the (i mod count)-th, and in the chat
+    /// scenario every message goes to a user of another node.
+    #[arg(long, default_value = "127.0.0.1:5222", value_delimiter = ',')]
+    pub server: Vec<String>,
     /// XMPP domain (virtual host) of the accounts.
     #[arg(long, default_value = "localhost")]
     pub domain: String,
@@ -122,9 +124,10 @@ pub struct Options {
     /// Contacts per user in the presence scenario.
     #[arg(long, default_value_t = 10)]
     pub roster_size: usize,
-    /// The server's PID, for its memory (VmRSS) and CPU time from /proc.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// The server's PID, for its memory (VmRSS) and CPU time from /proc;
+    /// several, comma-separated, are summed (the nodes of a cluster).
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Worker threads, each driving its share of the connections.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -227,8 +230,20 @@ pub fn run(opts: Options) -> Result<Report, Failure> {
             "no accounts: --users is 0 or the file is empty"
         )));
     }
-    let addr = resolve(&opts.server).map_err(fail)?;
-    let mut target = Target::new(addr, &opts.domain, opts.tls, opts.mechanism).map_err(fail)?;
+    let addrs = opts
+        .server
+        .iter()
+        .map(|s| resolve(s))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(fail)?;
+    if opts.scenario == Scenario::Chat && addrs.len() > 1 && accounts.len() % addrs.len() != 0 {
+        return Err(fail(anyhow::anyhow!(
+            "--users ({}) must be a multiple of the number of servers ({}) so that every message can cross nodes",
+            accounts.len(),
+            addrs.len()
+        )));
+    }
+    let mut target = Target::new(addrs, &opts.domain, opts.tls, opts.mechanism).map_err(fail)?;
     target.step_timeout = Duration::from_secs_f64(opts.step_timeout);
     let fds = sys::raise_fd_limit();
     if (fds as usize) < accounts.len() + 64 && opts.scenario != Scenario::Login {
@@ -400,7 +415,7 @@ impl RunCtx {
                 next += 1;
                 let t = &self.target;
                 let a = &self.accounts[i];
-                inflight.push(async move { (i, Session::login(t, a).await) });
+                inflight.push(async move { (i, Session::login(t, i, a).await) });
             }
             let tick = tokio::time::sleep(Duration::from_millis(2));
             tokio::select! {

@@ -162,7 +162,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         min_roster
     };
 
-    let server_before = o.server_pid.and_then(|p| sys::sample(p).ok());
+    let server_before = sys::sample_all(&o.server_pid).ok().flatten();
     let self_before = sys::sample_self();
     let t0 = Instant::now() + Duration::from_millis(50);
     let _ = plan.measure_from.set(t0);
@@ -192,7 +192,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let wall = t0.elapsed().as_secs_f64();
-    let server_after = o.server_pid.and_then(|p| sys::sample(p).ok());
+    let server_after = sys::sample_all(&o.server_pid).ok().flatten();
     let self_after = sys::sample_self();
     ctx.phase.send_replace(Phase::Stop);
     let mut hist = Latency::new();

@@ -159,7 +159,7 @@ impl Report {
     pub fn empty(o: &Options) -> Report {
         Report {
             scenario: o.scenario,
-            server: o.server.clone(),
+            server: o.server.join(","),
             domain: o.domain.clone(),
             tls: o.tls,
             mechanism: o.mechanism,

@@ -116,7 +116,8 @@ impl LoginError {
 
 /// Where and how to log in; shared by every connection of a run.
 pub struct Target {
-    pub addr: SocketAddr,
+    /// The servers; user i logs in to `addrs[i % addrs.len()]`.
+    pub addrs: Vec<SocketAddr>,
     pub domain: String,
     pub tls: TlsMode,
     pub mech: Mech,
@@ -129,7 +130,17 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn new(addr: SocketAddr, domain: &str, tls: TlsMode, mech: Mech) -> anyhow::Result<Target> {
+    /// The server of the `i`-th user.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.addrs[i % self.addrs.len()]
+    }
+
+    pub fn new(
+        addrs: Vec<SocketAddr>,
+        domain: &str,
+        tls: TlsMode,
+        mech: Mech,
+    ) -> anyhow::Result<Target> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         // Benchmark servers run with self-signed certificates, so any
         // certificate is accepted: this tool measures, it does not protect.
@@ -140,8 +151,9 @@ impl Target {
             .with_no_client_auth();
         let server_name = ServerName::try_from(domain.to_owned())
             .map_err(|_| anyhow::anyhow!("{domain} is not a valid domain name"))?;
+        anyhow::ensure!(!addrs.is_empty(), "no server address");
         Ok(Target {
-            addr,
+            addrs,
             domain: domain.to_owned(),
             tls,
             mech,
@@ -162,19 +174,15 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects and logs in `account`.
-    pub async fn login(t: &Target, account: &Account) -> Result<Session, LoginError> {
-        let tcp = match tokio::time::timeout(t.step_timeout, TcpStream::connect(t.addr)).await {
+    /// Connects and logs in `account`, the `i`-th user, at its server.
+    pub async fn login(t: &Target, i: usize, account: &Account) -> Result<Session, LoginError> {
+        let addr = t.addr(i);
+        let tcp = match tokio::time::timeout(t.step_timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(LoginError::Timeout(t.step_timeout, "TCP connect")),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                return Err(LoginError::Refused { addr: t.addr })
+                return Err(LoginError::Refused { addr })
             }
-            Ok(Err(e)) => {
-                return Err(LoginError::Unreachable {
-                    addr: t.addr,
-                    source: e,
-                })
-            }
+            Ok(Err(e)) => return Err(LoginError::Unreachable { addr, source: e }),
             Ok(Ok(s)) => s,
         };
         tcp.set_nodelay(true)?;
@@ -191,7 +199,7 @@ impl Session {
                     LoginError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                         LoginError::Protocol(format!(
                             "{} closed the connection before sending a stream header: is it a direct-TLS port? (try --tls direct)",
-                            t.addr
+                            addr
                         ))
                     }
                     e => e,
@@ -206,7 +214,7 @@ impl Session {
                 let reply = n.recv(&mut tcp, "<proceed/>").await?;
                 if !reply.is("proceed", ns::TLS) {
                     return Err(LoginError::Tls {
-                        addr: t.addr,
+                        addr,
                         detail: "STARTTLS refused by the server".into(),
                     });
                 }
@@ -220,7 +228,7 @@ impl Session {
             .connect(t.server_name.clone(), tcp)
             .await
             .map_err(|e| LoginError::Tls {
-                addr: t.addr,
+                addr,
                 detail: e.to_string(),
             })?;
         let features = n.open_stream(&mut io).await?;

@@ -15,6 +15,19 @@ pub fn sample(pid: u32) -> anyhow::Result<ProcSample> {
     sample_path(&pid.to_string())
 }
 
+/// The sum over several processes (the nodes of a cluster); `None` for
+/// none.
+pub fn sample_all(pids: &[u32]) -> anyhow::Result<Option<ProcSample>> {
+    let mut sum: Option<ProcSample> = None;
+    for &pid in pids {
+        let s = sample(pid)?;
+        let t = sum.get_or_insert_with(ProcSample::default);
+        t.rss_kib += s.rss_kib;
+        t.cpu_s += s.cpu_s;
+    }
+    Ok(sum)
+}
+
 /// This process.
 pub fn sample_self() -> ProcSample {
     sample_path("self").unwrap_or_default()

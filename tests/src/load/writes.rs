@@ -28,7 +28,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     let (tx, rx) = std::sync::mpsc::channel();
     let workers = ctx.spawn_workers(move |ctx, w| worker(ctx, w, tx.clone()));
     await_logins(ctx, rx, "writes")?;
-    let server_before = o.server_pid.and_then(|p| sys::sample(p).ok());
+    let server_before = sys::sample_all(&o.server_pid).ok().flatten();
     let self_before = sys::sample_self();
     let t0 = Instant::now();
     ctx.phase.send_replace(Phase::Go(t0));
@@ -47,7 +47,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         }
     }
     let wall = t0.elapsed().as_secs_f64();
-    let server_after = o.server_pid.and_then(|p| sys::sample(p).ok());
+    let server_after = sys::sample_all(&o.server_pid).ok().flatten();
     let self_after = sys::sample_self();
     ctx.phase.send_replace(Phase::Stop);
     let mut total = Out::default();
