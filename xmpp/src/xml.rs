@@ -156,6 +156,12 @@ pub struct StreamParser {
     lex: Lex,
     /// Element depth inside the stream root: 0 between stanzas.
     depth: usize,
+    /// Where the name of the tag being scanned begins, relative to `start`.
+    tag: usize,
+    /// The names of the elements open inside the current stanza, as
+    /// (offset relative to `start`, length): an end tag that does not match
+    /// its start tag fails when it arrives, not when the stanza would end.
+    open: Vec<(usize, usize)>,
     phase: Phase,
     seen_decl: bool,
     /// A self-closed `<stream:stream/>` still owes a `StreamClose`.
@@ -183,6 +189,8 @@ impl StreamParser {
             scan: 0,
             lex: Lex::Text,
             depth: 0,
+            tag: 0,
+            open: Vec::new(),
             phase: Phase::Prolog,
             seen_decl: false,
             pending_close: false,
@@ -232,6 +240,7 @@ impl StreamParser {
         self.scan = self.start;
         self.lex = Lex::Text;
         self.depth = 0;
+        self.open.clear();
         self.phase = Phase::Prolog;
         self.seen_decl = false;
         self.pending_close = false;
@@ -250,6 +259,7 @@ impl StreamParser {
         self.lex = Lex::Text;
         // A partially received stanza went with the bytes.
         self.depth = 0;
+        self.open.clear();
     }
 
     /// Frees the buffer if everything in it has been consumed. An idle
@@ -323,6 +333,7 @@ impl StreamParser {
         let mut lex = self.lex;
         let mut depth = self.depth;
         let mut start = self.start;
+        let mut tag = self.tag;
 
         let result = loop {
             let Some(&b) = buf.get(pos) else {
@@ -356,7 +367,10 @@ impl StreamParser {
                         b'/' if depth == 0 && phase == Phase::Prolog => {
                             break Err(not_well_formed("end tag before the stream header"));
                         }
-                        b'/' => lex = Lex::EndTag,
+                        b'/' => {
+                            lex = Lex::EndTag;
+                            tag = pos + 1 - start;
+                        }
                         b'!' => lex = Lex::Bang(0),
                         // Only the XML declaration, once, before the root.
                         b'?' if phase == Phase::Prolog && !self.seen_decl => lex = Lex::Decl(false),
@@ -369,7 +383,8 @@ impl StreamParser {
                             lex = Lex::StartTag {
                                 quote: 0,
                                 slash: false,
-                            }
+                            };
+                            tag = pos - start;
                         }
                     }
                     pos += 1;
@@ -413,6 +428,14 @@ impl StreamParser {
                             }
                             if !slash {
                                 depth += 1;
+                                let name = &buf[start + tag..pos];
+                                let len = name
+                                    .iter()
+                                    .position(|&c| {
+                                        matches!(c, b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>')
+                                    })
+                                    .unwrap_or(name.len());
+                                self.open.push((tag, len));
                             } else if depth == 0 {
                                 break Ok(Some(Frame::Stanza { end: pos }));
                             }
@@ -432,10 +455,21 @@ impl StreamParser {
                         break Err(not_well_formed("'<' inside an end tag"));
                     }
                     Some(i) => {
+                        let name = buf[start + tag..pos + i].trim_ascii_end();
                         pos += i + 1;
                         lex = Lex::Text;
                         if depth == 0 {
                             break Ok(Some(Frame::Close { end: pos }));
+                        }
+                        let matches = self
+                            .open
+                            .pop()
+                            .is_some_and(|(at, len)| &buf[start + at..start + at + len] == name);
+                        if !matches {
+                            break Err(not_well_formed(format!(
+                                "end tag </{}> does not match the open element",
+                                String::from_utf8_lossy(name)
+                            )));
                         }
                         depth -= 1;
                         if depth == 0 {
@@ -510,6 +544,7 @@ impl StreamParser {
         self.lex = lex;
         self.depth = depth;
         self.start = start;
+        self.tag = tag;
 
         let frame = result?;
         let end = match &frame {
@@ -1244,6 +1279,37 @@ mod tests {
             stream_err("<presence/></stream:streamx>"),
             XmlError::NotWellFormed(_)
         ));
+    }
+
+    #[test]
+    fn mismatched_end_tag_fails_when_it_arrives() {
+        // The stanza is not complete (depth 1 is still open), yet the end
+        // tag cannot match: the stream fails now instead of waiting forever.
+        let mut p = StreamParser::new(Limits::default());
+        p.feed(b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>");
+        assert!(matches!(p.next_event(), Ok(Some(Event::StreamOpen(_)))));
+        for b in b"<message><body xml:lang='en'>x</message>" {
+            p.feed(std::slice::from_ref(b));
+            match p.next_event() {
+                Ok(None) => {}
+                Err(XmlError::NotWellFormed(m)) => {
+                    assert!(m.contains("</message>"), "{m}");
+                    return;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        panic!("the mismatched end tag was not reported");
+    }
+
+    #[test]
+    fn matching_end_tags_with_prefixes_and_whitespace_pass() {
+        let events = parse_all(
+            "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>\
+             <iq type='get' id='1'><q:query xmlns:q='jabber:iq:roster'><item/></q:query  ></iq>",
+        )
+        .expect("well-formed");
+        assert_eq!(events.len(), 2, "{events:?}");
     }
 
     #[test]
