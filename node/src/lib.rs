@@ -9,6 +9,7 @@ pub mod admin;
 pub mod c2s;
 pub mod cluster;
 pub mod config;
+pub mod files;
 pub mod modules;
 pub mod router;
 pub mod sessions;
@@ -55,7 +56,7 @@ impl Server {
 
 /// Opens the data directory and TLS material, then serves until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
+    files::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir.join("db")).with_context(|| {
         format!(
@@ -207,9 +208,8 @@ fn load_or_make_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     }
     let mut secret = vec![0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
-    std::fs::write(path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt as _;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    files::write_private(path, &secret)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(secret)
 }
 

@@ -33,6 +33,8 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the key {key} does not belong to the certificate {cert}: give the key the certificate was issued for (or remove both to get a self-signed pair)")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -74,11 +76,11 @@ impl Tls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut hosts = HashMap::new();
         for vhost in &config.vhosts {
-            let (certs, key) = match (&vhost.tls_cert, &vhost.tls_key) {
-                (Some(c), Some(k)) => (read_certs(c)?, read_key(k)?),
+            let (certs, key, cert_path, key_path) = match (&vhost.tls_cert, &vhost.tls_key) {
+                (Some(c), Some(k)) => (read_certs(c)?, read_key(k)?, c.clone(), k.clone()),
                 _ => self_signed(&config.data_dir, &vhost.name)?,
             };
-            let end_point = Sha256::digest(certs[0].as_ref()).to_vec();
+            let end_point = end_point_hash(certs[0].as_ref());
             let signing =
                 provider
                     .key_provider
@@ -88,6 +90,12 @@ impl Tls {
                         reason: e.to_string(),
                     })?;
             let key = Arc::new(CertifiedKey::new(certs, signing));
+            if let Err(rustls::Error::InconsistentKeys(_)) = key.keys_match() {
+                return Err(TlsError::KeyMismatch {
+                    cert: cert_path,
+                    key: key_path,
+                });
+            }
             hosts.insert(vhost.name.clone(), HostCert { key, end_point });
         }
         let fallback = config.vhosts[0].name.clone();
@@ -156,16 +164,116 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// The hash `tls-server-end-point` binds to (RFC 5929 §4.1): the
+/// certificate hashed with its signature's hash function, SHA-256 when that
+/// is MD5 or SHA-1 or when the algorithm names none (Ed25519, unknown).
+pub fn end_point_hash(cert_der: &[u8]) -> Vec<u8> {
+    use sha2::{Sha384, Sha512};
+    match signature_hash(cert_der) {
+        Some(SigHash::Sha384) => Sha384::digest(cert_der).to_vec(),
+        Some(SigHash::Sha512) => Sha512::digest(cert_der).to_vec(),
+        _ => Sha256::digest(cert_der).to_vec(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SigHash {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+/// One DER TLV at the start of `b`: (tag, contents, rest).
+fn der_tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, mut b) = b.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n]
+            .iter()
+            .fold(0usize, |a, &x| (a << 8) | usize::from(x));
+        b = &b[n..];
+        len
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// The hash of the certificate's `signatureAlgorithm` (RFC 5280 §4.1.1.2).
+fn signature_hash(cert_der: &[u8]) -> Option<SigHash> {
+    const SEQ: u8 = 0x30;
+    const OID: u8 = 0x06;
+    let (SEQ, cert, _) = der_tlv(cert_der)? else {
+        return None;
+    };
+    let (_, _tbs, rest) = der_tlv(cert)?;
+    let (SEQ, alg, _) = der_tlv(rest)? else {
+        return None;
+    };
+    let (OID, oid, params) = der_tlv(alg)? else {
+        return None;
+    };
+    // 1.2.840.113549.1.1.x (PKCS #1) and 1.2.840.10045.4.3.x (ECDSA).
+    const PKCS1: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    // 2.16.840.1.101.3.4.2.x (NIST hash algorithms), inside RSASSA-PSS.
+    const NIST_HASH: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02];
+    match oid {
+        [p @ .., 11] if p == PKCS1 => Some(SigHash::Sha256),
+        [p @ .., 12] if p == PKCS1 => Some(SigHash::Sha384),
+        [p @ .., 13] if p == PKCS1 => Some(SigHash::Sha512),
+        [p @ .., 2] if p == ECDSA => Some(SigHash::Sha256),
+        [p @ .., 3] if p == ECDSA => Some(SigHash::Sha384),
+        [p @ .., 4] if p == ECDSA => Some(SigHash::Sha512),
+        // RSASSA-PSS: the hash is the first parameter, [0] AlgorithmIdentifier.
+        [p @ .., 10] if p == PKCS1 => {
+            let (SEQ, params, _) = der_tlv(params)? else {
+                return None;
+            };
+            let (0xa0, hash, _) = der_tlv(params)? else {
+                return None;
+            };
+            let (SEQ, hash, _) = der_tlv(hash)? else {
+                return None;
+            };
+            let (OID, hash_oid, _) = der_tlv(hash)? else {
+                return None;
+            };
+            match hash_oid {
+                [p @ .., 1] if p == NIST_HASH => Some(SigHash::Sha256),
+                [p @ .., 2] if p == NIST_HASH => Some(SigHash::Sha384),
+                [p @ .., 3] if p == NIST_HASH => Some(SigHash::Sha512),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// What a vhost's certificate and key are, and where they came from.
+type Loaded = (
+    Vec<CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+    PathBuf,
+    PathBuf,
+);
+
 /// Loads `<data_dir>/certs/<vhost>.{crt,key}`, creating them on first start.
-fn self_signed(
-    data_dir: &Path,
-    vhost: &str,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+fn self_signed(data_dir: &Path, vhost: &str) -> Result<Loaded, TlsError> {
     let dir = data_dir.join("certs");
     let cert_path = dir.join(format!("{vhost}.crt"));
     let key_path = dir.join(format!("{vhost}.key"));
     if cert_path.exists() && key_path.exists() {
-        return Ok((read_certs(&cert_path)?, read_key(&key_path)?));
+        return Ok((
+            read_certs(&cert_path)?,
+            read_key(&key_path)?,
+            cert_path,
+            key_path,
+        ));
     }
     let generated = rcgen::generate_simple_self_signed(vec![vhost.to_owned()]).map_err(|e| {
         TlsError::Generate {
@@ -174,15 +282,83 @@ fn self_signed(
         }
     })?;
     let write = |path: &Path, text: String| {
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(path, text))
+        crate::files::private_dir(&dir)
+            .and_then(|()| crate::files::write_private(path, text.as_bytes()))
             .map_err(|source| TlsError::Write {
                 path: path.to_owned(),
                 source,
             })
     };
-    write(&cert_path, generated.cert.pem())?;
+    // The key first: a certificate without its key is never left behind.
     write(&key_path, generated.signing_key.serialize_pem())?;
+    write(&cert_path, generated.cert.pem())?;
     tracing::info!(vhost, cert = %cert_path.display(), "generated a self-signed certificate");
-    Ok((read_certs(&cert_path)?, read_key(&key_path)?))
+    Ok((
+        read_certs(&cert_path)?,
+        read_key(&key_path)?,
+        cert_path,
+        key_path,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Sha384;
+
+    fn cert_with(alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["example.org".to_owned()]).unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn end_point_hash_follows_the_signature_hash() {
+        let p256 = cert_with(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(signature_hash(&p256), Some(SigHash::Sha256));
+        assert_eq!(end_point_hash(&p256), Sha256::digest(&p256).to_vec());
+        let p384 = cert_with(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(signature_hash(&p384), Some(SigHash::Sha384));
+        assert_eq!(end_point_hash(&p384), Sha384::digest(&p384).to_vec());
+        assert_ne!(end_point_hash(&p384), Sha256::digest(&p384).to_vec());
+        // Ed25519 names no hash: SHA-256.
+        let ed = cert_with(&rcgen::PKCS_ED25519);
+        assert_eq!(signature_hash(&ed), None);
+        assert_eq!(end_point_hash(&ed), Sha256::digest(&ed).to_vec());
+    }
+
+    #[test]
+    fn truncated_or_garbage_der_falls_back_to_sha256() {
+        let p384 = cert_with(&rcgen::PKCS_ECDSA_P384_SHA384);
+        for cut in [0, 1, 2, 10, p384.len() / 2] {
+            let b = &p384[..cut];
+            assert_eq!(end_point_hash(b), Sha256::digest(b).to_vec());
+        }
+        assert_eq!(signature_hash(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused_with_both_paths() {
+        let t = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["example.org".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["example.org".into()]).unwrap();
+        let cert = t.path().join("a.crt");
+        let key = t.path().join("b.key");
+        std::fs::write(&cert, a.cert.pem()).unwrap();
+        std::fs::write(&key, b.signing_key.serialize_pem()).unwrap();
+        let config = Config {
+            data_dir: t.path().join("data"),
+            vhosts: vec![crate::config::VHost {
+                name: "example.org".into(),
+                tls_cert: Some(cert),
+                tls_key: Some(key),
+            }],
+            ..Config::default()
+        };
+        let err = Tls::load(&config)
+            .err()
+            .expect("mismatch refused")
+            .to_string();
+        assert!(err.contains("a.crt") && err.contains("b.key"), "{err}");
+    }
 }

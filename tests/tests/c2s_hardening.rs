@@ -104,6 +104,20 @@ async fn malformed_xml_is_not_well_formed_and_others_keep_working() {
     still_serving(&node, &mut alice, &mut bob).await;
 }
 
+/// `<message><body>x</message>` leaves `<message>` open by depth alone;
+/// the end tag cannot match, so the stream fails when it arrives instead
+/// of waiting for a close that never comes.
+#[tokio::test]
+async fn mismatched_end_tag_fails_at_once() {
+    let node = node();
+    let mut alice = online(&node, "alice", "pc").await;
+    let mut bob = online(&node, "bob", "pc").await;
+    let cond = attack(&node, "<message to='bob@localhost'><body>x</message>").await;
+    assert_eq!(cond, "not-well-formed");
+    bob.expect_no_message(QUIET).await.unwrap();
+    still_serving(&node, &mut alice, &mut bob).await;
+}
+
 #[tokio::test]
 async fn doctype_is_restricted_xml() {
     let node = node();
