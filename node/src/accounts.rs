@@ -36,6 +36,48 @@ pub fn parse_user(server: &Server, jid: &str) -> Result<BareJid, AccountError> {
     Ok(bare)
 }
 
+/// Where PBKDF2 runs: on tokio's blocking threads, at most one job per
+/// core at a time, never on the async workers. A flood of PLAIN logins
+/// with wrong passwords, or of registrations, then queues here while
+/// every other session keeps being served.
+pub struct KdfPool {
+    permits: tokio::sync::Semaphore,
+}
+
+impl Default for KdfPool {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        KdfPool {
+            permits: tokio::sync::Semaphore::new(cores),
+        }
+    }
+}
+
+impl KdfPool {
+    /// Runs `f` on the pool; `None` if the runtime is shutting down.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let _permit = self.permits.acquire().await.ok()?;
+        tokio::task::spawn_blocking(f).await.ok()
+    }
+}
+
+/// [`credentials`] on the node's [`KdfPool`].
+async fn credentials_off_workers(
+    server: &Server,
+    password: &str,
+) -> Result<Vec<ScramCredentials>, AccountError> {
+    let iterations = server.config.auth.scram_iterations;
+    let password = password.to_owned();
+    server
+        .kdf
+        .run(move || credentials(&password, iterations))
+        .await
+        .ok_or_else(|| AccountError::Internal("the node is shutting down".into()))?
+}
+
 /// SCRAM credentials for every hash we offer, each with its own random salt.
 pub fn credentials(password: &str, iterations: u32) -> Result<Vec<ScramCredentials>, AccountError> {
     if password.is_empty() {
@@ -54,7 +96,7 @@ pub fn credentials(password: &str, iterations: u32) -> Result<Vec<ScramCredentia
 }
 
 pub async fn create(server: &Server, user: &BareJid, password: &str) -> Result<(), AccountError> {
-    let credentials = credentials(password, server.config.auth.scram_iterations)?;
+    let credentials = credentials_off_workers(server, password).await?;
     server
         .cluster
         .write(Command::CreateAccount {
@@ -70,7 +112,7 @@ pub async fn set_password(
     user: &BareJid,
     password: &str,
 ) -> Result<(), AccountError> {
-    let credentials = credentials(password, server.config.auth.scram_iterations)?;
+    let credentials = credentials_off_workers(server, password).await?;
     server
         .cluster
         .write(Command::SetPassword {

@@ -37,6 +37,9 @@ pub struct Server {
     pub sessions: Sessions,
     pub modules: Vec<Box<dyn Module>>,
     pub throttle: AuthThrottle,
+    /// PBKDF2 (PLAIN logins, registration, password changes), off the
+    /// async workers.
+    pub kdf: accounts::KdfPool,
     /// Key for the fake SCRAM salts of unknown users: the same user name
     /// gets the same salt every time, as a real account would, so probing
     /// SCRAM does not tell who has an account. Kept in the data dir.
@@ -88,6 +91,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let server = Arc::new(Server {
         throttle: AuthThrottle::new(&config.auth),
+        kdf: accounts::KdfPool::default(),
         resumable: c2s::sm::Registry::default(),
         sasl_secret,
         config,

@@ -255,21 +255,38 @@ async fn sasl(
     // An account created through another node a moment ago is here too.
     server.cluster.read_barrier().await;
     let vhost = s.vhost.clone();
-    let lookup = |username: &str, hash: HashAlg| {
-        let node = nodeprep(username).ok()?;
-        let jid = BareJid::new(Some(&node), &vhost).ok()?;
-        server
-            .store()
-            .account(&jid)
-            .ok()??
-            .credentials(hash)
-            .cloned()
-    };
+    let lookup = |username: &str, hash: HashAlg| credentials_of(&server, &vhost, username, hash);
     // Whether the client has proven anything yet: a failure before any
     // proof (a SCRAM client-first refused) is not a password guess.
     let mut proof_checked = mech == Mechanism::Plain;
     loop {
-        let step = session.step(&input, &lookup);
+        // The failure delay runs from here, so the work of checking counts
+        // against it rather than adding to it.
+        let began = Instant::now();
+        let step = if mech == Mechanism::Plain {
+            // PLAIN derives the salted password (PBKDF2): off the workers.
+            let (server, vhost, data) = (server.clone(), vhost.clone(), input.clone());
+            let mut moved = session;
+            let done = s
+                .server
+                .kdf
+                .run(move || {
+                    let lookup = |u: &str, h: HashAlg| credentials_of(&server, &vhost, u, h);
+                    let step = moved.step(&data, &lookup);
+                    (moved, step)
+                })
+                .await;
+            let Some((back, step)) = done else {
+                return Err(ConnError::stream(
+                    StreamError::SystemShutdown,
+                    "the node is shutting down",
+                ));
+            };
+            session = back;
+            step
+        } else {
+            session.step(&input, &lookup)
+        };
         match step {
             Step::Challenge(data) => {
                 s.send(&Element::new("challenge", ns::SASL).text(B64.encode(data)))
@@ -334,12 +351,29 @@ async fn sasl(
                 }
                 let delay = s.server.throttle.fail(s.peer.ip(), Instant::now());
                 tracing::info!(user = ?username, peer = %s.peer, mechanism = mech.name(), delay_ms = delay.as_millis() as u64, "authentication failed");
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep_until((began + delay).into()).await;
                 s.send(&sasl_failure(failure, None)).await?;
                 return Ok(SaslOutcome::BadCredentials);
             }
         }
     }
+}
+
+/// The stored credentials of `username` (SASLprep'd) on `vhost`.
+fn credentials_of(
+    server: &crate::Server,
+    vhost: &str,
+    username: &str,
+    hash: HashAlg,
+) -> Option<xmpp::sasl::ScramCredentials> {
+    let node = nodeprep(username).ok()?;
+    let jid = BareJid::new(Some(&node), vhost).ok()?;
+    server
+        .store()
+        .account(&jid)
+        .ok()??
+        .credentials(hash)
+        .cloned()
 }
 
 /// RFC 6120 §7: after the SASL restart, wait for the bind request.
