@@ -97,3 +97,64 @@ async fn wrong_plain_passwords_do_not_stall_other_sessions() {
         .unwrap();
     let _ = ping(&mut fresh).await;
 }
+
+fn presence_from<'a>(from: &'a str, show: Option<&'a str>) -> impl FnMut(&Element) -> bool + 'a {
+    move |e: &Element| {
+        e.name == "presence"
+            && e.get_attr("from") == Some(from)
+            && e.get_attr("type").is_none()
+            && e.elements()
+                .find(|c| c.name == "show")
+                .map(|c| c.text_content())
+                == show.map(str::to_owned)
+    }
+}
+
+/// RFC 6121 §4.2.2 and §4.4.2: initial and updated presence go to every
+/// available resource of the user, the sender's own included.
+#[tokio::test]
+async fn own_presence_comes_back_to_every_resource_including_the_sender() {
+    let node = TestNode::start().expect("node starts");
+    node.adduser("alice", PW).unwrap();
+    let mut pc = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
+    let mut phone = Client::login_bound(&node, "alice", PW, "phone")
+        .await
+        .unwrap();
+    pc.presence(1).await.unwrap();
+    pc.recv_until(
+        presence_from("alice@localhost/pc", None),
+        tests::client::WAIT,
+    )
+    .await
+    .expect("initial presence reflected to its sender");
+    phone.presence(0).await.unwrap();
+    phone
+        .recv_until(
+            presence_from("alice@localhost/phone", None),
+            tests::client::WAIT,
+        )
+        .await
+        .expect("reflected to the phone");
+    pc.recv_until(
+        presence_from("alice@localhost/phone", None),
+        tests::client::WAIT,
+    )
+    .await
+    .expect("the phone's presence reaches the pc");
+    let away = Element::new("presence", xmpp::stanza::ns::CLIENT)
+        .child(Element::new("show", xmpp::stanza::ns::CLIENT).text("away"));
+    pc.send(&away).await.unwrap();
+    pc.recv_until(
+        presence_from("alice@localhost/pc", Some("away")),
+        tests::client::WAIT,
+    )
+    .await
+    .expect("updated presence reflected to its sender");
+    phone
+        .recv_until(
+            presence_from("alice@localhost/pc", Some("away")),
+            tests::client::WAIT,
+        )
+        .await
+        .expect("and to the other resource");
+}

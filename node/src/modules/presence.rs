@@ -364,8 +364,8 @@ async fn in_table(server: &Server, me: &FullJid, id: SessionId, available: bool,
     }
 }
 
-/// To every contact subscribed to the user (`from`/`both`) and to the
-/// user's other available resources.
+/// To every contact subscribed to the user (`from`/`both`) and to all of
+/// the user's available resources, the sender's own included.
 fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
     let user = me.bare();
     for (c, contact) in local_subscribers(server, user) {
@@ -374,9 +374,12 @@ fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
         }
         to_available(server, &contact, &xml(&with_to(stanza, &c)));
     }
+    // RFC 6121 §4.2.2, §4.4.2, §4.5.2: to all of the user's available
+    // resources, including the one that sent it (clients such as
+    // slixmpp's avatar flow wait for their own presence to come back).
     let own = xml(&with_to(stanza, &user.to_string()));
     for r in server.sessions.resources(user) {
-        if r.available && r.resource != me.resource() {
+        if r.available || r.resource == me.resource() {
             let _ = r.tx.send(Outbound::Xml(own.clone()));
         }
     }
