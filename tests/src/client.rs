@@ -143,6 +143,9 @@ pub struct Client {
     /// SHA-256 of the server's leaf certificate (RFC 5929 §4.1).
     tls_server_end_point: Option<Vec<u8>>,
     next_id: u64,
+    /// Extra attributes for our `<stream:stream>` open tag, e.g.
+    /// ` xmlns:x='urn:x'` (namespace declarations on the root).
+    pub header_extra: String,
 }
 
 impl Client {
@@ -175,6 +178,7 @@ impl Client {
             tls_exporter: None,
             tls_server_end_point: None,
             next_id: 0,
+            header_extra: String::new(),
         }
     }
 
@@ -273,10 +277,11 @@ impl Client {
     /// Sends our `<stream:stream>` open tag to [`Client::domain`].
     pub async fn send_stream_header(&mut self) -> anyhow::Result<()> {
         let header = format!(
-            "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' to='{}' version='1.0'>",
+            "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' to='{}' version='1.0'{}>",
             ns::CLIENT,
             ns::STREAM,
-            xmpp::element::escape(&self.domain)
+            xmpp::element::escape(&self.domain),
+            self.header_extra
         );
         self.send_raw(&header).await
     }

@@ -158,3 +158,57 @@ async fn own_presence_comes_back_to_every_resource_including_the_sender() {
         .await
         .expect("and to the other resource");
 }
+
+/// A prefix declared only on the sender's stream root (`xmlns:x` on
+/// `<stream:stream>`) and used on a stanza reaches the recipient declared
+/// on the stanza itself, online and from offline storage: the recipient's
+/// stream never saw the root's declaration, and a namespace-aware parser
+/// (this test client's is one) refuses an undeclared prefix.
+#[tokio::test]
+async fn a_prefix_declared_on_the_senders_stream_root_reaches_the_recipient_declared() {
+    let node = TestNode::start().expect("node starts");
+    for u in ["bob", "mallory"] {
+        node.adduser(u, PW).unwrap();
+    }
+    let mut mallory = Client::connect_starttls(node.c2s, "localhost")
+        .await
+        .unwrap();
+    mallory.header_extra = " xmlns:x='urn:example:x'".into();
+    mallory
+        .login("mallory", PW, Mechanism::Scram(xmpp::sasl::HashAlg::Sha256))
+        .await
+        .unwrap();
+    mallory.bind(Some("evil")).await.unwrap();
+    mallory.presence(0).await.unwrap();
+
+    let check = |m: &Element, body: &str| {
+        assert_eq!(tests::client::body(m).as_deref(), Some(body));
+        assert_eq!(m.get_attr("x:a"), Some("1"), "{m:?}");
+        assert_eq!(m.get_attr("xmlns:x"), Some("urn:example:x"), "{m:?}");
+    };
+    // Offline first: stored, then delivered at login.
+    mallory
+        .send_raw("<message to='bob@localhost' type='chat' x:a='1'><body>stored</body></message>")
+        .await
+        .unwrap();
+    mallory.sync().await.unwrap();
+    let mut bob = Client::login_bound(&node, "bob", PW, "pc").await.unwrap();
+    bob.presence(0).await.unwrap();
+    let m = bob
+        .recv_message(tests::client::WAIT)
+        .await
+        .expect("offline message");
+    check(&m, "stored");
+    // Online.
+    mallory
+        .send_raw("<message to='bob@localhost/pc' type='chat' x:a='1'><body>live</body></message>")
+        .await
+        .unwrap();
+    let m = bob
+        .recv_message(tests::client::WAIT)
+        .await
+        .expect("live message");
+    check(&m, "live");
+    // Bob's stream is still fine.
+    let _ = ping(&mut bob).await;
+}

@@ -765,14 +765,28 @@ fn open_element(
         attrs.push((key.to_owned(), value.into_owned()));
     }
     // Attribute prefixes may be declared anywhere on the same tag, so check
-    // them once all of this tag's declarations are in scope.
+    // them once all of this tag's declarations are in scope. A prefix
+    // declared further out (on the stream root, or an ancestor) is declared
+    // again on this element: it is serialised, stored and forwarded on its
+    // own, into streams where that outer declaration does not exist.
+    let mut redeclare: Vec<(String, String)> = Vec::new();
     for (key, _) in &attrs {
         if let Some((prefix, _)) = key.split_once(':') {
-            if prefix != "xmlns" {
-                scope.resolve(prefix)?;
+            if prefix == "xmlns" {
+                continue;
+            }
+            let uri = scope.resolve(prefix)?;
+            if prefix == "xml" {
+                continue;
+            }
+            let decl = format!("xmlns:{prefix}");
+            let declared = attrs.iter().chain(&redeclare).any(|(k, _)| *k == decl);
+            if !declared {
+                redeclare.push((decl, uri.to_owned()));
             }
         }
     }
+    attrs.extend(redeclare);
     let (prefix, local) = qname.split_once(':').unwrap_or(("", qname));
     if prefix == "xmlns" {
         return Err(XmlError::BadNamespacePrefix(
@@ -1164,6 +1178,26 @@ mod tests {
         assert_eq!(data.get_attr("x:kind"), Some("k"));
         assert!(data.has_child("item", "urn:x"));
         assert!(data.has_child("plain", "jabber:client"));
+    }
+
+    #[test]
+    fn attribute_prefix_declared_on_the_root_is_declared_on_the_element() {
+        let events = parse_all(
+            "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' xmlns:x='urn:x'>\
+             <message x:a='1'><body>hi</body><c x:b='2'/></message>",
+        )
+        .expect("well-formed");
+        let Event::Element(m) = &events[1] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(m.get_attr("xmlns:x"), Some("urn:x"));
+        let alone = m.to_string_in(ns::CLIENT);
+        // On its own, in a stream that never declared x, it still parses.
+        let again = parse_element(&alone, ns::CLIENT).expect("self-contained");
+        assert_eq!(again.get_attr("x:a"), Some("1"));
+        let child = m.elements().nth(1).expect("c").to_string_in(ns::CLIENT);
+        assert!(child.contains("xmlns:x='urn:x'"), "{child}");
+        parse_element(&child, ns::CLIENT).expect("the child alone parses too");
     }
 
     #[test]
