@@ -321,6 +321,9 @@ pub struct Limits {
     pub negotiation_timeout_secs: u64,
     /// Messages kept per offline user (XEP-0160); more are refused with an error.
     pub offline_max_messages: usize,
+    /// Bytes of stored messages kept per offline user; a message that would
+    /// pass it is refused with an error, like one past the count.
+    pub offline_max_bytes: u64,
     /// Stanzas queued for one session before it counts as not reading;
     /// then it is closed and what it missed goes to offline storage.
     pub session_queue: usize,
@@ -417,6 +420,7 @@ impl Default for Limits {
             max_attrs: 64,
             negotiation_timeout_secs: 60,
             offline_max_messages: 500,
+            offline_max_bytes: 4 * 1024 * 1024,
             session_queue: 10_000,
             write_timeout_secs: 60,
             resume_timeout_secs: 300,
@@ -696,6 +700,15 @@ impl Config {
             return Err(ConfigError::Invalid {
                 origin: origin("limits.offline_max_messages"),
                 message: "must be at least 1".into(),
+            });
+        }
+        if self.limits.offline_max_bytes < self.limits.max_stanza_bytes as u64 {
+            return Err(ConfigError::Invalid {
+                origin: origin("limits.offline_max_bytes"),
+                message: format!(
+                    "must be at least limits.max_stanza_bytes ({}), or a message that was accepted could never be stored",
+                    self.limits.max_stanza_bytes
+                ),
             });
         }
         let c = &self.cluster;

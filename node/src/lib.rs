@@ -37,6 +37,10 @@ pub struct Server {
     pub sessions: Sessions,
     pub modules: Vec<Box<dyn Module>>,
     pub throttle: AuthThrottle,
+    /// This server, for work a module hands to a task of its own.
+    me: std::sync::Weak<Server>,
+    /// Offline messages being handed to sessions now.
+    pub offline: modules::offline::Deliveries,
     /// PBKDF2 (PLAIN logins, registration, password changes), off the
     /// async workers.
     pub kdf: accounts::KdfPool,
@@ -54,6 +58,11 @@ pub struct Server {
 impl Server {
     pub fn store(&self) -> &Store {
         self.cluster.store()
+    }
+
+    /// This server as an `Arc` (`None` only while it is being dropped).
+    pub fn arc(&self) -> Option<Arc<Server>> {
+        self.me.upgrade()
     }
 }
 
@@ -89,7 +98,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let (shutdown, _) = tokio::sync::watch::channel(false);
-    let server = Arc::new(Server {
+    let server = Arc::new_cyclic(|me| Server {
+        me: me.clone(),
+        offline: modules::offline::Deliveries::default(),
         throttle: AuthThrottle::new(&config.auth),
         kdf: accounts::KdfPool::default(),
         resumable: c2s::sm::Registry::default(),

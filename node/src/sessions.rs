@@ -18,7 +18,7 @@ use xmpp::jid::{BareJid, FullJid};
 pub type SessionId = u64;
 
 /// What the router hands a session task.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Outbound {
     /// A stanza, serialized once for every recipient (jabber:client default ns).
     Xml(Arc<str>),
@@ -26,6 +26,11 @@ pub enum Outbound {
     /// itself (offline messages, roster changes, presence at login), which
     /// must take one queue slot since that task cannot drain meanwhile.
     Batch(Vec<Arc<str>>),
+    /// Messages from offline storage, in order; the sender fires once the
+    /// client has them (written and flushed, or acknowledged under
+    /// XEP-0198), and is dropped unfired if the session ends first: they
+    /// stay stored until then (at-least-once).
+    Stored(Vec<Arc<str>>, tokio::sync::oneshot::Sender<()>),
     /// Close the stream with this error.
     Close(StreamError, Option<String>),
 }

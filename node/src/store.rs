@@ -30,6 +30,9 @@ use xmpp::sasl::{HashAlg, ScramCredentials};
 pub(crate) mod keys {
     pub const ACCOUNT: &[u8] = b"a:";
     pub const OFFLINE: &[u8] = b"o:";
+    /// `om:<user>` -> [`super::OfflineMeta`]: where a user's queue starts
+    /// and ends and its size, so storing, counting and taking never scan.
+    pub const OFFLINE_META: &[u8] = b"om:";
     pub const ROSTER: &[u8] = b"r:";
     pub const ROSTER_VER: &[u8] = b"rv:";
     pub const ROSTER_GONE: &[u8] = b"rt:";
@@ -72,6 +75,25 @@ pub(crate) mod keys {
     pub fn offline(user: &str, seq: u64) -> Vec<u8> {
         [offline_prefix(user).as_slice(), &seq.to_be_bytes()].concat()
     }
+
+    pub fn offline_meta(user: &str) -> Vec<u8> {
+        [OFFLINE_META, user.as_bytes()].concat()
+    }
+}
+
+/// A user's offline queue: messages `head..tail` (sequence numbers) are
+/// stored, `bytes` in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct OfflineMeta {
+    pub head: u64,
+    pub tail: u64,
+    pub bytes: u64,
+}
+
+impl OfflineMeta {
+    pub fn count(&self) -> u64 {
+        self.tail - self.head
+    }
 }
 
 /// One contact in a user's roster (RFC 6121 §2.1.2).
@@ -93,6 +115,13 @@ pub struct RosterItem {
 
 fn decode_item(bytes: &[u8]) -> Result<RosterItem, StoreError> {
     Ok(postcard::from_bytes(bytes)?)
+}
+
+/// The sequence number at the end of an offline message's key.
+pub(crate) fn offline_seq(key: &[u8], prefix_len: usize) -> u64 {
+    key.get(prefix_len..)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 fn rest_of_key(key: &[u8], prefix_len: usize) -> String {
@@ -309,13 +338,44 @@ impl Store {
         Ok(n)
     }
 
-    pub fn offline_count(&self, user: &BareJid) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for kv in self.scan_prefix(&keys::offline_prefix(&user.to_string())) {
-            kv?;
-            n += 1;
+    /// Where `user`'s offline queue stands. A queue stored before the
+    /// metadata existed is measured once by a scan.
+    pub fn offline_meta(&self, user: &str) -> Result<OfflineMeta, StoreError> {
+        if let Some(b) = self.get(&keys::offline_meta(user))? {
+            return Ok(postcard::from_bytes(&b)?);
         }
-        Ok(n)
+        let prefix = keys::offline_prefix(user);
+        let mut meta: Option<OfflineMeta> = None;
+        for kv in self.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let seq = offline_seq(&k, prefix.len());
+            let m = meta.get_or_insert(OfflineMeta {
+                head: seq,
+                tail: seq,
+                bytes: 0,
+            });
+            m.tail = seq + 1;
+            m.bytes += v.len() as u64;
+        }
+        Ok(meta.unwrap_or_default())
+    }
+
+    pub fn offline_count(&self, user: &BareJid) -> Result<u64, StoreError> {
+        Ok(self.offline_meta(&user.to_string())?.count())
+    }
+
+    /// Up to `max` of `user`'s oldest stored messages, as (sequence, XML).
+    pub fn offline_page(&self, user: &str, max: usize) -> Result<Vec<(u64, String)>, StoreError> {
+        let meta = self.offline_meta(user)?;
+        let mut out = Vec::new();
+        let mut seq = meta.head;
+        while seq < meta.tail && out.len() < max {
+            if let Some(v) = self.get(&keys::offline(user, seq))? {
+                out.push((seq, String::from_utf8_lossy(&v).into_owned()));
+            }
+            seq += 1;
+        }
+        Ok(out)
     }
 
     /// The roster item for `contact`, visible or not.

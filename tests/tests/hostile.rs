@@ -212,3 +212,93 @@ async fn a_prefix_declared_on_the_senders_stream_root_reaches_the_recipient_decl
     // Bob's stream is still fine.
     let _ = ping(&mut bob).await;
 }
+
+const SM: &str = "urn:xmpp:sm:3";
+
+/// Stored messages leave storage only once the client has them: here the
+/// client enables stream management and never acknowledges, the node is
+/// killed with SIGKILL in the middle of the delivery, and at the next
+/// login every message is there, in order. The delivery also comes in
+/// pages: unacknowledged, only the first page is sent.
+#[tokio::test]
+async fn offline_messages_survive_kill_9_during_delivery_and_come_in_pages() {
+    let mut node = TestNode::start_with(NodeOptions {
+        extra_config: "[limits]\noffline_max_messages = 1000\n".into(),
+        ..NodeOptions::default()
+    })
+    .expect("node starts");
+    for u in ["alice", "bob"] {
+        node.adduser(u, PW).unwrap();
+    }
+    let mut alice = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
+    alice.presence(0).await.unwrap();
+    const N: usize = 250;
+    for i in 0..N {
+        alice.chat("bob@localhost", &format!("m{i}")).await.unwrap();
+    }
+    alice.sync().await.unwrap();
+
+    let mut bob = Client::login_bound(&node, "bob", PW, "phone")
+        .await
+        .unwrap();
+    bob.send(&Element::new("enable", SM)).await.unwrap();
+    bob.recv_until(|e| e.is("enabled", SM), tests::client::WAIT)
+        .await
+        .unwrap();
+    bob.presence(0).await.unwrap();
+    for i in 0..100 {
+        let m = bob.recv_message(tests::client::WAIT).await.unwrap();
+        assert_eq!(tests::client::body(&m), Some(format!("m{i}")));
+    }
+    // Unacknowledged: the second page waits (a ping answered after the
+    // first page is the marker that nothing else is on its way).
+    let _ = ping(&mut bob).await;
+    bob.expect_no_message(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+
+    node.kill();
+    node.start_again().expect("restarts");
+    let mut bob = Client::login_bound(&node, "bob", PW, "pc").await.unwrap();
+    bob.presence(0).await.unwrap();
+    for i in 0..N {
+        let m = bob.recv_message(tests::client::WAIT).await.unwrap();
+        assert_eq!(
+            tests::client::body(&m),
+            Some(format!("m{i}")),
+            "message {i}"
+        );
+    }
+}
+
+/// The offline queue is bounded in bytes as well as in messages.
+#[tokio::test]
+async fn offline_storage_is_bounded_in_bytes() {
+    let node = TestNode::start_with(NodeOptions {
+        extra_config: "[limits]\nmax_stanza_bytes = 10000\noffline_max_bytes = 20000\n".into(),
+        ..NodeOptions::default()
+    })
+    .expect("node starts");
+    for u in ["alice", "bob"] {
+        node.adduser(u, PW).unwrap();
+    }
+    let mut alice = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
+    alice.presence(0).await.unwrap();
+    let big = "x".repeat(6000);
+    for _ in 0..3 {
+        alice.chat("bob@localhost", &big).await.unwrap();
+    }
+    alice.sync().await.unwrap();
+    alice
+        .expect_no_message(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    alice.chat("bob@localhost", &big).await.unwrap();
+    let err = alice.recv_message(tests::client::WAIT).await.unwrap();
+    assert_eq!(err.get_attr("type"), Some("error"), "{err:?}");
+    assert_eq!(
+        tests::client::stanza_error(&err).as_deref(),
+        Some("service-unavailable")
+    );
+    assert!(format!("{err:?}").contains("20000 bytes"), "{err:?}");
+}

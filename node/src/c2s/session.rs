@@ -126,6 +126,9 @@ struct Session {
     /// something worth waking it for arrives.
     inactive: bool,
     held: Vec<Arc<str>>,
+    /// Without stream management: offline messages in the batch being
+    /// written, released from storage once the write has flushed.
+    flushed: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// XEP-0352 namespace.
@@ -200,6 +203,7 @@ pub async fn run(s: Stream, bound: Bound) {
         handoff: None,
         inactive: false,
         held: Vec::new(),
+        flushed: Vec::new(),
     };
     let mut stream = Some(s);
     let mut result = match stream.as_mut() {
@@ -297,6 +301,11 @@ impl Session {
                         // Boxed: the timer and the write exist only while writing.
                         boxed(|| s.write_raw(&out)).await?;
                     }
+                    // Written and flushed: offline messages in it may leave
+                    // storage (under XEP-0198, only once acknowledged).
+                    for done in self.flushed.drain(..) {
+                        let _ = done.send(());
+                    }
                     // XEP-0198: a client that never acknowledges must not make
                     // us keep everything we ever sent it.
                     if self.sm.as_ref().is_some_and(|sm| sm.unacked.len() > server.config.limits.session_queue) {
@@ -357,6 +366,17 @@ impl Session {
                         self.deliver(x, out);
                     }
                 }
+                Outbound::Stored(v, done) => {
+                    // Never held back by CSI: storage waits for this write.
+                    self.flush_held(out);
+                    for x in &v {
+                        out.push_str(x);
+                    }
+                    match &mut self.sm {
+                        Some(sm) => sm.push_stored(v, done),
+                        None => self.flushed.push(done),
+                    }
+                }
                 Outbound::Close(e, t) => return Some((e, t)),
             }
             n += 1;
@@ -387,7 +407,7 @@ impl Session {
     fn emit(&mut self, x: Arc<str>, out: &mut String) {
         out.push_str(&x);
         if let Some(sm) = &mut self.sm {
-            sm.unacked.push_back(x);
+            sm.push(x);
         }
     }
 
@@ -514,16 +534,25 @@ impl Session {
     /// another resource or offline storage instead of being lost.
     async fn requeue(&mut self) {
         self.rx.close();
+        // Offline messages not yet acknowledged are still in storage (they
+        // leave it only once acknowledged): not routed again.
         let mut pending: Vec<Arc<str>> = self
             .sm
             .take()
-            .map(|sm| sm.unacked.into())
+            .map(|sm| {
+                sm.unacked
+                    .iter()
+                    .filter(|x| !sm.is_from_store(x))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
+        self.flushed.clear();
         while let Some(o) = self.rx.try_recv() {
             match o {
                 Outbound::Xml(x) => pending.push(x),
                 Outbound::Batch(v) => pending.extend(v),
-                Outbound::Close(..) => {}
+                Outbound::Stored(..) | Outbound::Close(..) => {}
             }
         }
         let own = self.jid.bare().to_string();

@@ -9,10 +9,10 @@
 //! acknowledged. A session that ends instead routes its unacknowledged
 //! messages again (offline storage), so a dropped connection loses nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use xmpp::element::Element;
 use xmpp::jid::{BareJid, FullJid};
 
@@ -76,6 +76,17 @@ pub struct Sm {
     pub unacked: VecDeque<Arc<str>>,
     /// An `<r/>` is out and its `<a/>` has not come back.
     pub request_pending: bool,
+    /// Stanzas written so far, and acknowledged so far, counted without
+    /// wrapping.
+    sent: u64,
+    acked_total: u64,
+    /// Fired when the client has acknowledged up to that many stanzas in
+    /// all: offline messages leave storage then.
+    waiters: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// The unacknowledged stanzas that came from offline storage (by
+    /// address): if the session ends, they are still stored, so they are
+    /// not routed again.
+    from_store: HashSet<usize>,
 }
 
 /// An `<a h='…'/>` acknowledging more than was sent (§4: `handled-count-too-high`).
@@ -91,7 +102,34 @@ impl Sm {
             acked: 0,
             unacked: VecDeque::new(),
             request_pending: false,
+            sent: 0,
+            acked_total: 0,
+            waiters: VecDeque::new(),
+            from_store: HashSet::new(),
         }
+    }
+
+    /// Keeps a written stanza until the client acknowledges it.
+    pub fn push(&mut self, x: Arc<str>) {
+        self.unacked.push_back(x);
+        self.sent += 1;
+    }
+
+    /// Keeps stanzas from offline storage; `done` fires once all of them
+    /// are acknowledged.
+    pub fn push_stored(&mut self, stanzas: Vec<Arc<str>>, done: oneshot::Sender<()>) {
+        for x in stanzas {
+            self.from_store
+                .insert(Arc::as_ptr(&x) as *const u8 as usize);
+            self.push(x);
+        }
+        self.waiters.push_back((self.sent, done));
+    }
+
+    /// Whether this unacknowledged stanza came from offline storage.
+    pub fn is_from_store(&self, x: &Arc<str>) -> bool {
+        self.from_store
+            .contains(&(Arc::as_ptr(x) as *const u8 as usize))
     }
 
     /// The client says it has handled `h` stanzas in all: forget those.
@@ -100,9 +138,24 @@ impl Sm {
         if newly > self.unacked.len() {
             return Err(TooHigh);
         }
-        self.unacked.drain(..newly);
+        for x in self.unacked.drain(..newly) {
+            if !self.from_store.is_empty() {
+                self.from_store
+                    .remove(&(Arc::as_ptr(&x) as *const u8 as usize));
+            }
+        }
         self.acked = h;
+        self.acked_total += newly as u64;
         self.request_pending = false;
+        while self
+            .waiters
+            .front()
+            .is_some_and(|(upto, _)| *upto <= self.acked_total)
+        {
+            if let Some((_, done)) = self.waiters.pop_front() {
+                let _ = done.send(());
+            }
+        }
         Ok(())
     }
 
@@ -158,6 +211,22 @@ mod tests {
         assert!(sm.ack(5).is_err());
         sm.ack(3).expect("last");
         assert!(sm.unacked.is_empty());
+    }
+
+    #[test]
+    fn stored_stanzas_are_released_only_when_acknowledged() {
+        let mut sm = Sm::new("s".into(), true);
+        sm.push(Arc::from("<live/>"));
+        let stored: Vec<Arc<str>> = vec![Arc::from("<o1/>"), Arc::from("<o2/>")];
+        let (done, mut wait) = oneshot::channel();
+        sm.push_stored(stored, done);
+        assert!(sm.is_from_store(&sm.unacked[1]));
+        assert!(!sm.is_from_store(&sm.unacked[0]));
+        sm.ack(2).expect("live and o1");
+        assert!(wait.try_recv().is_err(), "o2 is not acknowledged yet");
+        sm.ack(3).expect("all");
+        assert!(wait.try_recv().is_ok());
+        assert!(sm.from_store.is_empty());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use xmpp::roster::{SubKind, Transition};
 use xmpp::sasl::ScramCredentials;
 
-use crate::store::{keys, Account, Batch, RosterItem, Store, StoreError};
+use crate::store::{keys, Account, Batch, OfflineMeta, RosterItem, Store, StoreError};
 
 /// Which side of a subscription stanza this server processes (RFC 6121 §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +137,19 @@ pub enum Command {
     /// commit): each is applied on its own, in order, and has an outcome
     /// of its own; a refusal refuses only that one.
     Many(Vec<Command>),
+    /// Queue a message for an offline user, refused when the queue holds
+    /// `max` messages or would pass `max_bytes` (XEP-0160). Replaces
+    /// `StoreOffline` (kept so that old log entries still apply).
+    PushOffline {
+        user: String,
+        stanza: String,
+        max: u32,
+        max_bytes: u64,
+    },
+    /// The client has the user's stored messages before sequence `upto`
+    /// (delivered and flushed, or acknowledged under XEP-0198): remove
+    /// them. Messages leave storage only this way (at-least-once).
+    AckOffline { user: String, upto: u64 },
 }
 
 /// Where one full JID is bound (DESIGN.md, "What Raft replicates").
@@ -235,10 +248,66 @@ pub enum Refusal {
     /// Only the group commit makes `Many`, and only at the top level.
     #[error("a group of commands cannot be nested in another command")]
     Nested,
+    #[error("offline queue of {user} is full ({max_bytes} bytes)")]
+    OfflineBytesFull { user: String, max_bytes: u64 },
 }
 
 /// The outcome of one applied command, as every replica computes it.
 pub type Outcome = Result<Response, Refusal>;
+
+/// Where `user`'s offline queue stands, as of this transaction (a queue
+/// from before the metadata is measured once by a scan).
+fn offline_meta(tx: &Tx<'_>, user: &str) -> Result<OfflineMeta, StoreError> {
+    if let Some(b) = tx.get(&keys::offline_meta(user))? {
+        return Ok(postcard::from_bytes(&b)?);
+    }
+    let prefix = keys::offline_prefix(user);
+    let mut meta: Option<OfflineMeta> = None;
+    for (k, v) in tx.scan(&prefix)? {
+        let seq = crate::store::offline_seq(&k, prefix.len());
+        let m = meta.get_or_insert(OfflineMeta {
+            head: seq,
+            tail: seq,
+            bytes: 0,
+        });
+        m.tail = seq + 1;
+        m.bytes += v.len() as u64;
+    }
+    Ok(meta.unwrap_or_default())
+}
+
+/// Kept even when the queue is empty: sequence numbers never restart, so
+/// a late `AckOffline` can never remove a message stored after it.
+fn put_offline_meta(tx: &mut Tx<'_>, user: &str, meta: OfflineMeta) {
+    tx.put(
+        keys::offline_meta(user),
+        postcard::to_allocvec(&meta).unwrap_or_default(),
+    );
+}
+
+/// One message onto the tail of `user`'s queue: O(1), whatever its length.
+fn push_offline(
+    tx: &mut Tx<'_>,
+    user: String,
+    stanza: String,
+    max: u32,
+    max_bytes: u64,
+) -> Result<Response, ApplyError> {
+    let mut meta = offline_meta(tx, &user)?;
+    if meta.count() >= u64::from(max) {
+        return Err(Refusal::OfflineFull { user, max }.into());
+    }
+    let len = stanza.len() as u64;
+    if meta.bytes.saturating_add(len) > max_bytes {
+        return Err(Refusal::OfflineBytesFull { user, max_bytes }.into());
+    }
+    tx.put(keys::offline(&user, meta.tail), stanza.into_bytes());
+    meta.tail += 1;
+    meta.bytes += len;
+    put_offline_meta(tx, &user, meta);
+    tx.effects.push(Effect::OfflineStored { user });
+    Ok(Response::Done)
+}
 
 /// Splits an apply result into the replicated outcome and a local fault.
 fn outcome(r: Result<Response, ApplyError>) -> Result<Outcome, StoreError> {
@@ -528,6 +597,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             }
             tx.delete(key);
             tx.delete([keys::ROSTER_VER, user.as_bytes()].concat());
+            tx.delete(keys::offline_meta(&user));
             for prefix in [
                 keys::OFFLINE,
                 keys::ROSTER,
@@ -541,29 +611,45 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             Ok(Response::Done)
         }
         Command::StoreOffline { user, stanza, max } => {
-            let prefix = keys::offline_prefix(&user);
-            let queued = tx.scan(&prefix)?;
-            if queued.len() >= max as usize {
-                return Err(Refusal::OfflineFull { user, max }.into());
-            }
-            // Sequence numbers continue after the newest stored message,
-            // so order is kept without a counter of its own.
-            let next = queued
-                .last()
-                .and_then(|(k, _)| k.get(prefix.len()..))
-                .and_then(|s| <[u8; 8]>::try_from(s).ok())
-                .map_or(0, |b| u64::from_be_bytes(b) + 1);
-            tx.put(keys::offline(&user, next), stanza.into_bytes());
-            tx.effects.push(Effect::OfflineStored { user });
-            Ok(Response::Done)
+            push_offline(tx, user, stanza, max, u64::MAX)
         }
+        Command::PushOffline {
+            user,
+            stanza,
+            max,
+            max_bytes,
+        } => push_offline(tx, user, stanza, max, max_bytes),
         Command::TakeOffline { user } => {
+            // Everything at once (entries from before AckOffline).
+            let mut meta = offline_meta(tx, &user)?;
             let mut out = Vec::new();
-            for (k, v) in tx.scan(&keys::offline_prefix(&user))? {
-                tx.delete(k);
-                out.push(String::from_utf8_lossy(&v).into_owned());
+            for seq in meta.head..meta.tail {
+                let key = keys::offline(&user, seq);
+                if let Some(v) = tx.get(&key)? {
+                    out.push(String::from_utf8_lossy(&v).into_owned());
+                }
+                tx.delete(key);
             }
+            meta.head = meta.tail;
+            meta.bytes = 0;
+            put_offline_meta(tx, &user, meta);
             Ok(Response::Offline(out))
+        }
+        Command::AckOffline { user, upto } => {
+            let mut meta = offline_meta(tx, &user)?;
+            let end = upto.min(meta.tail);
+            for seq in meta.head..end {
+                let key = keys::offline(&user, seq);
+                if let Some(v) = tx.get(&key)? {
+                    meta.bytes = meta.bytes.saturating_sub(v.len() as u64);
+                }
+                tx.delete(key);
+            }
+            if end > meta.head {
+                meta.head = end;
+                put_offline_meta(tx, &user, meta);
+            }
+            Ok(Response::Done)
         }
         Command::RosterSet {
             user,
@@ -967,6 +1053,86 @@ mod tests {
         apply(&s, 4, Command::DeleteAccount { user: user.clone() }).expect("delete");
         assert!(s.account(&alice).expect("read").is_none());
         assert_eq!(s.applied_index().expect("index"), 4);
+    }
+
+    #[test]
+    fn offline_pages_leave_only_when_acknowledged_and_bytes_are_bounded() {
+        let (_d, s) = store();
+        let user = "bob@example.com".to_string();
+        let push = |i: u64, stanza: &str, max_bytes: u64| {
+            apply(
+                &s,
+                i,
+                Command::PushOffline {
+                    user: user.clone(),
+                    stanza: stanza.into(),
+                    max: 100,
+                    max_bytes,
+                },
+            )
+        };
+        for i in 0..5u64 {
+            push(i + 1, &format!("<m{i}/>"), 27).expect("fits");
+        }
+        // Five of 5 bytes: a sixth passes 27.
+        assert!(matches!(
+            push(6, "<m5/>", 27),
+            Err(ApplyError::Refused(Refusal::OfflineBytesFull {
+                max_bytes: 27,
+                ..
+            }))
+        ));
+        let page = s.offline_page(&user, 2).expect("page");
+        assert_eq!(page, vec![(0, "<m0/>".into()), (1, "<m1/>".into())]);
+        // Reading takes nothing away.
+        assert_eq!(s.offline_page(&user, 2).expect("page"), page);
+        apply(
+            &s,
+            7,
+            Command::AckOffline {
+                user: user.clone(),
+                upto: 2,
+            },
+        )
+        .expect("ack");
+        let meta = s.offline_meta(&user).expect("meta");
+        assert_eq!((meta.head, meta.tail, meta.bytes), (2, 5, 15));
+        // A repeated (late) ack changes nothing.
+        apply(
+            &s,
+            8,
+            Command::AckOffline {
+                user: user.clone(),
+                upto: 2,
+            },
+        )
+        .expect("ack");
+        apply(
+            &s,
+            9,
+            Command::AckOffline {
+                user: user.clone(),
+                upto: 5,
+            },
+        )
+        .expect("ack");
+        assert_eq!(s.offline_meta(&user).expect("meta").count(), 0);
+        // Sequence numbers go on after the queue emptied, so an old ack
+        // cannot remove what is stored next.
+        push(10, "<n/>", 27).expect("store");
+        apply(
+            &s,
+            11,
+            Command::AckOffline {
+                user: user.clone(),
+                upto: 5,
+            },
+        )
+        .expect("ack");
+        assert_eq!(
+            s.offline_page(&user, 10).expect("page"),
+            vec![(5, "<n/>".into())]
+        );
     }
 
     #[test]

@@ -1,11 +1,17 @@
 //! Offline messages (XEP-0160): `chat` and `normal` messages to a user with
 //! no available resource are stored, stamped with `<delay/>` (XEP-0203),
 //! and delivered when the user next sends initial presence with a
-//! non-negative priority. The queue is bounded per user
-//! (`limits.offline_max_messages`); beyond it the sender gets an error.
+//! non-negative priority. The queue is bounded per user in messages and
+//! bytes (`limits.offline_max_messages`, `limits.offline_max_bytes`);
+//! beyond either the sender gets an error. Storing, counting and taking
+//! cost the same however long the queue is (see `OfflineMeta`), and the
+//! messages leave storage only once the client has them.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
 
 use xmpp::element::Element;
 use xmpp::error::StanzaError;
@@ -13,7 +19,7 @@ use xmpp::jid::{BareJid, FullJid};
 use xmpp::stanza::{error_reply, ns};
 
 use super::{BoxFuture, Module};
-use crate::cluster::state_machine::{ApplyError, Command, Refusal, Response};
+use crate::cluster::state_machine::{ApplyError, Command, Refusal};
 use crate::sessions::Outbound;
 use crate::Server;
 
@@ -45,15 +51,24 @@ impl Module for Offline {
                         .attr("stamp", utc_stamp(SystemTime::now())),
                 ));
             }
-            let cmd = Command::StoreOffline {
+            let cmd = Command::PushOffline {
                 user: to.to_string(),
                 stanza: stored.to_string_in(ns::CLIENT),
                 max: u32::try_from(server.config.limits.offline_max_messages).unwrap_or(u32::MAX),
+                max_bytes: server.config.limits.offline_max_bytes,
             };
             match server.cluster.write(cmd).await {
                 Ok(_) => Some(Ok(())),
                 Err(ApplyError::Refused(Refusal::OfflineFull { max, .. })) => {
                     let text = format!("{to} is offline and their message store is full ({max} messages); try later");
+                    Some(Err(error_reply(
+                        message,
+                        StanzaError::ServiceUnavailable,
+                        Some(&text),
+                    )?))
+                }
+                Err(ApplyError::Refused(Refusal::OfflineBytesFull { max_bytes, .. })) => {
+                    let text = format!("{to} is offline and their message store is full ({max_bytes} bytes); try later");
                     Some(Err(error_reply(
                         message,
                         StanzaError::ServiceUnavailable,
@@ -91,14 +106,59 @@ impl Module for Offline {
     }
 }
 
-/// Takes `session`'s user's stored messages and hands them to that
-/// session (or puts them back, in order, if it went away meanwhile).
+/// Stored messages handed to a session at once, at most.
+const PAGE_MESSAGES: usize = 100;
+const PAGE_BYTES: usize = 256 * 1024;
+
+/// Users whose stored messages this node is handing to a session now, and
+/// whether more were stored meanwhile (then it goes round again).
+#[derive(Default)]
+pub struct Deliveries {
+    busy: Mutex<HashMap<BareJid, bool>>,
+}
+
+impl Deliveries {
+    /// True when the caller should deliver; false when a delivery for the
+    /// user is already running (it is told to look again).
+    fn start(&self, user: &BareJid) -> bool {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        match busy.get_mut(user) {
+            Some(again) => {
+                *again = true;
+                false
+            }
+            None => {
+                busy.insert(user.clone(), false);
+                true
+            }
+        }
+    }
+
+    /// True when more were stored while delivering: go round again.
+    fn finish(&self, user: &BareJid) -> bool {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        match busy.get_mut(user) {
+            Some(again) if *again => {
+                *again = false;
+                true
+            }
+            _ => {
+                busy.remove(user);
+                false
+            }
+        }
+    }
+}
+
+/// Hands `session`'s user's stored messages to that session, a page at a
+/// time (so one login never builds one huge write), in a task of its own.
+/// A page leaves storage only once the client has it (the write flushed,
+/// or acknowledged under XEP-0198): a connection that drops, or a node
+/// killed, in between loses nothing; the page comes again at the next
+/// login (at-least-once).
 pub async fn deliver_stored(server: &Server, session: &FullJid) {
-    let Some(res) = server.sessions.get(session) else {
-        return;
-    };
-    let user = session.bare();
-    match server.store().offline_count(user) {
+    let user = session.bare().clone();
+    match server.store().offline_count(&user) {
         Ok(0) => return,
         Ok(_) => {}
         Err(e) => {
@@ -106,39 +166,72 @@ pub async fn deliver_stored(server: &Server, session: &FullJid) {
             return;
         }
     }
-    match server
-        .cluster
-        .write(Command::TakeOffline {
-            user: user.to_string(),
-        })
-        .await
-    {
-        Ok(Response::Offline(messages)) if !messages.is_empty() => {
-            tracing::debug!(%session, count = messages.len(), "delivering offline messages");
-            // One queue entry for the lot: this runs inside the
-            // session's own task, which cannot drain its queue
-            // until this returns.
-            let all = Outbound::Batch(messages.iter().map(|m| Arc::from(m.as_str())).collect());
-            if res.tx.send(all).is_err() {
-                // The session went away while we read the queue:
-                // put the messages back, in order, rather than lose them.
-                let back = Command::Batch(
-                    messages
-                        .into_iter()
-                        .map(|stanza| Command::StoreOffline {
-                            user: user.to_string(),
-                            stanza,
-                            max: u32::MAX,
-                        })
-                        .collect(),
-                );
-                if let Err(e) = server.cluster.write(back).await {
-                    tracing::error!(error = %e, %user, "lost offline messages");
-                }
+    let Some(server) = server.arc() else {
+        return;
+    };
+    if !server.offline.start(&user) {
+        return;
+    }
+    let session = session.clone();
+    tokio::spawn(async move {
+        loop {
+            deliver_pages(&server, &session).await;
+            if !server.offline.finish(&user) {
+                break;
             }
         }
-        Ok(_) => {}
-        Err(e) => tracing::error!(error = %e, %user, "cannot take offline messages"),
+    });
+}
+
+async fn deliver_pages(server: &Server, session: &FullJid) {
+    let user = session.bare().to_string();
+    loop {
+        let page = match server.store().offline_page(&user, PAGE_MESSAGES) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, %user, "cannot read offline queue");
+                return;
+            }
+        };
+        let Some(&(last, _)) = page.last() else {
+            return;
+        };
+        let mut stanzas = Vec::with_capacity(page.len());
+        let mut bytes = 0;
+        let mut upto = last + 1;
+        for (seq, xml) in page {
+            if bytes > 0 && bytes + xml.len() > PAGE_BYTES {
+                upto = seq;
+                break;
+            }
+            bytes += xml.len();
+            stanzas.push(Arc::from(xml.as_str()));
+        }
+        let Some(res) = server.sessions.get(session) else {
+            return;
+        };
+        tracing::debug!(%session, count = stanzas.len(), "delivering offline messages");
+        let (done, delivered) = oneshot::channel();
+        if res.tx.send(Outbound::Stored(stanzas, done)).is_err() {
+            return;
+        }
+        // The session ended first: they stay stored, for the next login.
+        if delivered.await.is_err() {
+            return;
+        }
+        if let Err(e) = server
+            .cluster
+            .write(Command::AckOffline {
+                user: user.clone(),
+                upto,
+            })
+            .await
+        {
+            // Delivered but still stored: they come again at the next
+            // login, which is the safe side.
+            tracing::warn!(error = %e, %user, "cannot remove delivered offline messages");
+            return;
+        }
     }
 }
 
