@@ -107,6 +107,12 @@ pub struct Flags {
     /// [limits] max_blocklist_items
     #[arg(long, env = "XMPP_MAX_BLOCKLIST_ITEMS")]
     pub max_blocklist_items: Option<usize>,
+    /// [limits] stanzas_per_second
+    #[arg(long, env = "XMPP_STANZAS_PER_SECOND")]
+    pub stanzas_per_second: Option<u32>,
+    /// [limits] stanza_burst
+    #[arg(long, env = "XMPP_STANZA_BURST")]
+    pub stanza_burst: Option<u32>,
 
     /// This node's inter-node listener (Raft, forwarded writes, stanzas).
     #[arg(long, env = "XMPP_CLUSTER_ADDR")]
@@ -336,6 +342,22 @@ pub struct Limits {
     pub max_roster_items: usize,
     /// JIDs one blocklist may hold (XEP-0191).
     pub max_blocklist_items: usize,
+    /// Connections not yet bound to a resource, in all; more are refused
+    /// with `<resource-constraint/>`.
+    pub max_unauthenticated: usize,
+    /// Of those, from one address (IPv6: one /64); more get
+    /// `<policy-violation/>`.
+    pub max_unauthenticated_per_address: usize,
+    /// Sessions one account may have at once; one more bind gets
+    /// `<resource-constraint/>` (binding a resource already online
+    /// replaces it and counts once).
+    pub max_sessions_per_account: usize,
+    /// Stanzas a session may send per second, sustained; stream management
+    /// and CSI elements do not count.
+    pub stanzas_per_second: u32,
+    /// Stanzas a session may send at once above that rate; beyond, the
+    /// stream is closed with `<policy-violation/>`.
+    pub stanza_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -426,6 +448,11 @@ impl Default for Limits {
             resume_timeout_secs: 300,
             max_roster_items: 2000,
             max_blocklist_items: 1000,
+            max_unauthenticated: 1000,
+            max_unauthenticated_per_address: 20,
+            max_sessions_per_account: 32,
+            stanzas_per_second: 100,
+            stanza_burst: 1000,
         }
     }
 }
@@ -590,6 +617,8 @@ impl Config {
         set(&mut self.limits.resume_timeout_secs, f.resume_timeout_secs);
         set(&mut self.limits.max_roster_items, f.max_roster_items);
         set(&mut self.limits.max_blocklist_items, f.max_blocklist_items);
+        set(&mut self.limits.stanzas_per_second, f.stanzas_per_second);
+        set(&mut self.limits.stanza_burst, f.stanza_burst);
         set(&mut self.cluster.addr, f.cluster_addr);
         if let Some(p) = &f.cluster_ca {
             self.cluster.ca = Some(p.clone());
@@ -694,6 +723,41 @@ impl Config {
                 origin: origin("limits"),
                 message: "session_queue must be at least 16 and write_timeout_secs at least 1"
                     .into(),
+            });
+        }
+        for (key, value) in [
+            (
+                "limits.max_unauthenticated",
+                self.limits.max_unauthenticated,
+            ),
+            (
+                "limits.max_unauthenticated_per_address",
+                self.limits.max_unauthenticated_per_address,
+            ),
+            (
+                "limits.max_sessions_per_account",
+                self.limits.max_sessions_per_account,
+            ),
+            (
+                "limits.stanzas_per_second",
+                self.limits.stanzas_per_second as usize,
+            ),
+            ("limits.stanza_burst", self.limits.stanza_burst as usize),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    origin: origin(key),
+                    message: "must be at least 1 (0 would refuse everyone)".into(),
+                });
+            }
+        }
+        if self.limits.max_unauthenticated_per_address > self.limits.max_unauthenticated {
+            return Err(ConfigError::Invalid {
+                origin: origin("limits.max_unauthenticated_per_address"),
+                message: format!(
+                    "must not exceed limits.max_unauthenticated ({})",
+                    self.limits.max_unauthenticated
+                ),
             });
         }
         if self.limits.offline_max_messages == 0 {

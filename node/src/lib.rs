@@ -39,6 +39,8 @@ pub struct Server {
     pub throttle: AuthThrottle,
     /// This server, for work a module hands to a task of its own.
     me: std::sync::Weak<Server>,
+    /// Connections still negotiating, capped in all and per address.
+    pub admission: Arc<c2s::admission::Admission>,
     /// Offline messages being handed to sessions now.
     pub offline: modules::offline::Deliveries,
     /// PBKDF2 (PLAIN logins, registration, password changes), off the
@@ -101,6 +103,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = Arc::new_cyclic(|me| Server {
         me: me.clone(),
         offline: modules::offline::Deliveries::default(),
+        admission: c2s::admission::Admission::new(
+            config.limits.max_unauthenticated,
+            config.limits.max_unauthenticated_per_address,
+        ),
         throttle: AuthThrottle::new(&config.auth),
         kdf: accounts::KdfPool::default(),
         resumable: c2s::sm::Registry::default(),

@@ -302,3 +302,118 @@ async fn offline_storage_is_bounded_in_bytes() {
     );
     assert!(format!("{err:?}").contains("20000 bytes"), "{err:?}");
 }
+
+/// Connections that never authenticate are capped per address: the next
+/// one is refused with `<policy-violation/>` at once, and a place frees up
+/// when one of them goes.
+#[tokio::test]
+async fn unauthenticated_connections_are_capped_per_address() {
+    let node = TestNode::start_with(NodeOptions {
+        extra_config: "[limits]\nmax_unauthenticated = 10\nmax_unauthenticated_per_address = 3\n"
+            .into(),
+        ..NodeOptions::default()
+    })
+    .expect("node starts");
+    node.adduser("alice", PW).unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::connect_tcp(node.c2s, "localhost").await.unwrap();
+        // Answered with a header and features: admitted and waiting.
+        c.send_stream_header().await.unwrap();
+        c.recv_until(|e| e.name == "features", tests::client::WAIT)
+            .await
+            .unwrap();
+        idle.push(c);
+    }
+    let mut refused = Client::connect_tcp(node.c2s, "localhost").await.unwrap();
+    assert_eq!(
+        refused
+            .expect_stream_error(tests::client::WAIT)
+            .await
+            .unwrap(),
+        "policy-violation"
+    );
+    drop(idle.pop());
+    // The node notices the close; then there is room again.
+    let deadline = Instant::now() + tests::client::WAIT;
+    loop {
+        match Client::login_bound(&node, "alice", PW, "pc").await {
+            Ok(mut alice) => {
+                let _ = ping(&mut alice).await;
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no room after a connection closed: {e:#}"),
+        }
+    }
+}
+
+/// A session that sends faster than `stanzas_per_second` beyond the burst
+/// is closed with `<policy-violation/>`; the recipient gets at most the
+/// burst and the rest of the node goes on.
+#[tokio::test]
+async fn a_stanza_flood_is_closed_with_policy_violation() {
+    let node = TestNode::start_with(NodeOptions {
+        extra_config: "[limits]\nstanzas_per_second = 5\nstanza_burst = 20\n".into(),
+        ..NodeOptions::default()
+    })
+    .expect("node starts");
+    for u in ["alice", "mallory"] {
+        node.adduser(u, PW).unwrap();
+    }
+    let mut alice = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
+    alice.presence(0).await.unwrap();
+    let mut mallory = Client::login_bound(&node, "mallory", PW, "x")
+        .await
+        .unwrap();
+    let mut flood = String::new();
+    for i in 0..60 {
+        flood.push_str(&format!(
+            "<message to='alice@localhost' type='chat'><body>{i}</body></message>"
+        ));
+    }
+    mallory.send_raw(&flood).await.unwrap();
+    assert_eq!(
+        mallory
+            .expect_stream_error(tests::client::WAIT)
+            .await
+            .unwrap(),
+        "policy-violation"
+    );
+    let _ = ping(&mut alice).await;
+    let got = alice
+        .take_pending()
+        .into_iter()
+        .filter(|e| e.name == "message")
+        .count();
+    assert!(got <= 20, "{got} messages got through");
+}
+
+/// At most `max_sessions_per_account` sessions per account: one more bind
+/// gets `<resource-constraint/>`; rebinding an online resource replaces it.
+#[tokio::test]
+async fn sessions_per_account_are_capped() {
+    let node = TestNode::start_with(NodeOptions {
+        extra_config: "[limits]\nmax_sessions_per_account = 2\n".into(),
+        ..NodeOptions::default()
+    })
+    .expect("node starts");
+    node.adduser("alice", PW).unwrap();
+    let _a = Client::login_bound(&node, "alice", PW, "a").await.unwrap();
+    let _b = Client::login_bound(&node, "alice", PW, "b").await.unwrap();
+    let err = Client::login_bound(&node, "alice", PW, "c")
+        .await
+        .err()
+        .expect("a third session is refused");
+    assert!(
+        format!("{err:#}").contains("resource-constraint"),
+        "{err:#}"
+    );
+    let mut again = Client::login_bound(&node, "alice", PW, "a")
+        .await
+        .expect("rebinding an online resource replaces it");
+    let _ = ping(&mut again).await;
+}

@@ -14,7 +14,7 @@ const PW: &str = "secret";
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_and_loses_no_message() {
     let node = TestNode::start_with(NodeOptions {
-        extra_config: "[limits]\nsession_queue = 16\noffline_max_messages = 100000\noffline_max_bytes = 100000000\n".into(),
+        extra_config: "[limits]\nsession_queue = 16\noffline_max_messages = 100000\noffline_max_bytes = 100000000\nstanzas_per_second = 1000000\nstanza_burst = 1000000\n".into(),
         ..NodeOptions::default()
     })
     .unwrap();

@@ -2,6 +2,7 @@
 //! (5223, XEP-0368). Each accepted connection is one task that negotiates
 //! the stream ([`negotiate`]) and then runs the session ([`session`]).
 
+pub mod admission;
 mod io;
 mod negotiate;
 pub mod session;
@@ -43,6 +44,19 @@ pub async fn listen(server: Arc<Server>, listener: TcpListener, direct_tls: bool
 
 async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
     let _ = tcp.set_nodelay(true);
+    // Held until a resource is bound (or the connection ends).
+    let admitted = match server.admission.admit(peer.ip()) {
+        Ok(a) => a,
+        Err((error, text)) => {
+            tracing::info!(%peer, %error, "connection refused: {text}");
+            // On the TLS port, no handshake is spent on it.
+            if !direct_tls {
+                let mut s = Stream::new(server.clone(), Io::Plain(tcp), peer);
+                Box::pin(s.close_with_error(error, Some(&text))).await;
+            }
+            return;
+        }
+    };
     let timeout = server.config.limits.negotiation_timeout();
     let io = if direct_tls {
         match tokio::time::timeout(timeout, Box::pin(server.tls.acceptor.accept(tcp))).await {
@@ -73,6 +87,7 @@ async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direc
                 "no resource bound in time",
             )),
         };
+    drop(admitted);
     match negotiated {
         Ok(Negotiated::Bound(bound)) => session_boxed(s, bound).await,
         Ok(Negotiated::Resume { tx, h }) => {

@@ -349,7 +349,16 @@ async fn sasl(
                     s.send(&sasl_failure(failure, None)).await?;
                     return Ok(SaslOutcome::Refused);
                 }
-                let delay = s.server.throttle.fail(s.peer.ip(), Instant::now());
+                // By the account as stored: case and width variants of
+                // one name count together.
+                let account = username
+                    .as_deref()
+                    .and_then(|u| nodeprep(u).ok())
+                    .map(|n| format!("{n}@{}", s.vhost));
+                let delay =
+                    s.server
+                        .throttle
+                        .fail_login(s.peer.ip(), account.as_deref(), Instant::now());
                 tracing::info!(user = ?username, peer = %s.peer, mechanism = mech.name(), delay_ms = delay.as_millis() as u64, "authentication failed");
                 tokio::time::sleep_until((began + delay).into()).await;
                 s.send(&sasl_failure(failure, None)).await?;
@@ -463,6 +472,21 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
                 }
             }
         };
+        // One account, at most so many sessions (in the whole cluster);
+        // rebinding a resource that is online replaces it.
+        let max = s.server.config.limits.max_sessions_per_account;
+        let others = s.server.cluster.table.with_user(&user, |list| {
+            list.iter()
+                .filter(|(r, _)| r.as_str() != jid.resource())
+                .count()
+        });
+        if others >= max {
+            let text = format!("{user} already has {others} sessions (at most {max})");
+            if let Some(r) = error_reply(&e, StanzaError::ResourceConstraint, Some(&text)) {
+                s.send(&r).await?;
+            }
+            continue;
+        }
         return Ok(Negotiated::Bound(Bound { jid, bind_iq: e }));
     }
 }

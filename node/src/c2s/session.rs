@@ -126,6 +126,8 @@ struct Session {
     /// something worth waking it for arrives.
     inactive: bool,
     held: Vec<Arc<str>>,
+    /// Stanzas the client may still send now (`limits.stanzas_per_second`).
+    rate: super::admission::Rate,
     /// Without stream management: offline messages in the batch being
     /// written, released from storage once the write has flushed.
     flushed: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -203,6 +205,10 @@ pub async fn run(s: Stream, bound: Bound) {
         handoff: None,
         inactive: false,
         held: Vec::new(),
+        rate: super::admission::Rate::new(
+            server.config.limits.stanzas_per_second,
+            server.config.limits.stanza_burst,
+        ),
         flushed: Vec::new(),
     };
     let mut stream = Some(s);
@@ -264,6 +270,15 @@ impl Session {
                         }
                     }
                     Event::Element(e) => {
+                        if !self.rate.take(std::time::Instant::now()) {
+                            return Err(ConnError::stream(
+                                StreamError::PolicyViolation,
+                                format!(
+                                    "more than {} stanzas per second",
+                                    server.config.limits.stanzas_per_second
+                                ),
+                            ));
+                        }
                         // Boxed: only a session handling a stanza holds the
                         // (large) state of routing it.
                         boxed(|| handle(&server, &self.jid, self.id, e, &mut self.directed))

@@ -1,6 +1,9 @@
 //! Slows down password guessing: each failed authentication from an
-//! address doubles the delay before the next failure is answered, up to a
-//! bound; an address that stops failing is forgotten after a while.
+//! address, and each against an account (from anywhere: a botnet guessing
+//! one password has many addresses), doubles the delay before the next
+//! failure is answered, up to a bound; an address or account that stops
+//! failing is forgotten after a while. Delays only: an attacker can never
+//! lock the account's owner out.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,8 +12,15 @@ use std::time::{Duration, Instant};
 
 use crate::config::Auth;
 
+/// What failures are counted by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Key {
+    Address(IpAddr),
+    Account(String),
+}
+
 pub struct AuthThrottle {
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    failures: Mutex<HashMap<Key, (u32, Instant)>>,
     base: Duration,
     max: Duration,
     memory: Duration,
@@ -26,15 +36,30 @@ impl AuthThrottle {
         }
     }
 
+    /// Records a failure from `ip` against `account` (the name given, if
+    /// any) at `now` and returns how long to wait before answering it: the
+    /// longer of the two delays.
+    pub fn fail_login(&self, ip: IpAddr, account: Option<&str>, now: Instant) -> Duration {
+        let by_address = self.fail_key(Key::Address(ip), now);
+        match account {
+            Some(a) => by_address.max(self.fail_key(Key::Account(a.to_owned()), now)),
+            None => by_address,
+        }
+    }
+
     /// Records a failure at `now` and returns how long to wait before answering it.
     pub fn fail(&self, ip: IpAddr, now: Instant) -> Duration {
+        self.fail_key(Key::Address(ip), now)
+    }
+
+    fn fail_key(&self, key: Key, now: Instant) -> Duration {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         // Forget addresses that stopped failing, so the map cannot grow without bound.
         if map.len() > 10_000 {
             let memory = self.memory;
             map.retain(|_, (_, at)| now.duration_since(*at) < memory);
         }
-        let entry = map.entry(ip).or_insert((0, now));
+        let entry = map.entry(key).or_insert((0, now));
         if now.duration_since(entry.1) >= self.memory {
             entry.0 = 0;
         }
