@@ -358,6 +358,15 @@ pub struct Limits {
     /// Stanzas a session may send at once above that rate; beyond, the
     /// stream is closed with `<policy-violation/>`.
     pub stanza_burst: u32,
+    /// Seconds without a byte from a client before the server asks whether
+    /// it is still there (XEP-0199 ping, or XEP-0198 `<r/>`).
+    pub idle_ping_secs: u64,
+    /// Seconds it then has to answer (with anything); silent, the link
+    /// counts as dead: the session ends, or hibernates for resumption.
+    pub ping_timeout_secs: u64,
+    /// TCP keepalive probes start after this many idle seconds (0: off),
+    /// so the kernel finds half-open links even between pings.
+    pub tcp_keepalive_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -453,6 +462,9 @@ impl Default for Limits {
             max_sessions_per_account: 32,
             stanzas_per_second: 100,
             stanza_burst: 1000,
+            idle_ping_secs: 300,
+            ping_timeout_secs: 60,
+            tcp_keepalive_secs: 120,
         }
     }
 }
@@ -743,6 +755,11 @@ impl Config {
                 self.limits.stanzas_per_second as usize,
             ),
             ("limits.stanza_burst", self.limits.stanza_burst as usize),
+            ("limits.idle_ping_secs", self.limits.idle_ping_secs as usize),
+            (
+                "limits.ping_timeout_secs",
+                self.limits.ping_timeout_secs as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid {

@@ -417,3 +417,69 @@ async fn sessions_per_account_are_capped() {
         .expect("rebinding an online resource replaces it");
     let _ = ping(&mut again).await;
 }
+
+fn is_server_ping(e: &Element) -> bool {
+    e.name == "iq"
+        && e.get_attr("type") == Some("get")
+        && e.get_child("ping", "urn:xmpp:ping").is_some()
+}
+
+fn pong(ping: &Element) -> Element {
+    let mut r = Element::new("iq", xmpp::stanza::ns::CLIENT).attr("type", "result");
+    if let Some(id) = ping.get_attr("id") {
+        r.set_attr("id", id);
+    }
+    if let Some(from) = ping.get_attr("from") {
+        r.set_attr("to", from);
+    }
+    r
+}
+
+/// A silent client is asked (XEP-0199) after `idle_ping_secs`; one that
+/// answers stays, one that never does (a half-open mobile link) is gone
+/// after `ping_timeout_secs` more: its contacts, here its own other
+/// resource, see it unavailable.
+#[tokio::test]
+async fn a_silent_client_is_pinged_and_dropped_when_it_never_answers() {
+    let node = TestNode::start_with(NodeOptions {
+        extra_config: "[limits]\nidle_ping_secs = 1\nping_timeout_secs = 1\n".into(),
+        ..NodeOptions::default()
+    })
+    .expect("node starts");
+    node.adduser("alice", PW).unwrap();
+    let mut pc = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
+    pc.presence(0).await.unwrap();
+    let mut watch = Client::login_bound(&node, "alice", PW, "watch")
+        .await
+        .unwrap();
+    watch.presence(0).await.unwrap();
+
+    // Answered once: still served, and asked again later.
+    let first = pc
+        .recv_until(is_server_ping, tests::client::WAIT)
+        .await
+        .unwrap();
+    pc.send(&pong(&first)).await.unwrap();
+    let again = pc
+        .recv_until(is_server_ping, tests::client::WAIT)
+        .await
+        .unwrap();
+    assert_ne!(again.get_attr("id"), None);
+    // Now pc goes silent. The watch answers its own pings meanwhile.
+    let deadline = Instant::now() + tests::client::WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = watch.recv(left).await.expect("pc's unavailable presence");
+        if is_server_ping(&e) {
+            watch.send(&pong(&e)).await.unwrap();
+            continue;
+        }
+        if e.name == "presence"
+            && e.get_attr("type") == Some("unavailable")
+            && e.get_attr("from") == Some("alice@localhost/pc")
+        {
+            break;
+        }
+    }
+    let _ = ping(&mut watch).await;
+}

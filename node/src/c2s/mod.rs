@@ -44,6 +44,14 @@ pub async fn listen(server: Arc<Server>, listener: TcpListener, direct_tls: bool
 
 async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
     let _ = tcp.set_nodelay(true);
+    let keepalive = server.config.limits.tcp_keepalive_secs;
+    if keepalive > 0 {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(keepalive))
+            .with_interval(std::time::Duration::from_secs(keepalive.div_ceil(4).max(1)))
+            .with_retries(4);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
+    }
     // Held until a resource is bound (or the connection ends).
     let admitted = match server.admission.admit(peer.ip()) {
         Ok(a) => a,

@@ -126,6 +126,12 @@ struct Session {
     /// something worth waking it for arrives.
     inactive: bool,
     held: Vec<Arc<str>>,
+    /// When the client last sent anything, whether we asked it since, and
+    /// the one timer that checks (re-armed once per idle period, not per
+    /// read).
+    last_rx: std::time::Instant,
+    ping_at: Option<std::time::Instant>,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// Stanzas the client may still send now (`limits.stanzas_per_second`).
     rate: super::admission::Rate,
     /// Without stream management: offline messages in the batch being
@@ -205,6 +211,11 @@ pub async fn run(s: Stream, bound: Bound) {
         handoff: None,
         inactive: false,
         held: Vec::new(),
+        last_rx: std::time::Instant::now(),
+        ping_at: None,
+        idle: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(
+            server.config.limits.idle_ping_secs,
+        ))),
         rate: super::admission::Rate::new(
             server.config.limits.stanzas_per_second,
             server.config.limits.stanza_burst,
@@ -249,10 +260,20 @@ pub async fn run(s: Stream, bound: Bound) {
     boxed(|| session.requeue()).await;
 }
 
+/// What the idle timer calls for.
+enum Idle {
+    Nothing,
+    Ask(String),
+    Dead,
+}
+
 impl Session {
     /// Serves one connection until it ends.
     async fn serve(&mut self, s: &mut Stream) -> Result<(), ConnError> {
         let server = self.server.clone();
+        // A new (or resumed) connection starts with a clean slate.
+        self.last_rx = std::time::Instant::now();
+        self.ping_at = None;
         let mut shutdown = server.shutdown.subscribe();
         loop {
             while let Some(ev) = s.parse_buffered()? {
@@ -299,7 +320,18 @@ impl Session {
             // Waiting costs no buffer memory: see `Stream::fill`.
             s.parser.release_memory();
             tokio::select! {
-                r = s.fill() => r?,
+                r = s.fill() => {
+                    r?;
+                    self.last_rx = std::time::Instant::now();
+                }
+                () = &mut self.idle => match self.idle_check() {
+                    Idle::Nothing => {}
+                    Idle::Ask(ping) => boxed(|| s.write_raw(&ping)).await?,
+                    Idle::Dead => {
+                        tracing::info!(jid = %self.jid, "no answer to a ping: the link is dead");
+                        return Err(ConnError::Lost);
+                    }
+                },
                 msg = self.rx.recv() => {
                     let Some(msg) = msg else { return Err(ConnError::Closed) };
                     // Per batch, not per connection: idle sessions hold none.
@@ -350,6 +382,8 @@ impl Session {
                             Ok(()) => {
                                 std::mem::swap(s, &mut next);
                                 drop(next);
+                                self.last_rx = std::time::Instant::now();
+                                self.ping_at = None;
                             }
                             // A bad resumption fails on its own stream; this
                             // one goes on.
@@ -362,6 +396,43 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The idle timer fired: re-arms it, and says whether to ask the
+    /// client if it is still there (silent for `idle_ping_secs`), or to
+    /// give up on it (no word for `ping_timeout_secs` after asking).
+    fn idle_check(&mut self) -> Idle {
+        let limits = &self.server.config.limits;
+        let after = std::time::Duration::from_secs(limits.idle_ping_secs);
+        let wait = std::time::Duration::from_secs(limits.ping_timeout_secs);
+        let now = std::time::Instant::now();
+        if let Some(at) = self.ping_at {
+            if self.last_rx >= at {
+                self.ping_at = None;
+            } else if now >= at + wait {
+                return Idle::Dead;
+            } else {
+                self.idle.as_mut().reset((at + wait).into());
+                return Idle::Nothing;
+            }
+        }
+        let heard = self.last_rx + after;
+        if heard > now {
+            self.idle.as_mut().reset(heard.into());
+            return Idle::Nothing;
+        }
+        self.ping_at = Some(now);
+        self.idle.as_mut().reset((now + wait).into());
+        Idle::Ask(match &self.sm {
+            // XEP-0198 §4: any answer will do, and <a/> is cheap.
+            Some(_) => "<r xmlns='urn:xmpp:sm:3'/>".to_owned(),
+            None => format!(
+                "<iq type='get' id='idle-{}' from='{}' to='{}'><ping xmlns='urn:xmpp:ping'/></iq>",
+                self.id,
+                xmpp::element::escape(self.jid.domain()),
+                xmpp::element::escape(&self.jid.to_string())
+            ),
+        })
     }
 
     /// Appends queued stanzas (up to a batch) to `out`, keeping them for
