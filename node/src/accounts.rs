@@ -124,7 +124,59 @@ pub async fn set_password(
 }
 
 /// Deletes the account and closes its sessions with `<not-authorized/>`.
+/// Every local contact first loses the account from their roster, as if
+/// the user had removed them (RFC 6121 §2.5.2): subscriptions cancelled
+/// both ways (the contact gets `unsubscribed` and `unavailable`), the item
+/// removed with a roster push; so a name registered again later inherits
+/// no one's subscription.
 pub async fn delete(server: &Server, user: &BareJid) -> Result<(), AccountError> {
+    use xmpp::roster::SubKind;
+    let roster = server
+        .store()
+        .roster(&user.to_string())
+        .map_err(|e| AccountError::Internal(e.to_string()))?;
+    for (c, item) in roster {
+        let Ok(contact) = BareJid::parse(&c) else {
+            continue;
+        };
+        if !server.config.is_local_domain(contact.domain()) {
+            continue;
+        }
+        if item.sub.subscription.has_to() || item.sub.pending_out {
+            crate::modules::presence::subscription(
+                server,
+                user,
+                &contact,
+                SubKind::Unsubscribe,
+                None,
+            )
+            .await;
+        }
+        if item.sub.subscription.has_from() || item.sub.pending_in {
+            crate::modules::presence::subscription(
+                server,
+                user,
+                &contact,
+                SubKind::Unsubscribed,
+                None,
+            )
+            .await;
+        }
+        match server
+            .cluster
+            .write(Command::RosterRemove {
+                user: c.clone(),
+                contact: user.to_string(),
+            })
+            .await
+        {
+            Ok(Response::Roster { ver, .. }) => {
+                crate::modules::roster::push(server, &contact, ver, &user.to_string(), None);
+            }
+            Ok(_) | Err(ApplyError::Refused(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     server
         .cluster
         .write(Command::DeleteAccount {

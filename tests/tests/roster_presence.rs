@@ -1299,3 +1299,32 @@ async fn a_full_roster_refuses_new_contacts_with_not_allowed() {
     // Renaming a contact already there still works.
     assert_result(&roster_set(&mut alice, roster_item(&jid("a"), Some("A"), &[])).await);
 }
+
+/// Deleting an account takes it out of every local contact's roster, as
+/// if the user had removed them: the contact sees it go unavailable and a
+/// roster push removing it, and a new account of the same name inherits
+/// no subscription.
+#[tokio::test]
+async fn a_deleted_account_leaves_its_contacts_rosters() {
+    let node = node_with(&["alice", "bob"]);
+    let mut alice = online(&node, "alice", "pc", 0).await;
+    let mut bob = online(&node, "bob", "pc", 0).await;
+    send_sub(&mut alice, &jid("bob"), "subscribe").await;
+    send_sub(&mut bob, &jid("alice"), "subscribed").await;
+    send_sub(&mut bob, &jid("alice"), "subscribe").await;
+    send_sub(&mut alice, &jid("bob"), "subscribed").await;
+    assert_sub(&mut bob, &jid("alice"), "both", None).await;
+    drain(&mut bob, Duration::ZERO).await;
+
+    node.clusterctl(&["deluser", &jid("alice")])
+        .expect("deluser");
+    expect_presence(&mut bob, "alice@localhost/pc", Some("unavailable")).await;
+    expect_sub_push(&mut bob, &jid("alice"), "remove", None).await;
+    assert_eq!(sub_state(&mut bob, &jid("alice")).await, None);
+
+    node.adduser("alice", PW).unwrap();
+    let mut again = online(&node, "alice", "new", 0).await;
+    let reply = roster_get(&mut again).await;
+    assert_eq!(query(&reply).elements().count(), 0, "{}", show(&reply));
+    assert_eq!(sub_state(&mut bob, &jid("alice")).await, None);
+}
