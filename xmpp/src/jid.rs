@@ -197,13 +197,14 @@ pub fn nodeprep(s: &str) -> Result<String, JidError> {
         check_len(s, "localpart")?;
         return Ok(s.to_ascii_lowercase());
     }
-    let out = stringprep::nodeprep(s).map_err(|_| JidError::Prep("localpart"))?;
+    let out = to_fixed_point(s, |x| stringprep::nodeprep(x).map(|c| c.into_owned()))
+        .map_err(|_| JidError::Prep("localpart"))?;
     // Mapping can delete characters (e.g. U+00AD soft hyphen), so check again.
     if out.is_empty() {
         return Err(JidError::EmptyNode);
     }
     check_len(&out, "localpart")?;
-    Ok(out.into_owned())
+    Ok(out)
 }
 
 /// Resourceprep (RFC 6122 Appendix B): NFKC, case preserved, spaces and
@@ -230,6 +231,24 @@ pub fn resourceprep(s: &str) -> Result<String, JidError> {
 /// kept as is (IPv6 in brackets, RFC 3986 §3.2.2), anything else goes
 /// through Nameprep (RFC 3491, which case-folds) and one trailing dot is
 /// removed.
+/// Applies a stringprep profile until its output no longer changes. The
+/// `stringprep` crate case-folds before NFKC, without RFC 3454's B.2
+/// table for compatibility characters: `㉐` becomes `PTE`, which a second
+/// pass folds to `pte`. Prepping to a fixed point makes a prepared JID
+/// prepare to itself, so two spellings never name two accounts (found by
+/// the `jid` fuzz target).
+fn to_fixed_point<E>(s: &str, prep: impl Fn(&str) -> Result<String, E>) -> Result<String, E> {
+    let mut out = prep(s)?;
+    for _ in 0..4 {
+        let again = prep(&out)?;
+        if again == out {
+            break;
+        }
+        out = again;
+    }
+    Ok(out)
+}
+
 pub fn nameprep(s: &str) -> Result<String, JidError> {
     if s.is_empty() {
         return Err(JidError::EmptyDomain);
@@ -259,9 +278,8 @@ pub fn nameprep(s: &str) -> Result<String, JidError> {
                 c => c,
             })
             .collect();
-        stringprep::nameprep(&dotted)
+        to_fixed_point(&dotted, |x| stringprep::nameprep(x).map(|c| c.into_owned()))
             .map_err(|_| JidError::Prep("domainpart"))?
-            .into_owned()
     };
     // RFC 7622 §3.2: a final label separator MUST be stripped. Only one:
     // "example.com.." is not a fully qualified name, it has an empty label.
@@ -325,6 +343,15 @@ impl From<BareJid> for Jid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compatibility_characters_prepare_to_a_fixed_point() {
+        let j = Jid::parse("kai\u{3250}ali").expect("parses");
+        assert_eq!(j.to_string(), "kaipteali");
+        assert_eq!(Jid::parse(&j.to_string()).expect("again"), j);
+        let n = BareJid::parse("\u{3250}@example.org").expect("node");
+        assert_eq!(n.to_string(), "pte@example.org");
+    }
 
     #[test]
     fn ascii_fast_paths_agree_with_stringprep() {
