@@ -130,7 +130,6 @@ pub async fn set_password(
 /// removed with a roster push; so a name registered again later inherits
 /// no one's subscription.
 pub async fn delete(server: &Server, user: &BareJid) -> Result<(), AccountError> {
-    use xmpp::roster::SubKind;
     let roster = server
         .store()
         .roster(&user.to_string())
@@ -142,26 +141,7 @@ pub async fn delete(server: &Server, user: &BareJid) -> Result<(), AccountError>
         if !server.config.is_local_domain(contact.domain()) {
             continue;
         }
-        if item.sub.subscription.has_to() || item.sub.pending_out {
-            crate::modules::presence::subscription(
-                server,
-                user,
-                &contact,
-                SubKind::Unsubscribe,
-                None,
-            )
-            .await;
-        }
-        if item.sub.subscription.has_from() || item.sub.pending_in {
-            crate::modules::presence::subscription(
-                server,
-                user,
-                &contact,
-                SubKind::Unsubscribed,
-                None,
-            )
-            .await;
-        }
+        crate::modules::roster::cancel_subscriptions(server, user, &contact, &item).await;
         match server
             .cluster
             .write(Command::RosterRemove {

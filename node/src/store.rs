@@ -94,6 +94,30 @@ impl OfflineMeta {
     pub fn count(&self) -> u64 {
         self.tail - self.head
     }
+
+    /// The metadata of a queue stored without it (before it existed):
+    /// its entries, in key order, under a prefix `prefix_len` long.
+    pub(crate) fn measure(
+        prefix_len: usize,
+        entries: impl IntoIterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>>,
+    ) -> Result<OfflineMeta, StoreError> {
+        let mut meta: Option<OfflineMeta> = None;
+        for kv in entries {
+            let (k, v) = kv?;
+            let seq = k
+                .get(prefix_len..)
+                .and_then(|s| <[u8; 8]>::try_from(s).ok())
+                .map_or(0, u64::from_be_bytes);
+            let m = meta.get_or_insert(OfflineMeta {
+                head: seq,
+                tail: seq,
+                bytes: 0,
+            });
+            m.tail = seq + 1;
+            m.bytes += v.len() as u64;
+        }
+        Ok(meta.unwrap_or_default())
+    }
 }
 
 /// One contact in a user's roster (RFC 6121 §2.1.2).
@@ -115,13 +139,6 @@ pub struct RosterItem {
 
 fn decode_item(bytes: &[u8]) -> Result<RosterItem, StoreError> {
     Ok(postcard::from_bytes(bytes)?)
-}
-
-/// The sequence number at the end of an offline message's key.
-pub(crate) fn offline_seq(key: &[u8], prefix_len: usize) -> u64 {
-    key.get(prefix_len..)
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .map_or(0, u64::from_be_bytes)
 }
 
 fn rest_of_key(key: &[u8], prefix_len: usize) -> String {
@@ -339,25 +356,13 @@ impl Store {
     }
 
     /// Where `user`'s offline queue stands. A queue stored before the
-    /// metadata existed is measured once by a scan.
+    /// metadata existed is measured by a scan until its next change.
     pub fn offline_meta(&self, user: &str) -> Result<OfflineMeta, StoreError> {
         if let Some(b) = self.get(&keys::offline_meta(user))? {
             return Ok(postcard::from_bytes(&b)?);
         }
         let prefix = keys::offline_prefix(user);
-        let mut meta: Option<OfflineMeta> = None;
-        for kv in self.scan_prefix(&prefix) {
-            let (k, v) = kv?;
-            let seq = offline_seq(&k, prefix.len());
-            let m = meta.get_or_insert(OfflineMeta {
-                head: seq,
-                tail: seq,
-                bytes: 0,
-            });
-            m.tail = seq + 1;
-            m.bytes += v.len() as u64;
-        }
-        Ok(meta.unwrap_or_default())
+        OfflineMeta::measure(prefix.len(), self.scan_prefix(&prefix))
     }
 
     pub fn offline_count(&self, user: &BareJid) -> Result<u64, StoreError> {

@@ -12,6 +12,20 @@ use xmpp::element::Element;
 
 const PW: &str = "secret";
 
+/// A node with `extra_config` (see `NodeOptions::extra_config`) and these
+/// accounts, each with the password `PW`.
+fn node_with(extra_config: &str, users: &[&str]) -> TestNode {
+    let node = TestNode::start_with(NodeOptions {
+        extra_config: extra_config.into(),
+        ..NodeOptions::default()
+    })
+    .expect("node starts");
+    for u in users {
+        node.adduser(u, PW).unwrap();
+    }
+    node
+}
+
 async fn ping(c: &mut Client) -> Duration {
     let iq = c.make_iq("get", None, Element::new("ping", "urn:xmpp:ping"));
     let t = Instant::now();
@@ -29,13 +43,10 @@ async fn ping(c: &mut Client) -> Duration {
 /// this machine, not a wall-clock figure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_plain_passwords_do_not_stall_other_sessions() {
-    let node = TestNode::start_with(NodeOptions {
-        extra_config: "scram_iterations = 50000\nmax_attempts_per_stream = 100\n".into(),
-        ..NodeOptions::default()
-    })
-    .expect("node starts");
-    node.adduser("alice", PW).unwrap();
-    node.adduser("mallory", PW).unwrap();
+    let node = node_with(
+        "scram_iterations = 50000\nmax_attempts_per_stream = 100\n",
+        &["alice", "mallory"],
+    );
     let mut alice = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
 
     // One check alone, as the measure of the work.
@@ -114,8 +125,7 @@ fn presence_from<'a>(from: &'a str, show: Option<&'a str>) -> impl FnMut(&Elemen
 /// available resource of the user, the sender's own included.
 #[tokio::test]
 async fn own_presence_comes_back_to_every_resource_including_the_sender() {
-    let node = TestNode::start().expect("node starts");
-    node.adduser("alice", PW).unwrap();
+    let node = node_with("", &["alice"]);
     let mut pc = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
     let mut phone = Client::login_bound(&node, "alice", PW, "phone")
         .await
@@ -166,10 +176,7 @@ async fn own_presence_comes_back_to_every_resource_including_the_sender() {
 /// (this test client's is one) refuses an undeclared prefix.
 #[tokio::test]
 async fn a_prefix_declared_on_the_senders_stream_root_reaches_the_recipient_declared() {
-    let node = TestNode::start().expect("node starts");
-    for u in ["bob", "mallory"] {
-        node.adduser(u, PW).unwrap();
-    }
+    let node = node_with("", &["bob", "mallory"]);
     let mut mallory = Client::connect_starttls(node.c2s, "localhost")
         .await
         .unwrap();
@@ -222,14 +229,7 @@ const SM: &str = "urn:xmpp:sm:3";
 /// pages: unacknowledged, only the first page is sent.
 #[tokio::test]
 async fn offline_messages_survive_kill_9_during_delivery_and_come_in_pages() {
-    let mut node = TestNode::start_with(NodeOptions {
-        extra_config: "[limits]\noffline_max_messages = 1000\n".into(),
-        ..NodeOptions::default()
-    })
-    .expect("node starts");
-    for u in ["alice", "bob"] {
-        node.adduser(u, PW).unwrap();
-    }
+    let mut node = node_with("[limits]\noffline_max_messages = 1000\n", &["alice", "bob"]);
     let mut alice = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
     alice.presence(0).await.unwrap();
     const N: usize = 250;
@@ -274,14 +274,10 @@ async fn offline_messages_survive_kill_9_during_delivery_and_come_in_pages() {
 /// The offline queue is bounded in bytes as well as in messages.
 #[tokio::test]
 async fn offline_storage_is_bounded_in_bytes() {
-    let node = TestNode::start_with(NodeOptions {
-        extra_config: "[limits]\nmax_stanza_bytes = 10000\noffline_max_bytes = 20000\n".into(),
-        ..NodeOptions::default()
-    })
-    .expect("node starts");
-    for u in ["alice", "bob"] {
-        node.adduser(u, PW).unwrap();
-    }
+    let node = node_with(
+        "[limits]\nmax_stanza_bytes = 10000\noffline_max_bytes = 20000\n",
+        &["alice", "bob"],
+    );
     let mut alice = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
     alice.presence(0).await.unwrap();
     let big = "x".repeat(6000);
@@ -308,13 +304,10 @@ async fn offline_storage_is_bounded_in_bytes() {
 /// when one of them goes.
 #[tokio::test]
 async fn unauthenticated_connections_are_capped_per_address() {
-    let node = TestNode::start_with(NodeOptions {
-        extra_config: "[limits]\nmax_unauthenticated = 10\nmax_unauthenticated_per_address = 3\n"
-            .into(),
-        ..NodeOptions::default()
-    })
-    .expect("node starts");
-    node.adduser("alice", PW).unwrap();
+    let node = node_with(
+        "[limits]\nmax_unauthenticated = 10\nmax_unauthenticated_per_address = 3\n",
+        &["alice"],
+    );
     let mut idle = Vec::new();
     for _ in 0..3 {
         let mut c = Client::connect_tcp(node.c2s, "localhost").await.unwrap();
@@ -356,14 +349,10 @@ async fn unauthenticated_connections_are_capped_per_address() {
 /// burst and the rest of the node goes on.
 #[tokio::test]
 async fn a_stanza_flood_is_closed_with_policy_violation() {
-    let node = TestNode::start_with(NodeOptions {
-        extra_config: "[limits]\nstanzas_per_second = 5\nstanza_burst = 20\n".into(),
-        ..NodeOptions::default()
-    })
-    .expect("node starts");
-    for u in ["alice", "mallory"] {
-        node.adduser(u, PW).unwrap();
-    }
+    let node = node_with(
+        "[limits]\nstanzas_per_second = 5\nstanza_burst = 20\n",
+        &["alice", "mallory"],
+    );
     let mut alice = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
     alice.presence(0).await.unwrap();
     let mut mallory = Client::login_bound(&node, "mallory", PW, "x")
@@ -396,12 +385,7 @@ async fn a_stanza_flood_is_closed_with_policy_violation() {
 /// gets `<resource-constraint/>`; rebinding an online resource replaces it.
 #[tokio::test]
 async fn sessions_per_account_are_capped() {
-    let node = TestNode::start_with(NodeOptions {
-        extra_config: "[limits]\nmax_sessions_per_account = 2\n".into(),
-        ..NodeOptions::default()
-    })
-    .expect("node starts");
-    node.adduser("alice", PW).unwrap();
+    let node = node_with("[limits]\nmax_sessions_per_account = 2\n", &["alice"]);
     let _a = Client::login_bound(&node, "alice", PW, "a").await.unwrap();
     let _b = Client::login_bound(&node, "alice", PW, "b").await.unwrap();
     let err = Client::login_bound(&node, "alice", PW, "c")
@@ -441,12 +425,10 @@ fn pong(ping: &Element) -> Element {
 /// resource, see it unavailable.
 #[tokio::test]
 async fn a_silent_client_is_pinged_and_dropped_when_it_never_answers() {
-    let node = TestNode::start_with(NodeOptions {
-        extra_config: "[limits]\nidle_ping_secs = 1\nping_timeout_secs = 1\n".into(),
-        ..NodeOptions::default()
-    })
-    .expect("node starts");
-    node.adduser("alice", PW).unwrap();
+    let node = node_with(
+        "[limits]\nidle_ping_secs = 1\nping_timeout_secs = 1\n",
+        &["alice"],
+    );
     let mut pc = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
     pc.presence(0).await.unwrap();
     let mut watch = Client::login_bound(&node, "alice", PW, "watch")

@@ -262,18 +262,7 @@ fn offline_meta(tx: &Tx<'_>, user: &str) -> Result<OfflineMeta, StoreError> {
         return Ok(postcard::from_bytes(&b)?);
     }
     let prefix = keys::offline_prefix(user);
-    let mut meta: Option<OfflineMeta> = None;
-    for (k, v) in tx.scan(&prefix)? {
-        let seq = crate::store::offline_seq(&k, prefix.len());
-        let m = meta.get_or_insert(OfflineMeta {
-            head: seq,
-            tail: seq,
-            bytes: 0,
-        });
-        m.tail = seq + 1;
-        m.bytes += v.len() as u64;
-    }
-    Ok(meta.unwrap_or_default())
+    OfflineMeta::measure(prefix.len(), tx.scan(&prefix)?.into_iter().map(Ok))
 }
 
 /// Kept even when the queue is empty: sequence numbers never restart, so

@@ -245,6 +245,23 @@ async fn set(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Element {
     }
 }
 
+/// §2.5.2: what `user`'s item for `contact` says is subscribed or pending,
+/// either way, cancelled through the subscription machinery (both rosters
+/// change, the contact is told).
+pub(crate) async fn cancel_subscriptions(
+    server: &Server,
+    user: &BareJid,
+    contact: &BareJid,
+    item: &crate::store::RosterItem,
+) {
+    if item.sub.subscription.has_to() || item.sub.pending_out {
+        super::presence::subscription(server, user, contact, SubKind::Unsubscribe, None).await;
+    }
+    if item.sub.subscription.has_from() || item.sub.pending_in {
+        super::presence::subscription(server, user, contact, SubKind::Unsubscribed, None).await;
+    }
+}
+
 /// §2.5.2: removing an item cancels the subscriptions both ways.
 async fn remove(
     server: &Server,
@@ -261,12 +278,7 @@ async fn remove(
     };
     // Cancel first, through the subscription machinery, so the contact's
     // side changes and is told; then drop the item.
-    if previous.sub.subscription.has_to() || previous.sub.pending_out {
-        super::presence::subscription(server, user, contact, SubKind::Unsubscribe, None).await;
-    }
-    if previous.sub.subscription.has_from() || previous.sub.pending_in {
-        super::presence::subscription(server, user, contact, SubKind::Unsubscribed, None).await;
-    }
+    cancel_subscriptions(server, user, contact, &previous).await;
     match server
         .cluster
         .write(Command::RosterRemove {
