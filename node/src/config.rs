@@ -107,6 +107,12 @@ pub struct Flags {
     /// [limits] max_blocklist_items
     #[arg(long, env = "XMPP_MAX_BLOCKLIST_ITEMS")]
     pub max_blocklist_items: Option<usize>,
+    /// [limits] max_unauthenticated
+    #[arg(long, env = "XMPP_MAX_UNAUTHENTICATED")]
+    pub max_unauthenticated: Option<usize>,
+    /// [limits] max_unauthenticated_per_address
+    #[arg(long, env = "XMPP_MAX_UNAUTHENTICATED_PER_ADDRESS")]
+    pub max_unauthenticated_per_address: Option<usize>,
     /// [limits] stanzas_per_second
     #[arg(long, env = "XMPP_STANZAS_PER_SECOND")]
     pub stanzas_per_second: Option<u32>,
@@ -629,6 +635,11 @@ impl Config {
         set(&mut self.limits.resume_timeout_secs, f.resume_timeout_secs);
         set(&mut self.limits.max_roster_items, f.max_roster_items);
         set(&mut self.limits.max_blocklist_items, f.max_blocklist_items);
+        set(&mut self.limits.max_unauthenticated, f.max_unauthenticated);
+        set(
+            &mut self.limits.max_unauthenticated_per_address,
+            f.max_unauthenticated_per_address,
+        );
         set(&mut self.limits.stanzas_per_second, f.stanzas_per_second);
         set(&mut self.limits.stanza_burst, f.stanza_burst);
         set(&mut self.cluster.addr, f.cluster_addr);

@@ -54,7 +54,8 @@ start() { # id, join...
     "$BIN/xmpp-node" --node-id "$i" --data-dir "$TMP/n$i" --vhost "$DOMAIN" \
         --c2s-addr "$ip:5222" --c2s-tls-addr "$ip:5223" --grpc-addr "$ip:5290" \
         --cluster-addr "$ip:5291" --log-level warn \
-        --stanzas-per-second 1000000 --stanza-burst 1000000 "$@" 2>"$TMP/n$i.log" &
+        --stanzas-per-second 1000000 --stanza-burst 1000000 \
+        --max-unauthenticated 100000 --max-unauthenticated-per-address 100000 "$@" 2>"$TMP/n$i.log" &
     pids+=($!)
     nodepid[$i]=$!
     for _ in $(seq 150); do
