@@ -144,10 +144,13 @@ pub async fn delete(server: &Server, user: &BareJid) -> Result<(), AccountError>
         crate::modules::roster::cancel_subscriptions(server, user, &contact, &item).await;
         match server
             .cluster
-            .write(Command::RosterRemove {
-                user: c.clone(),
-                contact: user.to_string(),
-            })
+            .write(
+                Command::RosterRemove {
+                    user: c.clone(),
+                    contact: user.to_string(),
+                }
+                .limited(&server.config.limits),
+            )
             .await
         {
             Ok(Response::Roster { ver, .. }) => {

@@ -318,6 +318,9 @@ pub struct Auth {
     /// SCRAM instead of falling back to PLAIN, which would hand that same
     /// man in the middle the password.
     pub strict_channel_binding: bool,
+    /// Seconds between two in-band registrations from one address (IPv6:
+    /// one /64); sooner gets `<resource-constraint/>`.
+    pub registration_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -373,6 +376,28 @@ pub struct Limits {
     /// TCP keepalive probes start after this many idle seconds (0: off),
     /// so the kernel finds half-open links even between pings.
     pub tcp_keepalive_secs: u64,
+    /// Bytes queued for one session before it counts as not reading (as
+    /// `session_queue`, counted in bytes).
+    pub session_queue_bytes: usize,
+    /// Bytes sent under stream management (XEP-0198) and not yet
+    /// acknowledged; past it (or past `session_queue` stanzas) the stream
+    /// is closed with `<policy-violation/>` and the rest is routed again.
+    pub max_unacked_bytes: usize,
+    /// Stanzas held back for an inactive client (XEP-0352) before they go
+    /// anyway, and their bytes.
+    pub csi_max_held: usize,
+    pub csi_held_bytes: usize,
+    /// Bytes of one user's private XML storage (XEP-0049), all namespaces
+    /// together (each element counts 64 bytes more than its size).
+    pub max_private_bytes: u64,
+    /// Bytes of one vCard (XEP-0054).
+    pub max_vcard_bytes: usize,
+    /// Bytes of a subscription request kept until it is answered; a larger
+    /// one is kept without its status text and extensions.
+    pub max_subscription_request_bytes: usize,
+    /// Roster removals remembered for roster versioning (XEP-0237); a
+    /// client whose version is older than the oldest gets the whole roster.
+    pub max_roster_tombstones: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -445,6 +470,7 @@ impl Default for Auth {
             failure_memory_secs: 300,
             max_attempts_per_stream: 3,
             strict_channel_binding: false,
+            registration_interval_secs: 600,
         }
     }
 }
@@ -471,6 +497,14 @@ impl Default for Limits {
             idle_ping_secs: 300,
             ping_timeout_secs: 60,
             tcp_keepalive_secs: 120,
+            session_queue_bytes: 4 * 1024 * 1024,
+            max_unacked_bytes: 4 * 1024 * 1024,
+            csi_max_held: 256,
+            csi_held_bytes: 256 * 1024,
+            max_private_bytes: 1024 * 1024,
+            max_vcard_bytes: 128 * 1024,
+            max_subscription_request_bytes: 4096,
+            max_roster_tombstones: 1000,
         }
     }
 }
@@ -528,18 +562,22 @@ pub enum ConfigError {
 impl Config {
     /// Merges defaults, the file named by `--config` (if any) and the flags.
     pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
-        let mut config = match &flags.config {
+        let file = match &flags.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),
                     source,
                 })?;
-                Config::from_toml(&text, path)?
+                Some((path.clone(), text))
             }
+            None => None,
+        };
+        let mut config = match &file {
+            Some((path, text)) => Config::from_toml(text, path)?,
             None => Config::default(),
         };
         config.apply_flags(flags);
-        config.validate(flags.config.as_deref())?;
+        config.validate(file.as_ref().map(|(p, t)| (p.as_path(), t.as_str())))?;
         Ok(config)
     }
 
@@ -675,9 +713,14 @@ impl Config {
     }
 
     /// Checks what serde cannot: domains, certificate pairs, ranges.
-    fn validate(&mut self, file: Option<&Path>) -> Result<(), ConfigError> {
+    fn validate(&mut self, file: Option<(&Path, &str)>) -> Result<(), ConfigError> {
+        // `file:line: key` where the file sets the key; a value from a flag,
+        // the environment or the defaults is named by its key alone.
         let origin = |key: &str| match file {
-            Some(p) => format!("{}: key `{key}`", p.display()),
+            Some((p, text)) => match key_line(text, key) {
+                Some(line) => format!("{}:{line}: key `{key}`", p.display()),
+                None => format!("key `{key}` (from a flag, the environment or the default)"),
+            },
             None => format!("key `{key}`"),
         };
         if self.vhosts.is_empty() {
@@ -735,20 +778,59 @@ impl Config {
                 ),
             });
         }
-        if self.limits.max_depth < 4 || self.limits.max_attrs < 8 {
-            return Err(ConfigError::Invalid {
-                origin: origin("limits"),
-                message: "max_depth must be at least 4 and max_attrs at least 8, or ordinary stanzas are refused".into(),
-            });
+        let l = &self.limits;
+        for (key, value, min, why) in [
+            ("limits.max_depth", l.max_depth, 4, "or ordinary stanzas are refused"),
+            ("limits.max_attrs", l.max_attrs, 8, "or ordinary stanzas are refused"),
+            ("limits.session_queue", l.session_queue, 16, "or a burst of presence closes sessions"),
+            (
+                "limits.session_queue_bytes",
+                l.session_queue_bytes,
+                l.max_stanza_bytes,
+                "(limits.max_stanza_bytes), or one accepted stanza could never be queued",
+            ),
+            (
+                "limits.max_unacked_bytes",
+                l.max_unacked_bytes,
+                l.max_stanza_bytes,
+                "(limits.max_stanza_bytes), or one accepted stanza closes a stream-management session",
+            ),
+            ("limits.max_vcard_bytes", l.max_vcard_bytes, 1024, "for a vCard with a small photo"),
+            (
+                "limits.max_subscription_request_bytes",
+                l.max_subscription_request_bytes,
+                512,
+                "to keep a request's addresses",
+            ),
+            ("limits.max_roster_tombstones", l.max_roster_tombstones, 1, "for roster versioning"),
+            ("limits.max_private_bytes", l.max_private_bytes as usize, 1024, "for a client's bookmarks"),
+        ] {
+            if value < min {
+                return Err(ConfigError::Invalid {
+                    origin: origin(key),
+                    message: format!("{value} is too small; make it at least {min} {why}"),
+                });
+            }
         }
-        if self.limits.session_queue < 16 || self.limits.write_timeout_secs == 0 {
+        if self.auth.failure_delay_ms > self.auth.max_failure_delay_ms {
             return Err(ConfigError::Invalid {
-                origin: origin("limits"),
-                message: "session_queue must be at least 16 and write_timeout_secs at least 1"
-                    .into(),
+                origin: origin("auth.max_failure_delay_ms"),
+                message: format!(
+                    "{} is below auth.failure_delay_ms ({}); the bound must be at least the first delay",
+                    self.auth.max_failure_delay_ms, self.auth.failure_delay_ms
+                ),
             });
         }
         for (key, value) in [
+            ("limits.write_timeout_secs", self.limits.write_timeout_secs as usize),
+            (
+                "limits.negotiation_timeout_secs",
+                self.limits.negotiation_timeout_secs as usize,
+            ),
+            (
+                "auth.max_attempts_per_stream",
+                self.auth.max_attempts_per_stream as usize,
+            ),
             (
                 "limits.max_unauthenticated",
                 self.limits.max_unauthenticated,
@@ -829,11 +911,17 @@ impl Config {
                 ),
             });
         }
-        if c.node_down_grace_secs == 0 || c.write_timeout_ms < 100 || c.heartbeat_ms == 0 {
-            return Err(ConfigError::Invalid {
-                origin: origin("cluster"),
-                message: "node_down_grace_secs must be at least 1, write_timeout_ms at least 100 and heartbeat_ms at least 1".into(),
-            });
+        for (key, value, min) in [
+            ("cluster.node_down_grace_secs", c.node_down_grace_secs, 1),
+            ("cluster.write_timeout_ms", c.write_timeout_ms, 100),
+            ("cluster.heartbeat_ms", c.heartbeat_ms, 1),
+        ] {
+            if value < min {
+                return Err(ConfigError::Invalid {
+                    origin: origin(key),
+                    message: format!("{value} is too small; make it at least {min}"),
+                });
+            }
         }
         if c.election_timeout_ms < 3 * c.heartbeat_ms {
             return Err(ConfigError::Invalid {
@@ -878,6 +966,41 @@ fn plain_words(message: &str) -> String {
     m
 }
 
+/// The line of `text` that sets `key` (`limits.max_depth`,
+/// `vhosts[1].name`), or opens the table `key` names (`cluster`).
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let mut table = String::new();
+    let mut arrays: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            let name = name.trim().to_owned();
+            let n = arrays.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = name.trim().to_owned();
+        } else if let Some((k, _)) = line.split_once('=') {
+            let k = k.trim().trim_matches('"');
+            let full = if table.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{table}.{k}")
+            };
+            if full == key {
+                return Some(i + 1);
+            }
+            continue;
+        } else {
+            continue;
+        }
+        if table == key {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -895,8 +1018,38 @@ mod tests {
     fn load_str(text: &str) -> Result<Config, ConfigError> {
         let path = Path::new("/etc/xmpp/node.toml");
         let mut c = Config::from_toml(text, path)?;
-        c.validate(Some(path))?;
+        c.validate(Some((path, text)))?;
         Ok(c)
+    }
+
+    #[test]
+    fn values_that_cannot_work_name_file_line_and_fix() {
+        let msg = load_str("node_id = 2\n[limits]\nmax_depth = 32\nwrite_timeout_secs = 0\n")
+            .expect_err("zero timeout")
+            .to_string();
+        assert!(
+            msg.starts_with("/etc/xmpp/node.toml:4: key `limits.write_timeout_secs`"),
+            "{msg}"
+        );
+        let msg = load_str("[auth]\nfailure_delay_ms = 900\nmax_failure_delay_ms = 100\n")
+            .expect_err("max below base")
+            .to_string();
+        assert!(msg.starts_with("/etc/xmpp/node.toml:3:"), "{msg}");
+        assert!(msg.contains("failure_delay_ms (900)"), "{msg}");
+        let msg = load_str("[limits]\nmax_stanza_bytes = 65536\nsession_queue_bytes = 1000\n")
+            .expect_err("budget below one stanza")
+            .to_string();
+        assert!(msg.starts_with("/etc/xmpp/node.toml:3:"), "{msg}");
+        assert!(msg.contains("max_stanza_bytes"), "{msg}");
+        let msg = load_str("[[vhosts]]\nname = \"a.test\"\n[[vhosts]]\nname = \"b@c\"\n")
+            .expect_err("bad second vhost")
+            .to_string();
+        assert!(msg.starts_with("/etc/xmpp/node.toml:4: key `vhosts[1].name`"), "{msg}");
+        // A key the file does not set is named as coming from elsewhere.
+        let msg = load_str("[cluster]\nheartbeat_ms = 500\n")
+            .expect_err("the default election timeout is below three such heartbeats")
+            .to_string();
+        assert!(msg.contains("cluster.election_timeout_ms` (from a flag"), "{msg}");
     }
 
     #[test]

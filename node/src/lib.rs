@@ -41,6 +41,8 @@ pub struct Server {
     me: std::sync::Weak<Server>,
     /// Connections still negotiating, capped in all and per address.
     pub admission: Arc<c2s::admission::Admission>,
+    /// In-band registrations, one per address per interval.
+    pub registrations: c2s::admission::Registrations,
     /// Offline messages being handed to sessions now.
     pub offline: modules::offline::Deliveries,
     /// PBKDF2 (PLAIN logins, registration, password changes), off the
@@ -107,6 +109,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.limits.max_unauthenticated,
             config.limits.max_unauthenticated_per_address,
         ),
+        registrations: c2s::admission::Registrations::new(std::time::Duration::from_secs(
+            config.auth.registration_interval_secs,
+        )),
         throttle: AuthThrottle::new(&config.auth),
         kdf: accounts::KdfPool::default(),
         resumable: c2s::sm::Registry::default(),

@@ -35,25 +35,56 @@ pub enum Outbound {
     Close(StreamError, Option<String>),
 }
 
-/// The router's end of a session's queue. Bounded: a client that stops
-/// reading fills it, and then [`Sender::send`] fails (the router falls back
-/// to offline storage, so nothing is lost) and the session is marked to be
-/// closed.
+impl Outbound {
+    /// Bytes this holds, as counted against the queue's byte budget.
+    fn bytes(&self) -> usize {
+        match self {
+            Outbound::Xml(x) => x.len(),
+            Outbound::Batch(v) | Outbound::Stored(v, _) => v.iter().map(|x| x.len()).sum(),
+            Outbound::Close(..) => 0,
+        }
+    }
+}
+
+/// The router's end of a session's queue. Bounded in stanzas and in
+/// bytes: a client that stops reading fills it, and then [`Sender::send`]
+/// fails (the router falls back to offline storage, so nothing is lost)
+/// and the session is marked to be closed.
 #[derive(Debug, Clone)]
 pub struct Sender {
     tx: mpsc::Sender<Outbound>,
-    overflow: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    overflow: AtomicBool,
+    /// Bytes queued and not yet taken by the session task.
+    bytes: AtomicUsize,
+    max_bytes: usize,
 }
 
 impl Sender {
     pub fn send(&self, o: Outbound) -> Result<(), Outbound> {
+        let size = o.bytes();
+        let before = self.shared.bytes.fetch_add(size, Ordering::Relaxed);
+        // An empty queue takes anything, so one large batch is never stuck.
+        if before > 0 && before + size > self.shared.max_bytes {
+            self.shared.bytes.fetch_sub(size, Ordering::Relaxed);
+            self.shared.overflow.store(true, Ordering::Relaxed);
+            return Err(o);
+        }
         match self.tx.try_send(o) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(o)) => {
-                self.overflow.store(true, Ordering::Relaxed);
+                self.shared.bytes.fetch_sub(size, Ordering::Relaxed);
+                self.shared.overflow.store(true, Ordering::Relaxed);
                 Err(o)
             }
-            Err(mpsc::error::TrySendError::Closed(o)) => Err(o),
+            Err(mpsc::error::TrySendError::Closed(o)) => {
+                self.shared.bytes.fetch_sub(size, Ordering::Relaxed);
+                Err(o)
+            }
         }
     }
 }
@@ -61,12 +92,20 @@ impl Sender {
 /// The session task's end of its queue.
 pub struct Receiver {
     rx: mpsc::Receiver<Outbound>,
-    overflow: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl Receiver {
     pub async fn recv(&mut self) -> Option<Outbound> {
-        self.rx.recv().await
+        let o = self.rx.recv().await;
+        self.taken(o)
+    }
+
+    fn taken(&self, o: Option<Outbound>) -> Option<Outbound> {
+        if let Some(o) = &o {
+            self.shared.bytes.fetch_sub(o.bytes(), Ordering::Relaxed);
+        }
+        o
     }
 
     /// No more sends succeed; what is queued can still be taken.
@@ -75,25 +114,31 @@ impl Receiver {
     }
 
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.rx.try_recv().ok()
+        let o = self.rx.try_recv().ok();
+        self.taken(o)
     }
 
     /// Something could not be queued because the queue was full.
     pub fn overflowed(&self) -> bool {
-        self.overflow.load(Ordering::Relaxed)
+        self.shared.overflow.load(Ordering::Relaxed)
     }
 }
 
-/// A session queue holding at most `capacity` stanzas.
-pub fn queue(capacity: usize) -> (Sender, Receiver) {
+/// A session queue holding at most `capacity` stanzas and about
+/// `max_bytes` of them.
+pub fn queue(capacity: usize, max_bytes: usize) -> (Sender, Receiver) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let overflow = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared {
+        overflow: AtomicBool::new(false),
+        bytes: AtomicUsize::new(0),
+        max_bytes,
+    });
     (
         Sender {
             tx,
-            overflow: overflow.clone(),
+            shared: shared.clone(),
         },
-        Receiver { rx, overflow },
+        Receiver { rx, shared },
     )
 }
 

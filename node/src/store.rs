@@ -36,6 +36,10 @@ pub(crate) mod keys {
     pub const ROSTER: &[u8] = b"r:";
     pub const ROSTER_VER: &[u8] = b"rv:";
     pub const ROSTER_GONE: &[u8] = b"rt:";
+    /// `rf:<user>`: the newest removal mark dropped (see
+    /// `Limit::RosterTombstones`); a client's roster version below it
+    /// cannot be brought up to date with pushes.
+    pub const ROSTER_FLOOR: &[u8] = b"rf:";
     pub const BLOCK: &[u8] = b"b:";
     pub const VCARD: &[u8] = b"v:";
     pub const PRIVATE: &[u8] = b"x:";
@@ -45,6 +49,10 @@ pub(crate) mod keys {
     pub const MEMBERSHIP: &[u8] = b"m:membership";
     /// The session table: `s:<full jid>` -> SessionEntry.
     pub const SESSION: &[u8] = b"s:";
+
+    pub fn roster_floor(user: &str) -> Vec<u8> {
+        [ROSTER_FLOOR, user.as_bytes()].concat()
+    }
 
     pub fn session(jid: &str) -> Vec<u8> {
         [SESSION, jid.as_bytes()].concat()
@@ -409,6 +417,16 @@ impl Store {
             .unwrap_or(0))
     }
 
+    /// Roster versions below this one cannot be updated incrementally:
+    /// removal marks from before it were dropped.
+    pub fn roster_floor(&self, user: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .get(&keys::roster_floor(user))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
     /// Contacts removed from the roster, with the version of the removal.
     pub fn roster_removals(&self, user: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let prefix = keys::user_prefix(keys::ROSTER_GONE, user);
@@ -575,6 +593,25 @@ mod tests {
             .collect()
     }
 
+    /// Opens the store again in this process. sled releases its file lock
+    /// from its I/O threads shortly after the last handle is dropped (a
+    /// process that exits releases it at once): wait for that release.
+    fn reopen(dir: &std::path::Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir) {
+                Ok(s) => return s,
+                Err(StoreError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+    }
+
     /// Reads merge sled with the pending writes (which win and hide their
     /// deletions); pending writes reach sled only when persisted.
     #[test]
@@ -612,7 +649,7 @@ mod tests {
             // Dropped without persisting, as in a crash.
         }
         {
-            let s = Store::open(dir.path()).expect("reopen");
+            let s = reopen(dir.path());
             let persisted: Vec<String> = scan(&s, "p:")
                 .into_iter()
                 .map(|(k, v)| format!("{k}={v}"))
@@ -626,7 +663,7 @@ mod tests {
                 .expect("apply");
             s.persist().expect("persist");
         }
-        let s = Store::open(dir.path()).expect("reopen");
+        let s = reopen(dir.path());
         let persisted: Vec<String> = scan(&s, "p:")
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))

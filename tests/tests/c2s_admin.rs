@@ -169,6 +169,19 @@ async fn in_band_registration_works_when_allowed() {
     // Taken now.
     let reply = c.iq(register_iq("r2", "eve", "other")).await.unwrap();
     assert_eq!(stanza_error(&reply).as_deref(), Some("conflict"));
+    // One registration per address per auth.registration_interval_secs:
+    // a second name from the same host waits, on any stream.
+    let mut c2 = Client::connect_starttls(node.c2s, &node.domain)
+        .await
+        .unwrap();
+    let reply = c2.iq(register_iq("r3", "frank", "franks-pw")).await.unwrap();
+    assert_eq!(
+        stanza_error(&reply).as_deref(),
+        Some("resource-constraint"),
+        "{}",
+        reply.to_string_in(ns::CLIENT)
+    );
+    assert!(!node.clusterctl(&["users"]).unwrap().contains("frank@"));
     // The same stream logs in with the new account.
     c.login("eve", "eves-pw", Mechanism::Scram(HashAlg::Sha256))
         .await

@@ -11,10 +11,26 @@ use xmpp::stanza::ns;
 
 const PW: &str = "secret";
 
+const GENEROUS: &str = "offline_max_messages = 100000\noffline_max_bytes = 100000000\nstanzas_per_second = 1000000\nstanza_burst = 1000000\n";
+
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_and_loses_no_message() {
+    stops_reading(&format!("[limits]\nsession_queue = 16\n{GENEROUS}")).await;
+}
+
+/// The same with the queue bounded in bytes (`session_queue_bytes`) and
+/// room for thousands of stanzas.
+#[tokio::test]
+async fn the_session_queue_is_bounded_in_bytes() {
+    stops_reading(&format!(
+        "[limits]\nmax_stanza_bytes = 10000\nsession_queue_bytes = 10000\n{GENEROUS}"
+    ))
+    .await;
+}
+
+async fn stops_reading(config: &str) {
     let node = TestNode::start_with(NodeOptions {
-        extra_config: "[limits]\nsession_queue = 16\noffline_max_messages = 100000\noffline_max_bytes = 100000000\nstanzas_per_second = 1000000\nstanza_burst = 1000000\n".into(),
+        extra_config: config.into(),
         ..NodeOptions::default()
     })
     .unwrap();

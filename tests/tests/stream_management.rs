@@ -212,13 +212,28 @@ async fn unacknowledged_messages_go_offline_when_the_client_never_returns() {
 
 #[tokio::test]
 async fn a_client_that_never_acknowledges_is_closed_and_loses_nothing() {
-    let node = node("[limits]\nsession_queue = 16\n");
+    never_acknowledges("[limits]\nsession_queue = 16\n", "").await;
+}
+
+/// The same budget in bytes: 40 messages of 2 kB, far fewer than
+/// `session_queue`, but more than `max_unacked_bytes`.
+#[tokio::test]
+async fn unacknowledged_bytes_are_bounded_too() {
+    never_acknowledges(
+        "[limits]\nmax_stanza_bytes = 10000\nmax_unacked_bytes = 20000\n",
+        &"x".repeat(2000),
+    )
+    .await;
+}
+
+async fn never_acknowledges(config: &str, filler: &str) {
+    let node = node(config);
     let (mut bob, _) = managed(&node, "bob", false).await;
     let mut alice = Client::login_bound(&node, "alice", PW, "a").await.unwrap();
     // Bob reads everything but never answers the server's <r/>.
     for i in 0..40 {
         alice
-            .send(&chat("bob@localhost", &format!("m{i}")))
+            .send(&chat("bob@localhost", &format!("m{i} {filler}")))
             .await
             .unwrap();
     }
@@ -234,7 +249,7 @@ async fn a_client_that_never_acknowledges_is_closed_and_loses_nothing() {
             break;
         }
         if e.name == "message" {
-            seen.extend(body(&e));
+            seen.extend(body(&e).and_then(|b| b.split(' ').next().map(str::to_owned)));
         }
     }
     assert_eq!(closed_with.as_deref(), Some("policy-violation"));
@@ -246,7 +261,7 @@ async fn a_client_that_never_acknowledges_is_closed_and_loses_nothing() {
     bob.presence(0).await.unwrap();
     let mut all: std::collections::HashSet<String> = std::collections::HashSet::new();
     while let Ok(m) = bob.recv_message(QUIET).await {
-        all.extend(body(&m));
+        all.extend(body(&m).and_then(|b| b.split(' ').next().map(str::to_owned)));
     }
     all.extend(seen);
     assert_eq!(all.len(), 40, "every message reached bob at least once");

@@ -25,6 +25,51 @@ fn source(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// In-band registrations (XEP-0077): one per source address (IPv6: /64)
+/// per `auth.registration_interval_secs`, so one host cannot mint
+/// accounts by the thousand.
+pub struct Registrations {
+    interval: std::time::Duration,
+    last: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl Registrations {
+    pub fn new(interval: std::time::Duration) -> Registrations {
+        Registrations {
+            interval,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `ip`'s turn at `now`, or says how long until it has one.
+    pub fn reserve(&self, ip: IpAddr, now: Instant) -> Result<(), std::time::Duration> {
+        let mut last = self.lock();
+        if last.len() > 10_000 {
+            let interval = self.interval;
+            last.retain(|_, at| now.duration_since(*at) < interval);
+        }
+        let key = source(ip);
+        if let Some(at) = last.get(&key) {
+            let since = now.duration_since(*at);
+            if since < self.interval {
+                return Err(self.interval - since);
+            }
+        }
+        last.insert(key, now);
+        Ok(())
+    }
+
+    /// The registration did not happen (name taken, bad password): the
+    /// turn is given back.
+    pub fn release(&self, ip: IpAddr) {
+        self.lock().remove(&source(ip));
+    }
+}
+
 #[derive(Default)]
 struct Counts {
     total: usize,
@@ -161,6 +206,22 @@ mod tests {
         drop(g1);
         assert_eq!(a.unbound(), 2);
         let _g4 = a.admit(ip).unwrap();
+    }
+
+    #[test]
+    fn one_registration_per_address_per_interval() {
+        let r = Registrations::new(std::time::Duration::from_secs(60));
+        let t = Instant::now();
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let same_net: IpAddr = "2001:db8::2".parse().unwrap();
+        let other: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(r.reserve(a, t).is_ok());
+        let wait = r.reserve(same_net, t + std::time::Duration::from_secs(10));
+        assert_eq!(wait, Err(std::time::Duration::from_secs(50)));
+        assert!(r.reserve(other, t).is_ok());
+        assert!(r.reserve(a, t + std::time::Duration::from_secs(60)).is_ok());
+        r.release(a);
+        assert!(r.reserve(same_net, t + std::time::Duration::from_secs(61)).is_ok());
     }
 
     #[test]

@@ -126,6 +126,8 @@ struct Session {
     /// something worth waking it for arrives.
     inactive: bool,
     held: Vec<Arc<str>>,
+    /// Bytes of `held`.
+    held_bytes: usize,
     /// When the client last sent anything, whether we asked it since, and
     /// the one timer that checks (re-armed once per idle period, not per
     /// read).
@@ -142,9 +144,6 @@ struct Session {
 /// XEP-0352 namespace.
 const CSI: &str = "urn:xmpp:csi:0";
 
-/// Most stanzas held back for an inactive client before they go anyway.
-const MAX_HELD: usize = 256;
-
 /// Whether a stanza is worth waking an inactive client for: a message
 /// with a body (chat states, receipts and presence can wait).
 fn urgent(xml: &str) -> bool {
@@ -154,7 +153,10 @@ fn urgent(xml: &str) -> bool {
 /// Runs a bound session to its end, then closes its stream.
 pub async fn run(s: Stream, bound: Bound) {
     let server = s.server.clone();
-    let (tx, rx) = sessions::queue(server.config.limits.session_queue);
+    let (tx, rx) = sessions::queue(
+        server.config.limits.session_queue,
+        server.config.limits.session_queue_bytes,
+    );
     let (id, replaced) = server.sessions.bind(&bound.jid, tx, s.peer, s.io.is_tls());
     let _guard = BoundGuard {
         server: server.clone(),
@@ -211,6 +213,7 @@ pub async fn run(s: Stream, bound: Bound) {
         handoff: None,
         inactive: false,
         held: Vec::new(),
+        held_bytes: 0,
         last_rx: std::time::Instant::now(),
         ping_at: None,
         idle: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(
@@ -355,7 +358,7 @@ impl Session {
                     }
                     // XEP-0198: a client that never acknowledges must not make
                     // us keep everything we ever sent it.
-                    if self.sm.as_ref().is_some_and(|sm| sm.unacked.len() > server.config.limits.session_queue) {
+                    if self.sm.as_ref().is_some_and(|sm| sm.over(&server.config.limits)) {
                         return Err(ConnError::stream(
                             StreamError::PolicyViolation,
                             "too many stanzas not acknowledged (XEP-0198)",
@@ -475,7 +478,15 @@ impl Session {
 
     /// Writes a stanza now, or holds it back for an inactive client.
     fn deliver(&mut self, x: Arc<str>, out: &mut String) {
-        if self.inactive && !urgent(&x) && self.held.len() < MAX_HELD {
+        let limits = &self.server.config.limits;
+        // Past the budget (`csi_max_held`, `csi_held_bytes`), what is
+        // held goes anyway.
+        if self.inactive
+            && !urgent(&x)
+            && self.held.len() < limits.csi_max_held
+            && self.held_bytes + x.len() <= limits.csi_held_bytes
+        {
+            self.held_bytes += x.len();
             self.held.push(x);
             return;
         }
@@ -485,6 +496,7 @@ impl Session {
     }
 
     fn flush_held(&mut self, out: &mut String) {
+        self.held_bytes = 0;
         for h in std::mem::take(&mut self.held) {
             self.emit(h, out);
         }
@@ -604,7 +616,7 @@ impl Session {
                     let full = self
                         .sm
                         .as_ref()
-                        .is_some_and(|sm| sm.unacked.len() > server.config.limits.session_queue);
+                        .is_some_and(|sm| sm.over(&server.config.limits));
                     if full || self.rx.overflowed() {
                         return None;
                     }
@@ -634,6 +646,9 @@ impl Session {
             })
             .unwrap_or_default();
         self.flushed.clear();
+        // Held back for an inactive client, never written.
+        pending.append(&mut self.held);
+        self.held_bytes = 0;
         while let Some(o) = self.rx.try_recv() {
             match o {
                 Outbound::Xml(x) => pending.push(x),

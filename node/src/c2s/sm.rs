@@ -74,6 +74,8 @@ pub struct Sm {
     acked: u32,
     /// Written, not yet acknowledged, oldest first.
     pub unacked: VecDeque<Arc<str>>,
+    /// Bytes of `unacked`.
+    unacked_bytes: usize,
     /// An `<r/>` is out and its `<a/>` has not come back.
     pub request_pending: bool,
     /// Stanzas written so far, and acknowledged so far, counted without
@@ -101,6 +103,7 @@ impl Sm {
             handled: 0,
             acked: 0,
             unacked: VecDeque::new(),
+            unacked_bytes: 0,
             request_pending: false,
             sent: 0,
             acked_total: 0,
@@ -111,6 +114,7 @@ impl Sm {
 
     /// Keeps a written stanza until the client acknowledges it.
     pub fn push(&mut self, x: Arc<str>) {
+        self.unacked_bytes += x.len();
         self.unacked.push_back(x);
         self.sent += 1;
     }
@@ -139,6 +143,7 @@ impl Sm {
             return Err(TooHigh);
         }
         for x in self.unacked.drain(..newly) {
+            self.unacked_bytes = self.unacked_bytes.saturating_sub(x.len());
             if !self.from_store.is_empty() {
                 self.from_store
                     .remove(&(Arc::as_ptr(&x) as *const u8 as usize));
@@ -157,6 +162,12 @@ impl Sm {
             }
         }
         Ok(())
+    }
+
+    /// Whether the client leaves more unacknowledged than the budget
+    /// allows (`limits.session_queue` stanzas, `limits.max_unacked_bytes`).
+    pub fn over(&self, limits: &crate::config::Limits) -> bool {
+        self.unacked.len() > limits.session_queue || self.unacked_bytes > limits.max_unacked_bytes
     }
 
     pub fn enabled(&self) -> Element {

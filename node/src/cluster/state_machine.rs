@@ -150,6 +150,64 @@ pub enum Command {
     /// (delivered and flushed, or acknowledged under XEP-0198): remove
     /// them. Messages leave storage only this way (at-least-once).
     AckOffline { user: String, upto: u64 },
+    /// `command` applied under the proposing node's budgets (its
+    /// configuration), which every replica then enforces alike. Commands
+    /// outside one (old log entries) apply without these budgets.
+    Limited {
+        limits: Vec<Limit>,
+        command: Box<Command>,
+    },
+}
+
+impl Command {
+    /// This command under the budgets of `limits` (the node's config).
+    pub fn limited(self, limits: &crate::config::Limits) -> Command {
+        Command::Limited {
+            limits: vec![
+                Limit::RosterItems(limits.max_roster_items as u32),
+                Limit::RosterTombstones(limits.max_roster_tombstones as u32),
+                Limit::PrivateBytes(limits.max_private_bytes),
+            ],
+            command: Box::new(self),
+        }
+    }
+}
+
+/// One budget a [`Command::Limited`] carries. New kinds are appended, so
+/// old entries keep decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Limit {
+    /// Roster items, hidden ones (pending inbound requests) included: a
+    /// subscription stanza that would add one more is refused.
+    RosterItems(u32),
+    /// Removal marks kept for roster versioning (XEP-0237); the oldest go
+    /// first, and a client that knew a version older than what was
+    /// dropped gets the whole roster.
+    RosterTombstones(u32),
+    /// Bytes of one user's private XML storage (XEP-0049), all namespaces.
+    PrivateBytes(u64),
+}
+
+/// The budgets in force while a command applies.
+#[derive(Debug, Clone, Copy, Default)]
+struct Budgets {
+    roster_items: Option<u32>,
+    roster_tombstones: Option<u32>,
+    private_bytes: Option<u64>,
+}
+
+impl Budgets {
+    fn of(limits: &[Limit]) -> Budgets {
+        let mut b = Budgets::default();
+        for l in limits {
+            match *l {
+                Limit::RosterItems(n) => b.roster_items = Some(n),
+                Limit::RosterTombstones(n) => b.roster_tombstones = Some(n),
+                Limit::PrivateBytes(n) => b.private_bytes = Some(n),
+            }
+        }
+        b
+    }
 }
 
 /// Where one full JID is bound (DESIGN.md, "What Raft replicates").
@@ -250,6 +308,8 @@ pub enum Refusal {
     Nested,
     #[error("offline queue of {user} is full ({max_bytes} bytes)")]
     OfflineBytesFull { user: String, max_bytes: u64 },
+    #[error("private storage of {user} is full ({max_bytes} bytes)")]
+    PrivateFull { user: String, max_bytes: u64 },
 }
 
 /// The outcome of one applied command, as every replica computes it.
@@ -298,6 +358,12 @@ fn push_offline(
     Ok(Response::Done)
 }
 
+/// What one private element counts against its owner's budget: key and
+/// value, plus a fixed overhead so that many tiny elements count too.
+fn private_cost(key: &[u8], value: &[u8]) -> u64 {
+    (key.len() + value.len() + 64) as u64
+}
+
 /// Splits an apply result into the replicated outcome and a local fault.
 fn outcome(r: Result<Response, ApplyError>) -> Result<Outcome, StoreError> {
     match r {
@@ -324,6 +390,7 @@ struct Tx<'a> {
     base: &'a Writes,
     writes: Writes,
     effects: Vec<Effect>,
+    budgets: Budgets,
 }
 
 /// Pending writes by key (`None`: delete).
@@ -339,6 +406,7 @@ impl<'a> Tx<'a> {
             base,
             writes: BTreeMap::new(),
             effects: Vec::new(),
+            budgets: Budgets::default(),
         }
     }
 
@@ -450,13 +518,52 @@ impl<'a> Tx<'a> {
         let ver = self.next_roster_version(user)?;
         item.ver = ver;
         self.put(keys::user_key(keys::ROSTER, user, contact), encode(&item));
-        let gone = keys::user_key(keys::ROSTER_GONE, user, contact);
         if item.visible {
-            self.delete(gone);
+            self.delete(keys::user_key(keys::ROSTER_GONE, user, contact));
         } else {
-            self.put(gone, ver.to_be_bytes().to_vec());
+            self.mark_gone(user, contact, ver)?;
         }
         Ok((ver, item))
+    }
+
+    /// Records that `contact` left the visible roster at `ver`, dropping
+    /// the oldest marks past the tombstone budget; the newest dropped
+    /// version becomes the floor below which only a full roster is right.
+    fn mark_gone(&mut self, user: &str, contact: &str, ver: u64) -> Result<(), StoreError> {
+        self.put(
+            keys::user_key(keys::ROSTER_GONE, user, contact),
+            ver.to_be_bytes().to_vec(),
+        );
+        let Some(max) = self.budgets.roster_tombstones else {
+            return Ok(());
+        };
+        let marks = self.scan(&keys::user_prefix(keys::ROSTER_GONE, user))?;
+        let excess = marks.len().saturating_sub(max as usize);
+        if excess == 0 {
+            return Ok(());
+        }
+        let mut by_version: Vec<(u64, Vec<u8>)> = marks
+            .into_iter()
+            .map(|(k, v)| {
+                let ver = <[u8; 8]>::try_from(v.as_slice()).map_or(0, u64::from_be_bytes);
+                (ver, k)
+            })
+            .collect();
+        by_version.sort_unstable();
+        let mut floor = self.roster_floor(user)?;
+        for (ver, key) in by_version.into_iter().take(excess) {
+            floor = floor.max(ver);
+            self.delete(key);
+        }
+        self.put(keys::roster_floor(user), floor.to_be_bytes().to_vec());
+        Ok(())
+    }
+
+    fn roster_floor(&self, user: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .get(&keys::roster_floor(user))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes))
     }
 
     fn delete_user_prefix(&mut self, prefix: &[u8], user: &str) -> Result<(), StoreError> {
@@ -586,6 +693,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             }
             tx.delete(key);
             tx.delete([keys::ROSTER_VER, user.as_bytes()].concat());
+            tx.delete(keys::roster_floor(&user));
             tx.delete(keys::offline_meta(&user));
             for prefix in [
                 keys::OFFLINE,
@@ -670,10 +778,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             };
             let ver = tx.next_roster_version(&user)?;
             tx.delete(keys::user_key(keys::ROSTER, &user, &contact));
-            tx.put(
-                keys::user_key(keys::ROSTER_GONE, &user, &contact),
-                ver.to_be_bytes().to_vec(),
-            );
+            tx.mark_gone(&user, &contact, ver)?;
             Ok(Response::Roster {
                 ver,
                 changes: vec![(contact, None)],
@@ -711,6 +816,13 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             let nothing_left = !item.visible
                 && item.sub == xmpp::roster::SubState::default()
                 && item.pending_request.is_none();
+            if existing.is_none() && !nothing_left {
+                if let Some(max) = tx.budgets.roster_items {
+                    if tx.scan(&keys::user_prefix(keys::ROSTER, &user))?.len() >= max as usize {
+                        return Err(Refusal::RosterFull(user, max).into());
+                    }
+                }
+            }
             if nothing_left {
                 if existing.is_some() {
                     tx.delete(keys::user_key(keys::ROSTER, &user, &contact));
@@ -783,7 +895,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 matches!(&sender, Response::Subscription { transition, .. } if transition.forward);
             out.push(sender);
             if forward && tx.get(&keys::account(&to))?.is_some() {
-                let recipient = apply_in(
+                let recipient = match apply_in(
                     tx,
                     Command::Subscription {
                         user: to.clone(),
@@ -792,7 +904,15 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                         kind,
                         stanza: Some(stanza),
                     },
-                )?;
+                ) {
+                    // The recipient's roster has no room for one more
+                    // stranger: the request is dropped there (nothing was
+                    // written for it), the sender's side stands.
+                    Err(ApplyError::Refused(Refusal::RosterFull(..))) => {
+                        return Ok(Response::Batch(out));
+                    }
+                    r => r?,
+                };
                 let reply = match &recipient {
                     Response::Subscription { transition, .. } => transition.auto_reply,
                     _ => None,
@@ -814,6 +934,12 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             Ok(Response::Batch(out))
         }
         Command::Many(_) => Err(Refusal::Nested.into()),
+        Command::Limited { limits, command } => {
+            let outer = std::mem::replace(&mut tx.budgets, Budgets::of(&limits));
+            let r = apply_in(tx, *command);
+            tx.budgets = outer;
+            r
+        }
         Command::Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());
             for c in cmds {
@@ -865,6 +991,18 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             namespace,
             xml,
         } => {
+            if let Some(max_bytes) = tx.budgets.private_bytes {
+                let key = keys::user_key(keys::PRIVATE, &user, &namespace);
+                let others: u64 = tx
+                    .scan(&keys::user_prefix(keys::PRIVATE, &user))?
+                    .iter()
+                    .filter(|(k, _)| *k != key)
+                    .map(|(k, v)| private_cost(k, v))
+                    .sum();
+                if others + private_cost(&key, xml.as_bytes()) > max_bytes {
+                    return Err(Refusal::PrivateFull { user, max_bytes }.into());
+                }
+            }
             tx.put(
                 keys::user_key(keys::PRIVATE, &user, &namespace),
                 xml.into_bytes(),
@@ -1415,6 +1553,131 @@ mod tests {
             Err(ApplyError::Refused(Refusal::BlocklistFull(_, 2)))
         ));
         assert_eq!(s.blocklist("a@x").expect("list").len(), 2);
+    }
+
+    fn limited(cmd: Command, limits: &[Limit]) -> Command {
+        Command::Limited {
+            limits: limits.to_vec(),
+            command: Box::new(cmd),
+        }
+    }
+
+    /// Requests from strangers count against the roster budget; the
+    /// recipient's full roster drops the request and keeps the sender's
+    /// side; removal marks past their budget go, oldest first, and raise
+    /// the floor; private storage is bounded across namespaces.
+    #[test]
+    fn budgets_bound_hidden_items_tombstones_and_private_storage() {
+        let (_d, s) = store();
+        for u in ["a@x", "s1@x", "s2@x", "s3@x"] {
+            apply(
+                &s,
+                1,
+                Command::CreateAccount {
+                    user: u.into(),
+                    credentials: creds("1"),
+                },
+            )
+            .expect("create");
+        }
+        let ask = |i, from: &str| {
+            apply(
+                &s,
+                i,
+                limited(
+                    Command::SubscriptionLocal {
+                        from: from.into(),
+                        to: "a@x".into(),
+                        kind: SubKind::Subscribe,
+                        stanza: "<presence type='subscribe'/>".into(),
+                    },
+                    &[Limit::RosterItems(2)],
+                ),
+            )
+        };
+        ask(2, "s1@x").expect("first stranger");
+        ask(3, "s2@x").expect("second stranger");
+        let Response::Batch(parts) = ask(4, "s3@x").expect("the sender's side stands") else {
+            panic!("batch")
+        };
+        assert_eq!(parts.len(), 1, "nothing for the full roster: {parts:?}");
+        assert!(s.roster_item("a@x", "s3@x").expect("read").is_none());
+        assert!(s
+            .roster_item("s3@x", "a@x")
+            .expect("read")
+            .is_some_and(|i| i.sub.pending_out));
+        // Without the budget (an old entry), the same request is kept.
+        apply(
+            &s,
+            5,
+            Command::Subscription {
+                user: "a@x".into(),
+                contact: "s4@y".into(),
+                direction: Direction::Inbound,
+                kind: SubKind::Subscribe,
+                stanza: Some("<presence/>".into()),
+            },
+        )
+        .expect("unbudgeted");
+        assert_eq!(s.roster("a@x").expect("roster").len(), 3);
+
+        // Tombstones: three removals with room for two.
+        for (i, c) in ["t1@y", "t2@y", "t3@y"].iter().enumerate() {
+            let i = 10 + 2 * i as u64;
+            apply(
+                &s,
+                i,
+                Command::RosterSet {
+                    user: "a@x".into(),
+                    contact: (*c).into(),
+                    name: None,
+                    groups: vec![],
+                    max: 100,
+                },
+            )
+            .expect("set");
+            apply(
+                &s,
+                i + 1,
+                limited(
+                    Command::RosterRemove {
+                        user: "a@x".into(),
+                        contact: (*c).into(),
+                    },
+                    &[Limit::RosterTombstones(2)],
+                ),
+            )
+            .expect("remove");
+        }
+        let marks = s.roster_removals("a@x").expect("marks");
+        let names: Vec<&str> = marks.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(names, ["t2@y", "t3@y"], "the oldest mark went");
+        let t1_removed_at = marks.iter().map(|(_, v)| *v).min().expect("some") - 2;
+        assert_eq!(s.roster_floor("a@x").expect("floor"), t1_removed_at);
+
+        // Private storage: 2 items of ~200 bytes fit in 500, a third does not;
+        // replacing one is not growth.
+        let put = |i, ns: &str| {
+            apply(
+                &s,
+                i,
+                limited(
+                    Command::SetPrivate {
+                        user: "a@x".into(),
+                        namespace: ns.into(),
+                        xml: "x".repeat(120),
+                    },
+                    &[Limit::PrivateBytes(500)],
+                ),
+            )
+        };
+        put(20, "urn:a").expect("first");
+        put(21, "urn:b").expect("second");
+        assert!(matches!(
+            put(22, "urn:c"),
+            Err(ApplyError::Refused(Refusal::PrivateFull { max_bytes: 500, .. }))
+        ));
+        put(23, "urn:a").expect("replace");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use xmpp::roster::SubKind;
 use xmpp::stanza::{ns, presence_priority, PresenceType};
 
 use super::{blocking, roster, Module};
-use crate::cluster::state_machine::{Command, Direction, Response};
+use crate::cluster::state_machine::{ApplyError, Command, Direction, Refusal, Response};
 use crate::router;
 use crate::sessions::{Outbound, SessionId};
 use crate::Server;
@@ -231,7 +231,13 @@ pub async fn subscription(
             .cloned()
             .collect();
     }
-    let stanza_xml = xml(&stanza);
+    let mut stanza_xml = xml(&stanza);
+    // Kept until answered, possibly for ever and once per stranger: a
+    // request larger than its budget keeps only what makes it a request.
+    if stanza_xml.len() > server.config.limits.max_subscription_request_bytes {
+        stanza.children.clear();
+        stanza_xml = xml(&stanza);
+    }
     let local = is_local(server, contact);
     let (user_had_to, contact_had_to) = (
         has_to(server, user, contact),
@@ -253,8 +259,24 @@ pub async fn subscription(
             stanza: None,
         }
     };
-    let response = match server.cluster.write(cmd).await {
+    let response = match server
+        .cluster
+        .write(cmd.limited(&server.config.limits))
+        .await
+    {
         Ok(r) => r,
+        Err(ApplyError::Refused(Refusal::RosterFull(_, max))) => {
+            // RFC 6121 §3.1.2 leaves the answer to the server: the user
+            // learns why, the contact is not asked.
+            tracing::info!(%user, %contact, max, "subscription refused: the roster is full");
+            let text = format!("your roster is full ({max} contacts)");
+            if let Some(error) =
+                xmpp::stanza::error_reply(&stanza, StanzaError::ResourceConstraint, Some(&text))
+            {
+                to_available(server, user, &xml(&error));
+            }
+            return;
+        }
         Err(e) => {
             tracing::error!(error = %e, %user, %contact, "subscription change failed");
             return;

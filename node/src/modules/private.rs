@@ -7,7 +7,7 @@ use xmpp::error::StanzaError;
 use xmpp::stanza::iq_result;
 
 use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module};
-use crate::cluster::state_machine::Command;
+use crate::cluster::state_machine::{ApplyError, Command, Refusal};
 use crate::Server;
 
 pub const NS: &str = "jabber:iq:private";
@@ -52,9 +52,17 @@ impl Module for Private {
                     user: u,
                     namespace: child.ns.clone(),
                     xml: child.to_string_in(""),
-                };
+                }
+                .limited(&server.config.limits);
                 return Some(match server.cluster.write(cmd).await {
                     Ok(_) => iq_result(req.iq),
+                    Err(ApplyError::Refused(Refusal::PrivateFull { max_bytes, .. })) => iq_error(
+                        req.iq,
+                        StanzaError::ResourceConstraint,
+                        Some(&format!(
+                            "private storage is limited to {max_bytes} bytes per account"
+                        )),
+                    ),
                     Err(e) => {
                         tracing::error!(error = %e, "private storage failed");
                         iq_error(req.iq, StanzaError::InternalServerError, None)

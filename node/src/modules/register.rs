@@ -3,6 +3,9 @@
 //! Before authentication a client may create an account on the stream's
 //! virtual host; after it, change its password or remove its account.
 
+use std::net::IpAddr;
+use std::time::Instant;
+
 use xmpp::element::Element;
 use xmpp::error::StanzaError;
 use xmpp::jid::{nodeprep, BareJid};
@@ -31,7 +34,7 @@ fn form(registered: Option<&str>) -> Element {
 }
 
 /// Handles a `jabber:iq:register` IQ on a not yet authenticated stream.
-pub async fn preauth(server: &Server, vhost: &str, iq: &Element) -> Element {
+pub async fn preauth(server: &Server, vhost: &str, peer: IpAddr, iq: &Element) -> Element {
     if !server.config.auth.allow_registration {
         return iq_error(
             iq,
@@ -69,7 +72,26 @@ pub async fn preauth(server: &Server, vhost: &str, iq: &Element) -> Element {
                     Some("that username is not allowed"),
                 );
             };
-            match accounts::create(server, &jid, &password).await {
+            // A taken name is answered as such, without using up a turn.
+            if server.store().account_exists(&jid).unwrap_or(false) {
+                return iq_error(iq, StanzaError::Conflict, Some("that username is taken"));
+            }
+            if let Err(wait) = server.registrations.reserve(peer, Instant::now()) {
+                return iq_error(
+                    iq,
+                    StanzaError::ResourceConstraint,
+                    Some(&format!(
+                        "one registration per address every {} seconds; try again in {} seconds",
+                        server.config.auth.registration_interval_secs,
+                        wait.as_secs().max(1)
+                    )),
+                );
+            }
+            let created = accounts::create(server, &jid, &password).await;
+            if created.is_err() {
+                server.registrations.release(peer);
+            }
+            match created {
                 Ok(()) => {
                     tracing::info!(user = %jid, "account registered in-band");
                     iq_result(iq)

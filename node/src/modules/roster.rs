@@ -121,7 +121,9 @@ fn get(server: &Server, req: &IqRequest<'_>, user: &BareJid) -> Option<Element> 
         .payload
         .get_attr("ver")
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(known) = known.filter(|k| *k <= current) {
+    // Below the floor, removals were forgotten: only the whole roster is right.
+    let floor = store.roster_floor(&u).unwrap_or(u64::MAX);
+    if let Some(known) = known.filter(|k| *k <= current && *k >= floor) {
         let result = iq_result(req.iq);
         if known < current {
             let removals = store.roster_removals(&u).unwrap_or_default();
@@ -281,10 +283,13 @@ async fn remove(
     cancel_subscriptions(server, user, contact, &previous).await;
     match server
         .cluster
-        .write(Command::RosterRemove {
-            user: u,
-            contact: c.clone(),
-        })
+        .write(
+            Command::RosterRemove {
+                user: u,
+                contact: c.clone(),
+            }
+            .limited(&server.config.limits),
+        )
         .await
     {
         Ok(Response::Roster { ver, .. }) => {

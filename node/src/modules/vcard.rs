@@ -53,6 +53,14 @@ impl Module for VCard {
                 // An empty vCard element removes it.
                 let vcard =
                     (!req.payload.children.is_empty()).then(|| req.payload.to_string_in(""));
+                let max = server.config.limits.max_vcard_bytes;
+                if vcard.as_ref().is_some_and(|v| v.len() > max) {
+                    return Some(iq_error(
+                        req.iq,
+                        StanzaError::NotAcceptable,
+                        Some(&format!("a vCard may take at most {max} bytes")),
+                    ));
+                }
                 let cmd = Command::SetVcard {
                     user: owner.to_string(),
                     vcard,

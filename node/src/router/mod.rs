@@ -465,7 +465,7 @@ mod tests {
     use super::*;
 
     fn res(name: &str, priority: i8, available: bool) -> Resource {
-        let (tx, _rx) = crate::sessions::queue(1);
+        let (tx, _rx) = crate::sessions::queue(1, 1 << 20);
         Resource {
             resource: name.into(),
             id: 0,
