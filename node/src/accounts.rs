@@ -160,12 +160,19 @@ pub async fn delete(server: &Server, user: &BareJid) -> Result<(), AccountError>
             Err(e) => return Err(e.into()),
         }
     }
-    server
+    let deleted = server
         .cluster
         .write(Command::DeleteAccount {
             user: user.to_string(),
         })
         .await?;
+    if let Response::Unblocked(entries) = deleted {
+        for (blocker, jid) in entries {
+            if let Ok(b) = BareJid::parse(&blocker) {
+                crate::modules::blocking::push(server, &b, false, &[jid]);
+            }
+        }
+    }
     server.sessions.close_user(
         user,
         xmpp::error::StreamError::NotAuthorized,

@@ -41,6 +41,9 @@ pub(crate) mod keys {
     /// cannot be brought up to date with pushes.
     pub const ROSTER_FLOOR: &[u8] = b"rf:";
     pub const BLOCK: &[u8] = b"b:";
+    /// `bi:<blocked jid>\0<blocker>`: who blocks whom, the other way round,
+    /// so a deleted account leaves no one's blocklist naming it.
+    pub const BLOCKED_BY: &[u8] = b"bi:";
     pub const VCARD: &[u8] = b"v:";
     pub const PRIVATE: &[u8] = b"x:";
     pub const APPLIED: &[u8] = b"m:applied";

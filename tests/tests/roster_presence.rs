@@ -1328,3 +1328,31 @@ async fn a_deleted_account_leaves_its_contacts_rosters() {
     assert_eq!(query(&reply).elements().count(), 0, "{}", show(&reply));
     assert_eq!(sub_state(&mut bob, &jid("alice")).await, None);
 }
+
+/// A deleted account leaves every blocklist that named it (bare or full
+/// JID), with an unblock push; the owner's own list goes with it. A new
+/// account of the same name starts unblocked.
+#[tokio::test]
+async fn a_deleted_account_leaves_others_blocklists() {
+    let node = node_with(&["alice", "mallory", "carol"]);
+    let mut alice = online(&node, "alice", "pc", 0).await;
+    let mj = jid("mallory");
+    let full = format!("{mj}/bot");
+    let iq = block_iq(&mut alice, "block", &[&mj, &full, &jid("carol")]);
+    assert_result(&alice.iq(iq).await.unwrap());
+    let mut mallory = online(&node, "mallory", "pc", 0).await;
+    let iq = block_iq(&mut mallory, "block", &[&jid("alice")]);
+    assert_result(&mallory.iq(iq).await.unwrap());
+
+    node.clusterctl(&["deluser", &mj]).expect("deluser");
+    expect_block_push(&mut alice, "unblock", &mj).await;
+    expect_block_push(&mut alice, "unblock", &full).await;
+    assert_eq!(blocklist(&mut alice).await, vec![jid("carol")]);
+
+    node.adduser("mallory", PW).unwrap();
+    let mut again = online(&node, "mallory", "new", 0).await;
+    assert!(blocklist(&mut again).await.is_empty());
+    again.chat(&jid("alice"), "hello again").await.unwrap();
+    let m = alice.recv_message(WAIT).await.unwrap();
+    assert_eq!(body(&m).as_deref(), Some("hello again"));
+}

@@ -271,6 +271,8 @@ pub enum Response {
     Batch(Vec<Response>),
     /// The outcomes of a `Command::Many`, in order.
     Many(Vec<Outcome>),
+    /// A deleted account left these blocklists: (blocker, blocked JID).
+    Unblocked(Vec<(String, String)>),
 }
 
 /// Why a write did not take effect: a deterministic refusal (part of the
@@ -694,6 +696,31 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             tx.delete(key);
             tx.delete([keys::ROSTER_VER, user.as_bytes()].concat());
             tx.delete(keys::roster_floor(&user));
+            // Off the reverse index of whom this user blocked, and out of
+            // the blocklists of those who blocked this user (bare or full
+            // JID): a name registered again inherits nothing.
+            let own = keys::user_prefix(keys::BLOCK, &user);
+            for (k, _) in tx.scan(&own)? {
+                let j = String::from_utf8_lossy(&k[own.len()..]).into_owned();
+                tx.delete(keys::user_key(keys::BLOCKED_BY, &j, &user));
+            }
+            let mut unblocked = Vec::new();
+            for prefix in [
+                keys::user_prefix(keys::BLOCKED_BY, &user),
+                [keys::BLOCKED_BY, user.as_bytes(), b"/"].concat(),
+            ] {
+                for (k, _) in tx.scan(&prefix)? {
+                    let rest = &k[keys::BLOCKED_BY.len()..];
+                    let Some(nul) = rest.iter().position(|b| *b == 0) else {
+                        continue;
+                    };
+                    let jid = String::from_utf8_lossy(&rest[..nul]).into_owned();
+                    let blocker = String::from_utf8_lossy(&rest[nul + 1..]).into_owned();
+                    tx.delete(keys::user_key(keys::BLOCK, &blocker, &jid));
+                    tx.delete(k);
+                    unblocked.push((blocker, jid));
+                }
+            }
             tx.delete(keys::offline_meta(&user));
             for prefix in [
                 keys::OFFLINE,
@@ -705,7 +732,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             ] {
                 tx.delete_user_prefix(prefix, &user)?;
             }
-            Ok(Response::Done)
+            Ok(Response::Unblocked(unblocked))
         }
         Command::StoreOffline { user, stanza, max } => {
             push_offline(tx, user, stanza, max, u64::MAX)
@@ -961,6 +988,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 let key = keys::user_key(keys::BLOCK, &user, &j);
                 if tx.get(&key)?.is_none() {
                     tx.put(key, Vec::new());
+                    tx.put(keys::user_key(keys::BLOCKED_BY, &j, &user), Vec::new());
                     changed.push(j);
                 }
             }
@@ -973,6 +1001,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 let j = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                 if jids.is_empty() || jids.contains(&j) {
                     tx.delete(k);
+                    tx.delete(keys::user_key(keys::BLOCKED_BY, &j, &user));
                     changed.push(j);
                 }
             }

@@ -31,6 +31,27 @@ pub fn blocks(server: &Server, user: &BareJid, other: &Jid) -> bool {
     check(&other.to_string()) || check(&other.bare().to_string()) || check(other.domain())
 }
 
+/// §3.3, §3.4: pushes a change of `user`'s blocklist to its resources.
+pub fn push(server: &Server, user: &BareJid, block: bool, changed: &[String]) {
+    if changed.is_empty() {
+        return;
+    }
+    let mut push = Element::new(if block { "block" } else { "unblock" }, NS);
+    for j in changed {
+        push = push.child(Element::new("item", NS).attr("jid", j.as_str()));
+    }
+    for r in server.sessions.resources(user) {
+        let iq = Element::new("iq", ns::CLIENT)
+            .attr("type", "set")
+            .attr("id", "block-push")
+            .attr("to", format!("{user}/{}", r.resource))
+            .child(push.clone());
+        let _ = r
+            .tx
+            .send(Outbound::Xml(Arc::from(iq.to_string_in(ns::CLIENT))));
+    }
+}
+
 fn items(payload: &Element) -> Option<Vec<String>> {
     payload
         .elements()
@@ -159,22 +180,7 @@ impl Module for Blocking {
                     }
                 }
             }
-            // §3.3, §3.4: push the change to the user's resources.
-            if !changed.is_empty() {
-                let mut push = Element::new(if block { "block" } else { "unblock" }, NS);
-                for j in &changed {
-                    push = push.child(Element::new("item", NS).attr("jid", j.as_str()));
-                }
-                for r in server.sessions.resources(user) {
-                    let iq = Element::new("iq", ns::CLIENT)
-                        .attr("type", "set")
-                        .attr("id", "block-push")
-                        .attr("to", format!("{user}/{}", r.resource))
-                        .child(push.clone());
-                    let _ =
-                        r.tx.send(Outbound::Xml(Arc::from(iq.to_string_in(ns::CLIENT))));
-                }
-            }
+            push(server, user, block, &changed);
             Some(iq_result(req.iq))
         })
     }

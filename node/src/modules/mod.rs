@@ -6,7 +6,7 @@
 //!
 //! A new XEP is a new file here plus one line in [`all`].
 
-mod blocking;
+pub(crate) mod blocking;
 pub(crate) mod carbons;
 mod disco;
 pub(crate) mod offline;
