@@ -398,6 +398,10 @@ pub struct Limits {
     /// Roster removals remembered for roster versioning (XEP-0237); a
     /// client whose version is older than the oldest gets the whole roster.
     pub max_roster_tombstones: usize,
+    /// Seconds a SIGTERM waits for sessions to hand what their clients
+    /// did not acknowledge to offline storage before the node exits
+    /// (match Kubernetes' `terminationGracePeriodSeconds`, minus a margin).
+    pub shutdown_drain_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -505,6 +509,7 @@ impl Default for Limits {
             max_vcard_bytes: 128 * 1024,
             max_subscription_request_bytes: 4096,
             max_roster_tombstones: 1000,
+            shutdown_drain_secs: 25,
         }
     }
 }
@@ -822,7 +827,10 @@ impl Config {
             });
         }
         for (key, value) in [
-            ("limits.write_timeout_secs", self.limits.write_timeout_secs as usize),
+            (
+                "limits.write_timeout_secs",
+                self.limits.write_timeout_secs as usize,
+            ),
             (
                 "limits.negotiation_timeout_secs",
                 self.limits.negotiation_timeout_secs as usize,
@@ -1044,12 +1052,18 @@ mod tests {
         let msg = load_str("[[vhosts]]\nname = \"a.test\"\n[[vhosts]]\nname = \"b@c\"\n")
             .expect_err("bad second vhost")
             .to_string();
-        assert!(msg.starts_with("/etc/xmpp/node.toml:4: key `vhosts[1].name`"), "{msg}");
+        assert!(
+            msg.starts_with("/etc/xmpp/node.toml:4: key `vhosts[1].name`"),
+            "{msg}"
+        );
         // A key the file does not set is named as coming from elsewhere.
         let msg = load_str("[cluster]\nheartbeat_ms = 500\n")
             .expect_err("the default election timeout is below three such heartbeats")
             .to_string();
-        assert!(msg.contains("cluster.election_timeout_ms` (from a flag"), "{msg}");
+        assert!(
+            msg.contains("cluster.election_timeout_ms` (from a flag"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct Server {
     me: std::sync::Weak<Server>,
     /// Connections still negotiating, capped in all and per address.
     pub admission: Arc<c2s::admission::Admission>,
+    /// Bound session tasks still running, counted until each has routed
+    /// again what its client did not acknowledge (the shutdown drain
+    /// waits for zero).
+    pub session_tasks: Arc<std::sync::atomic::AtomicUsize>,
     /// In-band registrations, one per address per interval.
     pub registrations: c2s::admission::Registrations,
     /// Offline messages being handed to sessions now.
@@ -109,6 +113,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.limits.max_unauthenticated,
             config.limits.max_unauthenticated_per_address,
         ),
+        session_tasks: Arc::default(),
         registrations: c2s::admission::Registrations::new(std::time::Duration::from_secs(
             config.auth.registration_interval_secs,
         )),
@@ -175,14 +180,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     wait_for_signal().await;
     tracing::info!("shutting down");
+    // Listeners stop accepting; every session writes its stream error,
+    // then routes again what its client never acknowledged (to offline
+    // storage, through the cluster) before it counts as gone.
     let _ = server.shutdown.send(true);
     server
         .sessions
         .close_all(xmpp::error::StreamError::SystemShutdown);
-    // Give session tasks a moment to write their stream errors.
-    let deadline = Instant::now() + std::time::Duration::from_secs(5);
-    while server.sessions.count() > 0 && Instant::now() < deadline {
+    let drain = std::time::Duration::from_secs(server.config.limits.shutdown_drain_secs);
+    let deadline = Instant::now() + drain;
+    while server
+        .session_tasks
+        .load(std::sync::atomic::Ordering::Acquire)
+        > 0
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let left = server
+        .session_tasks
+        .load(std::sync::atomic::Ordering::Acquire);
+    if left > 0 {
+        tracing::warn!(
+            sessions = left,
+            drain_secs = drain.as_secs(),
+            "shutdown drain time over with sessions still handing over their messages; what they held waits in the Raft log or is lost if it never reached it"
+        );
+    } else {
+        tracing::info!("every session handed over its messages");
     }
     for t in tasks {
         t.abort();

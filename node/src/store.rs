@@ -294,6 +294,10 @@ impl Store {
     /// Moves the pending writes to sled in one atomic batch.
     pub fn persist(&self) -> Result<(), StoreError> {
         let _one = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
+        self.persist_locked()
+    }
+
+    fn persist_locked(&self) -> Result<(), StoreError> {
         let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = {
             let p = self.pending();
             if p.writes.is_empty() {
@@ -324,10 +328,19 @@ impl Store {
     }
 
     /// Makes every write so far durable in this database.
+    /// The flush holds the persist lock, so no `apply_batch` of this
+    /// database runs beside it (sled 0.34 can deadlock on that pair); it
+    /// blocks a thread of the blocking pool, not an async worker.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.persist()?;
-        self.db.flush_async().await?;
-        Ok(())
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _one = store.persisting.lock().unwrap_or_else(|p| p.into_inner());
+            store.persist_locked()?;
+            store.db.flush()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Fault(format!("the final flush did not finish: {e}")))?
     }
 
     // ---- typed reads -------------------------------------------------

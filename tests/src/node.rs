@@ -296,7 +296,7 @@ impl TestNode {
         if let Some(mut c) = self.child.take() {
             let pid = c.id().to_string();
             Command::new("kill").args(["-TERM", &pid]).status()?;
-            let deadline = Instant::now() + Duration::from_secs(15);
+            let deadline = Instant::now() + Duration::from_secs(60);
             while c.try_wait()?.is_none() {
                 if Instant::now() > deadline {
                     let _ = c.kill();

@@ -68,7 +68,11 @@ async fn private_storage_is_bounded_across_namespaces() {
         assert_eq!(r.get_attr("type"), Some("result"), "{r:?}");
     }
     let r = alice.iq(c).await.unwrap();
-    assert_eq!(error_of(&r).as_deref(), Some("resource-constraint"), "{r:?}");
+    assert_eq!(
+        error_of(&r).as_deref(),
+        Some("resource-constraint"),
+        "{r:?}"
+    );
     // Replacing what is there is not growth.
     let again = Element::new("query", "jabber:iq:private")
         .child(Element::new("data", "urn:x:a").text("short"));
@@ -145,7 +149,11 @@ fn roster_set(c: &mut Client, jid: &str, remove: bool) -> Element {
 async fn forgotten_roster_removals_mean_a_full_roster() {
     let node = node_with("[limits]\nmax_roster_tombstones = 1\n", &["alice"]);
     let mut alice = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
-    for c in ["c1@elsewhere.test", "c2@elsewhere.test", "c3@elsewhere.test"] {
+    for c in [
+        "c1@elsewhere.test",
+        "c2@elsewhere.test",
+        "c3@elsewhere.test",
+    ] {
         let iq = roster_set(&mut alice, c, false);
         assert_eq!(alice.iq(iq).await.unwrap().get_attr("type"), Some("result"));
     }

@@ -174,7 +174,10 @@ async fn in_band_registration_works_when_allowed() {
     let mut c2 = Client::connect_starttls(node.c2s, &node.domain)
         .await
         .unwrap();
-    let reply = c2.iq(register_iq("r3", "frank", "franks-pw")).await.unwrap();
+    let reply = c2
+        .iq(register_iq("r3", "frank", "franks-pw"))
+        .await
+        .unwrap();
     assert_eq!(
         stanza_error(&reply).as_deref(),
         Some("resource-constraint"),

@@ -266,3 +266,61 @@ async fn never_acknowledges(config: &str, filler: &str) {
     all.extend(seen);
     assert_eq!(all.len(), 40, "every message reached bob at least once");
 }
+
+/// SIGTERM while stream-management sessions hold messages their clients
+/// never acknowledged (one connected, one dropped and waiting to resume):
+/// the node hands them to offline storage before it exits, and after a
+/// restart each user gets all of them.
+#[tokio::test]
+async fn sigterm_keeps_what_sessions_held() {
+    // Enough that handing them over takes a while (one write each).
+    const N: usize = 200;
+    let mut node = node("");
+    node.adduser("carol", PW).unwrap();
+    let (mut bob, _) = managed(&node, "bob", true).await;
+    let (carol, _) = managed(&node, "carol", true).await;
+    let mut alice = Client::login_bound(&node, "alice", PW, "a").await.unwrap();
+    for i in 0..N {
+        alice
+            .send(&chat("bob@localhost", &format!("b{i}")))
+            .await
+            .unwrap();
+    }
+    // Bob sees them all, and acknowledges none.
+    for _ in 0..N {
+        bob.recv_message(WAIT).await.unwrap();
+    }
+    // Carol's link dies without a close; her session waits to resume.
+    drop(carol);
+    for i in 0..N {
+        alice
+            .send(&chat("carol@localhost", &format!("c{i}")))
+            .await
+            .unwrap();
+    }
+    alice.sync().await.unwrap();
+
+    node.stop().expect("the node stops on SIGTERM");
+    assert!(
+        node.log()
+            .contains("every session handed over its messages"),
+        "{}",
+        node.log()
+    );
+    node.start_again().unwrap();
+    for (user, prefix) in [("bob", "b"), ("carol", "c")] {
+        let mut c = Client::login_bound(&node, user, PW, "again").await.unwrap();
+        c.presence(0).await.unwrap();
+        let mut got = std::collections::BTreeSet::new();
+        while got.len() < N {
+            let m = c
+                .recv_message(WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{user} got only {got:?}: {e}"));
+            got.extend(body(&m));
+        }
+        let want: std::collections::BTreeSet<String> =
+            (0..N).map(|i| format!("{prefix}{i}")).collect();
+        assert_eq!(got, want);
+    }
+}

@@ -221,7 +221,9 @@ mod tests {
         assert!(r.reserve(other, t).is_ok());
         assert!(r.reserve(a, t + std::time::Duration::from_secs(60)).is_ok());
         r.release(a);
-        assert!(r.reserve(same_net, t + std::time::Duration::from_secs(61)).is_ok());
+        assert!(r
+            .reserve(same_net, t + std::time::Duration::from_secs(61))
+            .is_ok());
     }
 
     #[test]

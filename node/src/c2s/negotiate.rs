@@ -165,7 +165,8 @@ async fn authenticate(s: &mut Stream) -> Result<BareJid, ConnError> {
             {
                 let vhost = s.vhost.clone();
                 let server = s.server.clone();
-                let reply = crate::modules::register::preauth(&server, &vhost, s.peer.ip(), &e).await;
+                let reply =
+                    crate::modules::register::preauth(&server, &vhost, s.peer.ip(), &e).await;
                 s.send(&reply).await?;
             } else {
                 // RFC 6120 §6.4.1: nothing but negotiation before authentication.

@@ -150,9 +150,29 @@ fn urgent(xml: &str) -> bool {
     xml.starts_with("<message") && xml.contains("<body") || xml.starts_with("<iq")
 }
 
+/// Counts a session task from its start until it has routed again what
+/// it held (dropped last in [`run`]).
+struct TaskCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl TaskCount {
+    fn new(server: &Server) -> TaskCount {
+        server
+            .session_tasks
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        TaskCount(server.session_tasks.clone())
+    }
+}
+
+impl Drop for TaskCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Runs a bound session to its end, then closes its stream.
 pub async fn run(s: Stream, bound: Bound) {
     let server = s.server.clone();
+    let _running = TaskCount::new(&server);
     let (tx, rx) = sessions::queue(
         server.config.limits.session_queue,
         server.config.limits.session_queue_bytes,

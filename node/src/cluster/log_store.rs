@@ -140,6 +140,11 @@ async fn flusher(
             let _io = io.lock().await;
             db.flush_async().await.map(|_| ())
         };
+        // An entry that may not be on disk must never count as appended
+        // (a quorum could commit what this node then forgets): stop.
+        if let Err(e) = &result {
+            super::raft_sm::fatal("flushing the Raft log", e);
+        }
         for callback in waiting {
             callback.log_io_completed(
                 result

@@ -48,7 +48,7 @@ pub struct StateMachine {
 type Current = Arc<Mutex<Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>>>;
 
 /// A fault in this node's own storage: logged, then the process stops.
-fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
+pub(crate) fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
     tracing::error!(error = %e, "{what}: local storage fault; stopping this node so its replica cannot diverge (restart it once the disk is fixed; it catches up from the others)");
     std::process::exit(70)
 }

@@ -1704,7 +1704,10 @@ mod tests {
         put(21, "urn:b").expect("second");
         assert!(matches!(
             put(22, "urn:c"),
-            Err(ApplyError::Refused(Refusal::PrivateFull { max_bytes: 500, .. }))
+            Err(ApplyError::Refused(Refusal::PrivateFull {
+                max_bytes: 500,
+                ..
+            }))
         ));
         put(23, "urn:a").expect("replace");
     }

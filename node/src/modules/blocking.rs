@@ -46,9 +46,8 @@ pub fn push(server: &Server, user: &BareJid, block: bool, changed: &[String]) {
             .attr("id", "block-push")
             .attr("to", format!("{user}/{}", r.resource))
             .child(push.clone());
-        let _ = r
-            .tx
-            .send(Outbound::Xml(Arc::from(iq.to_string_in(ns::CLIENT))));
+        let _ =
+            r.tx.send(Outbound::Xml(Arc::from(iq.to_string_in(ns::CLIENT))));
     }
 }
 
