@@ -119,6 +119,51 @@ pub struct Flags {
     /// [limits] stanza_burst
     #[arg(long, env = "XMPP_STANZA_BURST")]
     pub stanza_burst: Option<u32>,
+    /// [limits] max_sessions_per_account
+    #[arg(long, env = "XMPP_MAX_SESSIONS_PER_ACCOUNT")]
+    pub max_sessions_per_account: Option<usize>,
+    /// [limits] idle_ping_secs
+    #[arg(long, env = "XMPP_IDLE_PING_SECS")]
+    pub idle_ping_secs: Option<u64>,
+    /// [limits] ping_timeout_secs
+    #[arg(long, env = "XMPP_PING_TIMEOUT_SECS")]
+    pub ping_timeout_secs: Option<u64>,
+    /// [limits] tcp_keepalive_secs
+    #[arg(long, env = "XMPP_TCP_KEEPALIVE_SECS")]
+    pub tcp_keepalive_secs: Option<u64>,
+    /// [limits] offline_max_bytes
+    #[arg(long, env = "XMPP_OFFLINE_MAX_BYTES")]
+    pub offline_max_bytes: Option<u64>,
+    /// [limits] session_queue_bytes
+    #[arg(long, env = "XMPP_SESSION_QUEUE_BYTES")]
+    pub session_queue_bytes: Option<usize>,
+    /// [limits] max_unacked_bytes
+    #[arg(long, env = "XMPP_MAX_UNACKED_BYTES")]
+    pub max_unacked_bytes: Option<usize>,
+    /// [limits] csi_max_held
+    #[arg(long, env = "XMPP_CSI_MAX_HELD")]
+    pub csi_max_held: Option<usize>,
+    /// [limits] csi_held_bytes
+    #[arg(long, env = "XMPP_CSI_HELD_BYTES")]
+    pub csi_held_bytes: Option<usize>,
+    /// [limits] max_private_bytes
+    #[arg(long, env = "XMPP_MAX_PRIVATE_BYTES")]
+    pub max_private_bytes: Option<u64>,
+    /// [limits] max_vcard_bytes
+    #[arg(long, env = "XMPP_MAX_VCARD_BYTES")]
+    pub max_vcard_bytes: Option<usize>,
+    /// [limits] max_subscription_request_bytes
+    #[arg(long, env = "XMPP_MAX_SUBSCRIPTION_REQUEST_BYTES")]
+    pub max_subscription_request_bytes: Option<usize>,
+    /// [limits] max_roster_tombstones
+    #[arg(long, env = "XMPP_MAX_ROSTER_TOMBSTONES")]
+    pub max_roster_tombstones: Option<usize>,
+    /// [limits] shutdown_drain_secs
+    #[arg(long, env = "XMPP_SHUTDOWN_DRAIN_SECS")]
+    pub shutdown_drain_secs: Option<u64>,
+    /// [auth] registration_interval_secs
+    #[arg(long, env = "XMPP_REGISTRATION_INTERVAL_SECS")]
+    pub registration_interval_secs: Option<u64>,
 
     /// This node's inter-node listener (Raft, forwarded writes, stanzas).
     #[arg(long, env = "XMPP_CLUSTER_ADDR")]
@@ -685,6 +730,33 @@ impl Config {
         );
         set(&mut self.limits.stanzas_per_second, f.stanzas_per_second);
         set(&mut self.limits.stanza_burst, f.stanza_burst);
+        set(
+            &mut self.limits.max_sessions_per_account,
+            f.max_sessions_per_account,
+        );
+        set(&mut self.limits.idle_ping_secs, f.idle_ping_secs);
+        set(&mut self.limits.ping_timeout_secs, f.ping_timeout_secs);
+        set(&mut self.limits.tcp_keepalive_secs, f.tcp_keepalive_secs);
+        set(&mut self.limits.offline_max_bytes, f.offline_max_bytes);
+        set(&mut self.limits.session_queue_bytes, f.session_queue_bytes);
+        set(&mut self.limits.max_unacked_bytes, f.max_unacked_bytes);
+        set(&mut self.limits.csi_max_held, f.csi_max_held);
+        set(&mut self.limits.csi_held_bytes, f.csi_held_bytes);
+        set(&mut self.limits.max_private_bytes, f.max_private_bytes);
+        set(&mut self.limits.max_vcard_bytes, f.max_vcard_bytes);
+        set(
+            &mut self.limits.max_subscription_request_bytes,
+            f.max_subscription_request_bytes,
+        );
+        set(
+            &mut self.limits.max_roster_tombstones,
+            f.max_roster_tombstones,
+        );
+        set(&mut self.limits.shutdown_drain_secs, f.shutdown_drain_secs);
+        set(
+            &mut self.auth.registration_interval_secs,
+            f.registration_interval_secs,
+        );
         set(&mut self.cluster.addr, f.cluster_addr);
         if let Some(p) = &f.cluster_ca {
             self.cluster.ca = Some(p.clone());
@@ -1169,6 +1241,9 @@ max_stanza_bytes = 65536
             "--strict-channel-binding=true",
             "--max-roster-items=16",
             "--max-blocklist-items=17",
+            "--shutdown-drain-secs=18",
+            "--max-vcard-bytes=2048",
+            "--registration-interval-secs=19",
         ])
         .expect("flags parse");
         let mut c = Config::default();
@@ -1199,6 +1274,8 @@ max_stanza_bytes = 65536
             (130, 14, 15)
         );
         assert_eq!((l.max_roster_items, l.max_blocklist_items), (16, 17));
+        assert_eq!((l.shutdown_drain_secs, l.max_vcard_bytes), (18, 2048));
+        assert_eq!(c.auth.registration_interval_secs, 19);
         assert!(c.auth.strict_channel_binding);
     }
 
