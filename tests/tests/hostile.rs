@@ -465,3 +465,75 @@ async fn a_silent_client_is_pinged_and_dropped_when_it_never_answers() {
     }
     let _ = ping(&mut watch).await;
 }
+
+/// Median of the time an unrelated user's roster set takes, over `n`.
+async fn roster_set_median(c: &mut Client, n: usize, tag: &str) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let item = Element::new("item", xmpp::stanza::ns::ROSTER)
+            .attr("jid", format!("{tag}{i}@elsewhere.test"));
+        let iq = c.make_iq(
+            "set",
+            None,
+            Element::new("query", xmpp::stanza::ns::ROSTER).child(item),
+        );
+        let t = Instant::now();
+        let r = c.iq(iq).await.expect("roster set answered");
+        times.push(t.elapsed());
+        assert_eq!(r.get_attr("type"), Some("result"), "{r:?}");
+    }
+    times.sort();
+    times[n / 2]
+}
+
+/// One user's offline queue growing by thousands of messages does not
+/// slow down everyone else's writes: storing a message costs the same
+/// whatever the queue holds (the queue was once copied whole on every
+/// store, under the one write lock). An unrelated user's roster sets are
+/// timed while the flood runs on an empty queue and again on a queue of
+/// thousands; the bound is a ratio between the two, not a wall-clock figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_flood_does_not_slow_others_as_the_queue_grows() {
+    let node = node_with(
+        "[limits]\noffline_max_messages = 100000\noffline_max_bytes = 100000000\nstanzas_per_second = 1000000\nstanza_burst = 1000000\n",
+        &["alice", "bob", "mallory"],
+    );
+    let mut alice = Client::login_bound(&node, "alice", PW, "pc").await.unwrap();
+    let filler = "f".repeat(1000);
+    let flood = |mut m: Client, from: usize, to: usize| {
+        let filler = filler.clone();
+        tokio::spawn(async move {
+            for i in from..to {
+                m.chat("bob@localhost", &format!("{i} {filler}"))
+                    .await
+                    .unwrap();
+                if i % 200 == 199 {
+                    m.sync().await.unwrap();
+                }
+            }
+            m.sync().await.unwrap();
+            m
+        })
+    };
+    let mallory = Client::login_bound(&node, "mallory", PW, "x")
+        .await
+        .unwrap();
+    let running = flood(mallory, 0, 1000);
+    let early = roster_set_median(&mut alice, 15, "early").await;
+    let mallory = running.await.unwrap();
+    // Grow bob's queue to thousands, then time again with the flood on.
+    let mallory = flood(mallory, 1000, 6000).await.unwrap();
+    let running = flood(mallory, 6000, 7000);
+    let late = roster_set_median(&mut alice, 15, "late").await;
+    running.await.unwrap();
+    eprintln!("roster set median: {early:?} beside a short queue, {late:?} beside 6000 stored");
+    assert!(
+        late < early * 4 + Duration::from_millis(20),
+        "roster sets slowed from {early:?} to {late:?} as one offline queue grew"
+    );
+    // Everything was stored: bob's first page arrives.
+    let mut bob = Client::login_bound(&node, "bob", PW, "pc").await.unwrap();
+    bob.presence(0).await.unwrap();
+    let first = bob.recv_message(tests::client::WAIT).await.unwrap();
+    assert!(format!("{first:?}").contains("0 f"), "{first:?}");
+}
