@@ -379,4 +379,36 @@ impl Admin for AdminService {
             .collect();
         Ok(Response::new(ListSessionsReply { sessions }))
     }
+
+    async fn list_s2s(
+        &self,
+        _req: Request<proto::ListS2sRequest>,
+    ) -> Result<Response<proto::ListS2sReply>, Status> {
+        let Some(fed) = &self.server.s2s else {
+            return Ok(Response::new(proto::ListS2sReply {
+                streams: Vec::new(),
+                enabled: false,
+            }));
+        };
+        let streams = fed
+            .status()
+            .into_iter()
+            .map(|s| proto::S2sStream {
+                direction: s.direction.into(),
+                local: s.local,
+                remote: s.remote,
+                state: s.state,
+                auth: s.auth.as_str().into(),
+                tls: s.tls,
+                cert_valid: s.cert_valid,
+                age_seconds: s.since.elapsed().as_secs(),
+                queued: s.queued as u64,
+                peer: s.peer,
+            })
+            .collect();
+        Ok(Response::new(proto::ListS2sReply {
+            streams,
+            enabled: true,
+        }))
+    }
 }

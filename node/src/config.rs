@@ -230,6 +230,67 @@ pub struct Config {
     pub log: Log,
     pub cluster: ClusterConfig,
     pub admin: Admin,
+    pub s2s: S2s,
+}
+
+/// Federation with other domains (`listen.s2s`, DESIGN.md "Federation").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S2s {
+    /// Serve and open server-to-server streams at all. Off: stanzas to
+    /// other domains get `remote-server-not-found`.
+    pub enabled: bool,
+    /// A second listener with TLS from the first byte (XEP-0368), e.g.
+    /// `0.0.0.0:5270`; none by default.
+    pub direct_tls_addr: Option<SocketAddr>,
+    /// Refuse server streams (both ways) without TLS.
+    pub require_tls: bool,
+    /// How remote domains must prove who they are: `certificate` (a valid
+    /// certificate only), `dialback` (a valid certificate, or dialback over
+    /// TLS with any certificate), `deny`.
+    pub default_policy: String,
+    /// Per remote domain policies, e.g. `"partner.example" = "certificate"`.
+    pub policies: std::collections::HashMap<String, String>,
+    /// Static routes instead of DNS, e.g. `"b.test" = ["127.0.0.2:5269"]`.
+    pub routes: std::collections::HashMap<String, Vec<String>>,
+    /// Extra trust anchors (PEM) for remote servers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// Trust the Mozilla root store for remote servers' certificates.
+    pub webpki_roots: bool,
+    /// One TCP connection attempt, in seconds.
+    pub connect_timeout_secs: u64,
+    /// From connecting to an authenticated stream, both ways; queued
+    /// stanzas bounce after it.
+    pub negotiation_timeout_secs: u64,
+    /// An outbound stream idle this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Stanzas queued for one remote domain; more bounce.
+    pub max_queued: usize,
+    /// First wait before a domain that failed is tried again (doubles
+    /// per failure up to `max_backoff_secs`).
+    pub backoff_secs: u64,
+    pub max_backoff_secs: u64,
+}
+
+impl Default for S2s {
+    fn default() -> Self {
+        S2s {
+            enabled: true,
+            direct_tls_addr: None,
+            require_tls: true,
+            default_policy: "dialback".into(),
+            policies: Default::default(),
+            routes: Default::default(),
+            ca_file: None,
+            webpki_roots: true,
+            connect_timeout_secs: 10,
+            negotiation_timeout_secs: 30,
+            idle_timeout_secs: 600,
+            max_queued: 10_000,
+            backoff_secs: 1,
+            max_backoff_secs: 300,
+        }
+    }
 }
 
 /// The admin gRPC API that `clusterctl` talks to (`listen.grpc`).
@@ -487,6 +548,7 @@ impl Default for Config {
             log: Log::default(),
             cluster: ClusterConfig::default(),
             admin: Admin::default(),
+            s2s: S2s::default(),
         }
     }
 }
@@ -939,6 +1001,61 @@ impl Config {
                     origin: origin(key),
                     message: "must be at least 1 (0 would refuse everyone)".into(),
                 });
+            }
+        }
+        for (key, value) in [
+            ("s2s.connect_timeout_secs", self.s2s.connect_timeout_secs),
+            (
+                "s2s.negotiation_timeout_secs",
+                self.s2s.negotiation_timeout_secs,
+            ),
+            ("s2s.idle_timeout_secs", self.s2s.idle_timeout_secs),
+            ("s2s.max_queued", self.s2s.max_queued as u64),
+            ("s2s.backoff_secs", self.s2s.backoff_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    origin: origin(key),
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
+        if self.s2s.max_backoff_secs < self.s2s.backoff_secs {
+            return Err(ConfigError::Invalid {
+                origin: origin("s2s.max_backoff_secs"),
+                message: format!(
+                    "must be at least s2s.backoff_secs ({})",
+                    self.s2s.backoff_secs
+                ),
+            });
+        }
+        let mut policies = vec![(
+            "s2s.default_policy".to_owned(),
+            self.s2s.default_policy.clone(),
+        )];
+        policies.extend(
+            self.s2s
+                .policies
+                .iter()
+                .map(|(d, p)| (format!("s2s.policies.{d}"), p.clone())),
+        );
+        for (key, value) in policies {
+            if let Err(message) = value.parse::<s2s::Policy>() {
+                return Err(ConfigError::Invalid {
+                    origin: origin(&key),
+                    message,
+                });
+            }
+        }
+        for (domain, targets) in &self.s2s.routes {
+            for t in targets {
+                let port = t.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+                if port.is_none() {
+                    return Err(ConfigError::Invalid {
+                        origin: origin(&format!("s2s.routes.{domain}")),
+                        message: format!("`{t}` is not `host:port` (e.g. \"xmpp.{domain}:5269\")"),
+                    });
+                }
             }
         }
         if self.limits.max_unauthenticated_per_address > self.limits.max_unauthenticated {

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod c2s;
 pub mod cluster;
 pub mod config;
+pub mod federation;
 pub mod files;
 pub mod modules;
 pub mod router;
@@ -59,6 +60,8 @@ pub struct Server {
     /// Sessions that can be resumed (XEP-0198), by stream id.
     pub resumable: c2s::sm::Registry,
     pub started: Instant,
+    /// Streams to and from other domains (`None` when `s2s.enabled` is off).
+    pub s2s: Option<Arc<s2s::Federation>>,
     /// Flips to `true` once: every listener and session task watches it.
     pub shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -121,6 +124,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         kdf: accounts::KdfPool::default(),
         resumable: c2s::sm::Registry::default(),
         sasl_secret,
+        s2s: federation::build(&config, me.clone()),
         config,
         tls,
         cluster,
@@ -149,6 +153,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 server.config.cluster.addr
             )
         })?;
+    let s2s_listeners = federation::bind(&server.config).await?;
     let grpc = tokio::net::TcpListener::bind(server.config.listen.grpc)
         .await
         .with_context(|| {
@@ -177,6 +182,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(admin::serve(server.clone(), grpc, admin_token)),
     ];
     cluster::membership::start(server.clone());
+    federation::start(&server, s2s_listeners);
 
     wait_for_signal().await;
     tracing::info!("shutting down");

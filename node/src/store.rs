@@ -52,9 +52,15 @@ pub(crate) mod keys {
     pub const MEMBERSHIP: &[u8] = b"m:membership";
     /// The session table: `s:<full jid>` -> SessionEntry.
     pub const SESSION: &[u8] = b"s:";
+    /// Cluster secrets by name (`k:dialback`).
+    pub const SECRET: &[u8] = b"k:";
 
     pub fn roster_floor(user: &str) -> Vec<u8> {
         [ROSTER_FLOOR, user.as_bytes()].concat()
+    }
+
+    pub fn secret(name: &str) -> Vec<u8> {
+        [SECRET, name.as_bytes()].concat()
     }
 
     pub fn session(jid: &str) -> Vec<u8> {
@@ -475,6 +481,11 @@ impl Store {
 
     pub fn is_blocked(&self, user: &str, jid: &str) -> Result<bool, StoreError> {
         self.contains(&keys::user_key(keys::BLOCK, user, jid))
+    }
+
+    /// A cluster secret (see `Command::InitSecret`).
+    pub fn secret(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(&keys::secret(name))
     }
 
     pub fn vcard(&self, user: &str) -> Result<Option<String>, StoreError> {

@@ -120,6 +120,15 @@ impl Tls {
         })
     }
 
+    /// The certificate for `domain` (the first virtual host's for others),
+    /// for s2s streams.
+    pub fn certified_key(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        self.hosts
+            .get(domain)
+            .or_else(|| self.hosts.get(&self.fallback))
+            .map(|h| h.key.clone())
+    }
+
     /// Channel-binding data of an established server connection.
     pub fn channel_bindings(&self, conn: &rustls::ServerConnection) -> ChannelBindings {
         // RFC 9266: tls-exporter is defined for TLS 1.3 only.

@@ -59,7 +59,12 @@ mod tests {
             "a7136eb1f46c9ef18c5e78c36ca257067c69b3d518285f0b18a96c33beae9acc"
         );
         assert_eq!(
-            key(b"s3cr3tf0rd14lb4ck", "domain2.tld", "domain1.tld", "D60000229F"),
+            key(
+                b"s3cr3tf0rd14lb4ck",
+                "domain2.tld",
+                "domain1.tld",
+                "D60000229F"
+            ),
             "5e598fae34b90be084fb6a4a8a543ceb33549140bac9d829ef8d734d900616e4"
         );
     }

@@ -76,7 +76,9 @@ pub(crate) async fn run(fed: Arc<Federation>, tcp: TcpStream, peer: SocketAddr, 
     let mut io = Io::Plain(tcp);
     if direct_tls {
         let Io::Plain(tcp) = io else { unreachable!() };
-        match tokio::time::timeout(fed.config.negotiation_timeout, fed.tls.acceptor.accept(tcp)).await {
+        match tokio::time::timeout(fed.config.negotiation_timeout, fed.tls.acceptor.accept(tcp))
+            .await
+        {
             Ok(Ok(tls)) => io = Io::Server(Box::new(tls)),
             _ => {
                 tracing::debug!(%peer, "s2s direct TLS handshake failed");
@@ -116,7 +118,9 @@ pub(crate) async fn run(fed: Arc<Federation>, tcp: TcpStream, peer: SocketAddr, 
             tracing::warn!(%peer, remote = ?stream.peer_domain, reason = %end, "s2s peer closed its stream with an error");
             stream.conn.close().await;
         }
-        other => tracing::debug!(%peer, remote = ?stream.peer_domain, reason = %other, "s2s inbound stream ended"),
+        other => {
+            tracing::debug!(%peer, remote = ?stream.peer_domain, reason = %other, "s2s inbound stream ended")
+        }
     }
     if let Ok(mut m) = fed.inbound.lock() {
         m.remove(&id);
@@ -155,7 +159,10 @@ impl Inbound {
                     Ok(Event::Element(e)) => e,
                     Ok(Event::StreamClose) => return StreamEnd::Closed,
                     Ok(Event::StreamOpen(_)) => {
-                        return StreamEnd::err(StreamError::NotWellFormed, "a second stream header");
+                        return StreamEnd::err(
+                            StreamError::NotWellFormed,
+                            "a second stream header",
+                        );
                     }
                     Err(e) => return e,
                 };
@@ -175,7 +182,10 @@ impl Inbound {
         match to {
             Some(t) if self.fed.host.is_local(&t) => {
                 if !self.local.is_empty() && self.local != t {
-                    return Err(StreamEnd::err(StreamError::HostUnknown, "the host changed on a restart"));
+                    return Err(StreamEnd::err(
+                        StreamError::HostUnknown,
+                        "the host changed on a restart",
+                    ));
                 }
                 self.local = t;
             }
@@ -197,7 +207,9 @@ impl Inbound {
         self.stream_id = new_stream_id();
         let local = self.local.clone();
         let (id, from) = (self.stream_id.clone(), self.peer_domain.clone());
-        self.conn.write_header(&local, from.as_deref(), Some(&id)).await?;
+        self.conn
+            .write_header(&local, from.as_deref(), Some(&id))
+            .await?;
         if self.conn.is_tls() {
             self.cert_valid = match &self.peer_domain {
                 Some(d) => self.fed.tls.valid_for(&self.conn.peer_chain(), d),
@@ -273,7 +285,10 @@ impl Inbound {
 
     async fn starttls(&mut self) -> Result<(), StreamEnd> {
         if self.conn.is_tls() {
-            return Err(StreamEnd::err(StreamError::PolicyViolation, "TLS is already on"));
+            return Err(StreamEnd::err(
+                StreamError::PolicyViolation,
+                "TLS is already on",
+            ));
         }
         self.conn.send(&Element::new("proceed", ns::TLS)).await?;
         let Io::Plain(tcp) = std::mem::replace(&mut self.conn.io, Io::Upgrading) else {
@@ -290,9 +305,8 @@ impl Inbound {
     /// SASL EXTERNAL (RFC 6120 §6, XEP-0178): the certificate proves the
     /// domain in the header, or the authorization identity if it is that.
     async fn external(&mut self, e: &Element) -> Result<bool, StreamEnd> {
-        let failure = |cond: &str| {
-            Element::new("failure", ns::SASL).child(Element::new(cond, ns::SASL))
-        };
+        let failure =
+            |cond: &str| Element::new("failure", ns::SASL).child(Element::new(cond, ns::SASL));
         if e.get_attr("mechanism") != Some("EXTERNAL") {
             self.conn.send(&failure("invalid-mechanism")).await?;
             return Ok(false);
@@ -315,7 +329,11 @@ impl Inbound {
         let names_other = authzid
             .as_deref()
             .is_some_and(|a| xmpp::jid::nameprep(a).ok().as_deref() != Some(domain.as_str()));
-        if !self.conn.is_tls() || !self.cert_valid || names_other || self.fed.config.policy(&domain) == Policy::Deny {
+        if !self.conn.is_tls()
+            || !self.cert_valid
+            || names_other
+            || self.fed.config.policy(&domain) == Policy::Deny
+        {
             tracing::info!(peer = %self.conn.peer, %domain, "s2s SASL EXTERNAL refused");
             self.conn.send(&failure("not-authorized")).await?;
             return Ok(false);
@@ -339,7 +357,10 @@ impl Inbound {
     /// XEP-0220 §2.1.2: the receiving server's side of `<db:result/>`.
     async fn db_result(&mut self, e: &Element) -> Result<(), StreamEnd> {
         let (Some(from), Some(to)) = (e.get_attr("from"), e.get_attr("to")) else {
-            return Err(StreamEnd::err(StreamError::ImproperAddressing, "db:result needs 'from' and 'to'"));
+            return Err(StreamEnd::err(
+                StreamError::ImproperAddressing,
+                "db:result needs 'from' and 'to'",
+            ));
         };
         let key = e.text_content();
         if key.is_empty() {
@@ -349,7 +370,12 @@ impl Inbound {
         }
         let (remote, local) = match (xmpp::jid::nameprep(from), xmpp::jid::nameprep(to)) {
             (Ok(f), Ok(t)) => (f, t),
-            _ => return Err(StreamEnd::err(StreamError::ImproperAddressing, "db:result with invalid domains")),
+            _ => {
+                return Err(StreamEnd::err(
+                    StreamError::ImproperAddressing,
+                    "db:result with invalid domains",
+                ))
+            }
         };
         let refuse = |cond: &str, kind: &str| {
             Element::new("result", dialback::NS)
@@ -367,7 +393,10 @@ impl Inbound {
             return self.conn.send(&refuse("item-not-found", "cancel")).await;
         }
         if self.fed.config.require_tls && !self.conn.is_tls() {
-            return Err(StreamEnd::err(StreamError::PolicyViolation, "TLS comes before dialback here"));
+            return Err(StreamEnd::err(
+                StreamError::PolicyViolation,
+                "TLS comes before dialback here",
+            ));
         }
         let cert_valid = self.fed.tls.valid_for(&self.conn.peer_chain(), &remote);
         match self.fed.config.policy(&remote) {
@@ -382,7 +411,12 @@ impl Inbound {
             self.prove(remote, local, AuthMethod::Dialback);
             return self
                 .conn
-                .send(&Element::new("result", dialback::NS).attr("from", to).attr("to", from).attr("type", "valid"))
+                .send(
+                    &Element::new("result", dialback::NS)
+                        .attr("from", to)
+                        .attr("to", from)
+                        .attr("type", "valid"),
+                )
                 .await;
         }
         if self.pending >= MAX_PENDING_VERIFY {
@@ -396,7 +430,11 @@ impl Inbound {
             let valid = crate::outbound::verify(&fed, &local, &remote, &id, &key)
                 .await
                 .map_err(|e| e.to_string());
-            let _ = tx.send(Verdict { remote, local, valid });
+            let _ = tx.send(Verdict {
+                remote,
+                local,
+                valid,
+            });
         });
         Ok(())
     }
@@ -420,19 +458,38 @@ impl Inbound {
                 let error = Element::new("error", ns::SERVER)
                     .attr("type", "cancel")
                     .child(Element::new("remote-server-not-found", ns::STANZAS));
-                self.conn.send(&answer.attr("type", "error").child(error)).await
+                self.conn
+                    .send(&answer.attr("type", "error").child(error))
+                    .await
             }
         }
     }
 
     /// XEP-0220 §2.1.3: the authoritative server's side: did we issue this key?
     async fn db_verify(&mut self, e: &Element) -> Result<(), StreamEnd> {
-        let (Some(from), Some(to), Some(id)) = (e.get_attr("from"), e.get_attr("to"), e.get_attr("id")) else {
-            return Err(StreamEnd::err(StreamError::ImproperAddressing, "db:verify needs 'from', 'to' and 'id'"));
+        let (Some(from), Some(to), Some(id)) =
+            (e.get_attr("from"), e.get_attr("to"), e.get_attr("id"))
+        else {
+            return Err(StreamEnd::err(
+                StreamError::ImproperAddressing,
+                "db:verify needs 'from', 'to' and 'id'",
+            ));
         };
-        let valid = match (xmpp::jid::nameprep(from), xmpp::jid::nameprep(to), self.fed.host.dialback_secret()) {
-            (Ok(receiving), Ok(originating), Some(secret)) if self.fed.host.is_local(&originating) => {
-                dialback::is_valid(&secret, &receiving, &originating, id, e.text_content().trim())
+        let valid = match (
+            xmpp::jid::nameprep(from),
+            xmpp::jid::nameprep(to),
+            self.fed.host.dialback_secret(),
+        ) {
+            (Ok(receiving), Ok(originating), Some(secret))
+                if self.fed.host.is_local(&originating) =>
+            {
+                dialback::is_valid(
+                    &secret,
+                    &receiving,
+                    &originating,
+                    id,
+                    e.text_content().trim(),
+                )
             }
             _ => false,
         };
@@ -456,10 +513,16 @@ impl Inbound {
         };
         if !self.proven.contains(&(from.clone(), to.clone())) {
             if !self.fed.host.is_local(&to) {
-                return Err(StreamEnd::err(StreamError::HostUnknown, format!("this server does not serve {to}")));
+                return Err(StreamEnd::err(
+                    StreamError::HostUnknown,
+                    format!("this server does not serve {to}"),
+                ));
             }
             if self.proven.is_empty() {
-                return Err(StreamEnd::err(StreamError::NotAuthorized, "no domain is authenticated on this stream"));
+                return Err(StreamEnd::err(
+                    StreamError::NotAuthorized,
+                    "no domain is authenticated on this stream",
+                ));
             }
             return Err(StreamEnd::err(
                 StreamError::InvalidFrom,

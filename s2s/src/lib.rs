@@ -236,7 +236,10 @@ impl Federation {
     pub fn status(&self) -> Vec<StreamStatus> {
         let mut out = self.pool.status();
         if let Ok(map) = self.inbound.lock() {
-            out.extend(map.values().filter_map(|c| c.lock().ok().map(|s| s.clone())));
+            out.extend(
+                map.values()
+                    .filter_map(|c| c.lock().ok().map(|s| s.clone())),
+            );
         }
         out.sort_by(|a, b| (&a.remote, a.direction).cmp(&(&b.remote, b.direction)));
         out
@@ -319,6 +322,9 @@ mod tests {
     #[test]
     fn policies_parse_with_a_clear_error() {
         assert_eq!("dialback".parse::<Policy>(), Ok(Policy::Dialback));
-        assert!("open".parse::<Policy>().unwrap_err().contains("certificate"));
+        assert!("open"
+            .parse::<Policy>()
+            .unwrap_err()
+            .contains("certificate"));
     }
 }

@@ -188,7 +188,12 @@ fn set(status: &StatusCell, f: impl FnOnce(&mut StreamStatus)) {
 /// Leaves the pool if nothing is queued (checked under the pool lock, so
 /// no stanza is sent to a task that is gone). Returns a stanza that came
 /// in meanwhile instead.
-fn leave(fed: &Federation, pair: &Pair, rx: &mut mpsc::UnboundedReceiver<Element>, me: &StatusCell) -> Option<Element> {
+fn leave(
+    fed: &Federation,
+    pair: &Pair,
+    rx: &mut mpsc::UnboundedReceiver<Element>,
+    me: &StatusCell,
+) -> Option<Element> {
     let Ok(mut streams) = fed.pool.streams.lock() else {
         return None;
     };
@@ -234,7 +239,17 @@ async fn run(
                     s.since = Instant::now();
                 });
                 tracing::info!(%local, %remote, peer = %conn.peer, "s2s outbound stream established");
-                match established(&fed, &pair, &mut conn, &mut rx, &queued, &status, first.take()).await {
+                match established(
+                    &fed,
+                    &pair,
+                    &mut conn,
+                    &mut rx,
+                    &queued,
+                    &status,
+                    first.take(),
+                )
+                .await
+                {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::info!(%local, %remote, reason = %e, "s2s outbound stream ended");
@@ -390,17 +405,23 @@ pub(crate) async fn open(fed: &Federation, local: &str, remote: &str) -> Result<
             last = Failure::Connect(format!("{} has no address", target.host));
         }
         for addr in addrs {
-            let tcp = match tokio::time::timeout(fed.config.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    last = Failure::Connect(format!("{addr}: {e}"));
-                    continue;
-                }
-                Err(_) => {
-                    last = Failure::Connect(format!("{addr}: no answer in {:?}", fed.config.connect_timeout));
-                    continue;
-                }
-            };
+            let tcp =
+                match tokio::time::timeout(fed.config.connect_timeout, TcpStream::connect(addr))
+                    .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        last = Failure::Connect(format!("{addr}: {e}"));
+                        continue;
+                    }
+                    Err(_) => {
+                        last = Failure::Connect(format!(
+                            "{addr}: no answer in {:?}",
+                            fed.config.connect_timeout
+                        ));
+                        continue;
+                    }
+                };
             let _ = tcp.set_nodelay(true);
             match negotiate_tls(fed, tcp, addr, target, local, remote).await {
                 Ok(o) => return Ok(o),
@@ -411,7 +432,12 @@ pub(crate) async fn open(fed: &Federation, local: &str, remote: &str) -> Result<
     Err(last)
 }
 
-async fn tls_connect(fed: &Federation, tcp: TcpStream, local: &str, remote: &str) -> Result<Io, Failure> {
+async fn tls_connect(
+    fed: &Federation,
+    tcp: TcpStream,
+    local: &str,
+    remote: &str,
+) -> Result<Io, Failure> {
     let name = rustls_pki_types::ServerName::try_from(remote.to_owned())
         .map_err(|e| Failure::Connect(format!("{remote} is not a valid TLS name: {e}")))?;
     let tls = fed
@@ -454,7 +480,12 @@ async fn negotiate_tls(
             continue;
         }
         if !conn.is_tls() && fed.config.require_tls {
-            conn.close_with_error(local, StreamError::PolicyViolation, "this server requires TLS between servers").await;
+            conn.close_with_error(
+                local,
+                StreamError::PolicyViolation,
+                "this server requires TLS between servers",
+            )
+            .await;
             return Err(Failure::Policy(format!("{remote} does not offer TLS")));
         }
         let cert_valid = conn.is_tls() && fed.tls.valid_for(&conn.peer_chain(), remote);
@@ -472,16 +503,24 @@ async fn restart(conn: &mut Conn, local: &str, remote: &str) -> Result<(String, 
     conn.write_header(local, Some(remote), None).await?;
     let header = conn.next_header().await?;
     if header.default_ns != ns::SERVER {
-        return Err(Failure::Connect(format!("{remote} does not speak jabber:server")));
+        return Err(Failure::Connect(format!(
+            "{remote} does not speak jabber:server"
+        )));
     }
     let Some(id) = header.id else {
         return Err(Failure::Connect(format!("{remote} sent no stream id")));
     };
     // A pre-1.0 server sends no features (RFC 6120 §4.7.5).
-    let features = if header.version.as_deref().is_some_and(|v| v.starts_with('1')) {
+    let features = if header
+        .version
+        .as_deref()
+        .is_some_and(|v| v.starts_with('1'))
+    {
         let f = conn.next_element().await?;
         if !f.is("features", ns::STREAM) {
-            return Err(Failure::Connect(format!("{remote} sent no stream features")));
+            return Err(Failure::Connect(format!(
+                "{remote} sent no stream features"
+            )));
         }
         f
     } else {
@@ -491,7 +530,12 @@ async fn restart(conn: &mut Conn, local: &str, remote: &str) -> Result<(String, 
 }
 
 /// Opens and authenticates a stream from `local` to `remote`.
-async fn establish(fed: &Federation, local: &str, remote: &str, status: &StatusCell) -> Result<Conn, Failure> {
+async fn establish(
+    fed: &Federation,
+    local: &str,
+    remote: &str,
+    status: &StatusCell,
+) -> Result<Conn, Failure> {
     let Opened {
         mut conn,
         stream_id,
@@ -506,18 +550,30 @@ async fn establish(fed: &Federation, local: &str, remote: &str, status: &StatusC
     });
     let policy = fed.config.policy(remote);
     if policy == Policy::Certificate && !cert_valid {
-        conn.close_with_error(local, StreamError::PolicyViolation, "your certificate is not valid for your domain").await;
-        return Err(Failure::Policy(format!("the certificate of {remote} is not valid for it")));
+        conn.close_with_error(
+            local,
+            StreamError::PolicyViolation,
+            "your certificate is not valid for your domain",
+        )
+        .await;
+        return Err(Failure::Policy(format!(
+            "the certificate of {remote} is not valid for it"
+        )));
     }
-    let offers_external = features
-        .get_child("mechanisms", ns::SASL)
-        .is_some_and(|m| m.elements().any(|c| c.name == "mechanism" && c.text_content() == "EXTERNAL"));
+    let offers_external = features.get_child("mechanisms", ns::SASL).is_some_and(|m| {
+        m.elements()
+            .any(|c| c.name == "mechanism" && c.text_content() == "EXTERNAL")
+    });
     if offers_external {
         // XEP-0178 §3: the authorization identity is our domain.
         use base64::Engine;
         let authzid = base64::engine::general_purpose::STANDARD.encode(local);
-        conn.send(&Element::new("auth", ns::SASL).attr("mechanism", "EXTERNAL").text(authzid))
-            .await?;
+        conn.send(
+            &Element::new("auth", ns::SASL)
+                .attr("mechanism", "EXTERNAL")
+                .text(authzid),
+        )
+        .await?;
         let answer = conn.next_element().await?;
         if answer.is("success", ns::SASL) {
             conn.reset();
@@ -553,9 +609,15 @@ async fn establish(fed: &Federation, local: &str, remote: &str, status: &StatusC
                     .get_child("error", ns::SERVER)
                     .and_then(|err| err.elements().next().map(|c| c.name.clone()))
                     .unwrap_or_else(|| "error".into());
-                return Err(Failure::Auth(format!("{remote} answered dialback with {why}")));
+                return Err(Failure::Auth(format!(
+                    "{remote} answered dialback with {why}"
+                )));
             }
-            _ => return Err(Failure::Auth(format!("{remote} found our dialback key invalid"))),
+            _ => {
+                return Err(Failure::Auth(format!(
+                    "{remote} found our dialback key invalid"
+                )))
+            }
         }
     }
 }

@@ -68,8 +68,7 @@ pub fn order(mut records: Vec<Srv>, rng: &mut impl Rng) -> Vec<Srv> {
         }
         rest = tail;
     }
-    out
-        .into_iter()
+    out.into_iter()
         .filter(|r| !r.target.trim_end_matches('.').is_empty())
         .collect()
 }
@@ -109,7 +108,8 @@ impl Resolver {
         }
         let mut out = Vec::new();
         if let Some(dns) = &self.dns {
-            for (service, direct_tls) in [("_xmpps-server._tcp", true), ("_xmpp-server._tcp", false)]
+            for (service, direct_tls) in
+                [("_xmpps-server._tcp", true), ("_xmpp-server._tcp", false)]
             {
                 let name = format!("{service}.{domain}.");
                 if let Ok(found) = dns.srv_lookup(name).await {
@@ -122,13 +122,15 @@ impl Resolver {
                             port: r.port(),
                         })
                         .collect();
-                    out.extend(order(records, &mut rand::thread_rng()).into_iter().map(|r| {
-                        Target {
-                            host: r.target.trim_end_matches('.').to_owned(),
-                            port: r.port,
-                            direct_tls,
-                        }
-                    }));
+                    out.extend(
+                        order(records, &mut rand::thread_rng())
+                            .into_iter()
+                            .map(|r| Target {
+                                host: r.target.trim_end_matches('.').to_owned(),
+                                port: r.port,
+                                direct_tls,
+                            }),
+                    );
                 }
             }
         }
@@ -149,7 +151,10 @@ impl Resolver {
         }
         if let Some(dns) = &self.dns {
             if let Ok(ips) = dns.lookup_ip(format!("{}.", target.host)).await {
-                return ips.iter().map(|ip| SocketAddr::new(ip, target.port)).collect();
+                return ips
+                    .iter()
+                    .map(|ip| SocketAddr::new(ip, target.port))
+                    .collect();
             }
         }
         // Without a DNS configuration, the system's own lookup.
@@ -179,7 +184,12 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for _ in 0..200 {
             let o = order(
-                vec![srv(20, 100, "c"), srv(10, 1, "a"), srv(10, 1, "b"), srv(30, 0, "d")],
+                vec![
+                    srv(20, 100, "c"),
+                    srv(10, 1, "a"),
+                    srv(10, 1, "b"),
+                    srv(30, 0, "d"),
+                ],
                 &mut rng,
             );
             let prios: Vec<u16> = o.iter().map(|r| r.priority).collect();
@@ -229,6 +239,9 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert_eq!((t[0].host.as_str(), t[0].port), ("127.0.0.9", 5999));
         assert_eq!((t[1].host.as_str(), t[1].port), ("::1", 5269));
-        assert_eq!(r.addrs(&t[0]).await, vec!["127.0.0.9:5999".parse().unwrap()]);
+        assert_eq!(
+            r.addrs(&t[0]).await,
+            vec!["127.0.0.9:5999".parse().unwrap()]
+        );
     }
 }

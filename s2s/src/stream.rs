@@ -117,7 +117,12 @@ pub fn new_stream_id() -> String {
 }
 
 impl Conn {
-    pub fn new(io: Io, peer: SocketAddr, limits: xmpp::xml::Limits, write_timeout: Duration) -> Conn {
+    pub fn new(
+        io: Io,
+        peer: SocketAddr,
+        limits: xmpp::xml::Limits,
+        write_timeout: Duration,
+    ) -> Conn {
         Conn {
             io,
             parser: StreamParser::new(limits),
@@ -249,7 +254,20 @@ impl Conn {
     /// Writes elements, serialised for a `jabber:server` stream.
     pub async fn send(&mut self, e: &Element) -> Result<(), StreamEnd> {
         self.out.clear();
-        e.write_to(&mut self.out, ns::SERVER);
+        if e.ns == ns::STREAM {
+            // `<stream:features/>` keeps the prefix the header declared.
+            self.out.push_str("<stream:");
+            self.out.push_str(&e.name);
+            self.out.push('>');
+            for c in e.elements() {
+                c.write_to(&mut self.out, ns::SERVER);
+            }
+            self.out.push_str("</stream:");
+            self.out.push_str(&e.name);
+            self.out.push('>');
+        } else {
+            e.write_to(&mut self.out, ns::SERVER);
+        }
         let out = std::mem::take(&mut self.out);
         let r = self.write_raw(&out).await;
         self.out = out;

@@ -109,6 +109,8 @@ pub struct TestNode {
     pub config_path: PathBuf,
     pub c2s: SocketAddr,
     pub c2s_tls: SocketAddr,
+    /// The server-to-server (federation) listener.
+    pub s2s: SocketAddr,
     pub grpc: SocketAddr,
     /// The inter-node (Raft) address.
     pub cluster: SocketAddr,
@@ -170,6 +172,7 @@ impl TestNode {
             config_path,
             c2s,
             c2s_tls,
+            s2s,
             grpc,
             cluster,
             advertised: opts
@@ -181,6 +184,16 @@ impl TestNode {
             domain: opts.vhosts.first().cloned().unwrap_or_default(),
             wait_quorum: opts.wait_quorum,
         })
+    }
+
+    /// Appends TOML to the config file (before the node starts).
+    pub fn append_config(&self, toml: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config_path)?;
+        writeln!(f, "\n{toml}")?;
+        Ok(())
     }
 
     pub fn log_path(&self) -> PathBuf {

@@ -64,6 +64,9 @@ enum Cmd {
     Users { vhost: Option<String> },
     /// List live sessions.
     Sessions { vhost: Option<String> },
+    /// This node's server-to-server streams: remote domain, direction,
+    /// state, how the peer authenticated, TLS version, age, queued stanzas.
+    S2s,
     /// Create accounts from a file of `user@domain;password` lines.
     /// Make TLS material for mutual TLS between nodes.
     Certs {
@@ -391,6 +394,45 @@ async fn main() -> anyhow::Result<()> {
                     },
                     s.peer,
                     if s.tls { "tls" } else { "plain" }
+                );
+            }
+        }
+        Cmd::S2s => {
+            let r = c
+                .list_s2s(proto::ListS2sRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if !r.enabled {
+                println!("federation is off on this node (s2s.enabled = false)");
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<9} {:<16} {:<15} {:<13} {:<8} {:>7} {:>7}  peer",
+                "remote", "direction", "local", "state", "auth", "tls", "age", "queued"
+            );
+            for s in r.streams {
+                let tls = if s.tls.is_empty() {
+                    "none".to_owned()
+                } else {
+                    s.tls.replace("TLSv1_", "1.")
+                };
+                println!(
+                    "{:<24} {:<9} {:<16} {:<15} {:<13} {:<8} {:>6}s {:>7}  {}{}",
+                    s.remote,
+                    s.direction,
+                    s.local,
+                    s.state,
+                    s.auth,
+                    tls,
+                    s.age_seconds,
+                    s.queued,
+                    s.peer,
+                    if s.cert_valid {
+                        " (certificate valid)"
+                    } else {
+                        ""
+                    }
                 );
             }
         }

@@ -157,6 +157,10 @@ pub enum Command {
         limits: Vec<Limit>,
         command: Box<Command>,
     },
+    /// A cluster secret (the dialback secret, XEP-0185), set by whichever
+    /// node proposes it first; later proposals leave it as it is, so every
+    /// node signs and verifies with the same one.
+    InitSecret { name: String, value: Vec<u8> },
 }
 
 impl Command {
@@ -758,6 +762,13 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             meta.bytes = 0;
             put_offline_meta(tx, &user, meta);
             Ok(Response::Offline(out))
+        }
+        Command::InitSecret { name, value } => {
+            let key = keys::secret(&name);
+            if tx.get(&key)?.is_none() {
+                tx.put(key, value);
+            }
+            Ok(Response::Done)
         }
         Command::AckOffline { user, upto } => {
             let mut meta = offline_meta(tx, &user)?;

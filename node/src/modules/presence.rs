@@ -3,9 +3,11 @@
 //! a session that ends, and the subscription handshake with both sides of
 //! a local contact committed in one command.
 //!
-//! Contacts on other domains get nothing from the broadcast yet: that is
-//! federation's issue; their subscription stanzas are routed (and answered
-//! with `remote-server-not-found` until then).
+//! Contacts on other domains get the broadcast, probes and subscription
+//! stanzas over s2s ([`crate::federation`]); their inbound subscription
+//! stanzas go through the same state machine (the contact's-server side,
+//! RFC 6121 §3) in [`inbound_subscription`], and their probes are answered
+//! by [`remote_probe`].
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -239,6 +241,7 @@ pub async fn subscription(
         stanza_xml = xml(&stanza);
     }
     let local = is_local(server, contact);
+    let contact_had_from = !local && has_from(server, user, contact);
     let (user_had_to, contact_had_to) = (
         has_to(server, user, contact),
         local && has_to(server, contact, user),
@@ -306,6 +309,15 @@ pub async fn subscription(
             }
         }
         _ => {}
+    }
+    if !local && contact.node().is_some() && !server.config.is_local_domain(contact.domain()) {
+        // §3.1.5 / §3.2.3: approving a remote contact sends it our
+        // presence; cancelling its subscription sends it unavailable.
+        match (contact_had_from, has_from(server, user, contact)) {
+            (false, true) => presence_to_remote(server, user, &Jid::Bare(contact.clone())),
+            (true, false) => unavailable_to_remote(server, user, contact),
+            _ => {}
+        }
     }
     if local {
         let (user_has_to, contact_has_to) =
@@ -377,6 +389,155 @@ fn local_subscribers(server: &Server, user: &BareJid) -> Vec<(String, BareJid)> 
         .collect()
 }
 
+/// The user's contacts on other domains whose roster item passes `pred`.
+fn remote_contacts(
+    server: &Server,
+    user: &BareJid,
+    pred: impl Fn(&crate::store::RosterItem) -> bool,
+) -> Vec<BareJid> {
+    if server.s2s.is_none() {
+        return Vec::new();
+    }
+    let roster = server.store().roster(&user.to_string()).unwrap_or_default();
+    roster
+        .into_iter()
+        .filter(|(_, item)| pred(item))
+        .filter_map(|(c, _)| BareJid::parse(&c).ok())
+        .filter(|j| !server.config.is_local_domain(j.domain()))
+        .collect()
+}
+
+/// The current presence of `user`'s available resources here, to a
+/// contact on another domain (§4.3.2 probe answers, §3.1.5 approval).
+fn presence_to_remote(server: &Server, user: &BareJid, to: &Jid) {
+    for r in server.sessions.resources(user) {
+        if let (true, Some(p)) = (r.available, &r.presence) {
+            if let Ok(mut e) = xmpp::xml::parse_element(p, ns::CLIENT) {
+                e.set_attr("from", format!("{user}/{}", r.resource));
+                e.set_attr("to", to.to_string());
+                crate::federation::route_remote(server, e, to.domain());
+            }
+        }
+    }
+}
+
+/// Unavailable from each of `user`'s available resources here to a remote
+/// contact (§3.2.3, §3.3.3: it no longer may see the user's presence).
+fn unavailable_to_remote(server: &Server, user: &BareJid, to: &BareJid) {
+    for r in server.sessions.resources(user) {
+        if r.available {
+            let e = Element::new("presence", ns::CLIENT)
+                .attr("type", "unavailable")
+                .attr("from", format!("{user}/{}", r.resource))
+                .attr("to", to.to_string());
+            crate::federation::route_remote(server, e, to.domain());
+        }
+    }
+}
+
+/// A probe from another domain (§4.3.2): answered only when the prober is
+/// subscribed to the user and neither blocks the other.
+pub(crate) fn remote_probe(server: &Server, user: &BareJid, from: &Jid) {
+    if user.node().is_none() || !server.config.is_local_domain(user.domain()) {
+        return;
+    }
+    if has_from(server, user, from.bare()) && !blocked_either_way(server, user, from.bare()) {
+        presence_to_remote(server, user, from);
+    }
+}
+
+/// A subscription stanza from a contact on another domain about one of
+/// our users: the contact's-server side of RFC 6121 §3 (§3.1.3, §3.2.2,
+/// §3.3.2, §3.4.2), stored for offline users like a local request.
+pub(crate) async fn inbound_subscription(
+    server: &Server,
+    user: &BareJid,
+    contact: &BareJid,
+    kind: SubKind,
+    original: &Element,
+) {
+    if !is_local(server, user) {
+        return;
+    }
+    let (u, c) = (user.to_string(), contact.to_string());
+    let exists = server.store().account(user).ok().flatten().is_some();
+    if !exists {
+        // §3.1.3: a request for no such user is answered `unsubscribed`.
+        if kind == SubKind::Subscribe {
+            let answer = Element::new("presence", ns::CLIENT)
+                .attr("from", u.as_str())
+                .attr("to", c.as_str())
+                .attr("type", SubKind::Unsubscribed.as_str());
+            crate::federation::route_remote(server, answer, contact.domain());
+        }
+        return;
+    }
+    // XEP-0191 §3.4: nothing from a blocked JID reaches the blocker.
+    if blocking::blocks(server, user, &Jid::Bare(contact.clone())) {
+        return;
+    }
+    let mut stanza = Element::new("presence", ns::CLIENT)
+        .attr("from", c.as_str())
+        .attr("to", u.as_str())
+        .attr("type", kind.as_str());
+    stanza.children = original
+        .children
+        .iter()
+        .filter(|n| matches!(n, Node::Element(_)))
+        .cloned()
+        .collect();
+    let mut stanza_xml = xml(&stanza);
+    if stanza_xml.len() > server.config.limits.max_subscription_request_bytes {
+        stanza.children.clear();
+        stanza_xml = xml(&stanza);
+    }
+    let had_from = has_from(server, user, contact);
+    let cmd = Command::Subscription {
+        user: u.clone(),
+        contact: c.clone(),
+        direction: Direction::Inbound,
+        kind,
+        stanza: Some(stanza_xml.to_string()),
+    };
+    let response = match server
+        .cluster
+        .write(cmd.limited(&server.config.limits))
+        .await
+    {
+        Ok(r) => r,
+        Err(ApplyError::Refused(Refusal::RosterFull(_, max))) => {
+            tracing::info!(%user, %contact, max, "remote subscription request dropped: the roster is full");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, %user, %contact, "remote subscription change failed");
+            return;
+        }
+    };
+    after_side(server, user, &c, &response, Some(&stanza_xml));
+    if let Response::Subscription {
+        transition:
+            xmpp::roster::Transition {
+                auto_reply: Some(reply),
+                ..
+            },
+        ..
+    } = &response
+    {
+        // The user approved in advance (§3.4): the server answers.
+        let answer = Element::new("presence", ns::CLIENT)
+            .attr("from", u.as_str())
+            .attr("to", c.as_str())
+            .attr("type", reply.as_str());
+        crate::federation::route_remote(server, answer, contact.domain());
+    }
+    match (had_from, has_from(server, user, contact)) {
+        (false, true) => presence_to_remote(server, user, &Jid::Bare(contact.clone())),
+        (true, false) => unavailable_to_remote(server, user, contact),
+        _ => {}
+    }
+}
+
 /// Availability and priority into the replicated session table, when they
 /// changed (status texts alone are not replicated: DESIGN.md).
 async fn in_table(server: &Server, me: &FullJid, id: SessionId, available: bool, priority: i8) {
@@ -395,6 +556,15 @@ fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
             continue;
         }
         to_available(server, &contact, &xml(&with_to(stanza, &c)));
+    }
+    for contact in remote_contacts(server, user, |i| i.sub.subscription.has_from()) {
+        if !blocking::blocks(server, user, &Jid::Bare(contact.clone())) {
+            crate::federation::route_remote(
+                server,
+                with_to(stanza, &contact.to_string()),
+                contact.domain(),
+            );
+        }
     }
     // RFC 6121 §4.2.2, §4.4.2, §4.5.2: to all of the user's available
     // resources, including the one that sent it (clients such as
@@ -443,6 +613,16 @@ fn initial(server: &Server, me: &FullJid) {
         }
     }
     router::remote::probe(server, &me.to_string(), user);
+    // §4.2.2: probes to contacts on other domains the user is subscribed to.
+    for contact in remote_contacts(server, user, |i| i.sub.subscription.has_to()) {
+        if !blocking::blocks(server, user, &Jid::Bare(contact.clone())) {
+            let probe = Element::new("presence", ns::CLIENT)
+                .attr("type", "probe")
+                .attr("from", user.to_string())
+                .attr("to", contact.to_string());
+            crate::federation::route_remote(server, probe, contact.domain());
+        }
+    }
     if let (false, Some(r)) = (out.is_empty(), server.sessions.get(me)) {
         let _ = r.tx.send(Outbound::Batch(out));
     }
