@@ -7,4 +7,5 @@ pub mod client;
 pub mod faultnet;
 pub mod load;
 pub mod node;
+pub mod prosody;
 pub mod tls;

@@ -84,6 +84,9 @@ pub struct NodeOptions {
     pub ip: Option<Ipv4Addr>,
     /// `admin.token_file`: this node's `clusterctl` calls send it.
     pub admin_token_file: Option<PathBuf>,
+    /// The s2s listener (a free port when `None`): a peer that finds us
+    /// through a hosts file dials port 5269.
+    pub s2s_addr: Option<SocketAddr>,
 }
 
 impl Default for NodeOptions {
@@ -98,6 +101,7 @@ impl Default for NodeOptions {
             advertise_addr: None,
             ip: None,
             admin_token_file: None,
+            s2s_addr: None,
         }
     }
 }
@@ -139,6 +143,7 @@ impl TestNode {
         let dir = tempfile::tempdir()?;
         let ip = opts.ip.unwrap_or_else(fresh_ip);
         let [c2s, c2s_tls, s2s, http, grpc, cluster] = free_ports::<6>(ip)?;
+        let s2s = opts.s2s_addr.unwrap_or(s2s);
         let mut toml = format!(
             "data_dir = {:?}\nnode_id = {}\n",
             dir.path().join("data"),

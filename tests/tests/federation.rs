@@ -405,3 +405,101 @@ async fn a_peer_whose_dialback_key_fails_is_refused() {
     let closed = peer.until("</stream:stream>").await;
     assert!(closed.contains("<not-authorized"), "{closed}\n{}", a.log());
 }
+
+/// Gives the node's (only) virtual host this certificate and key.
+fn set_vhost_cert(node: &TestNode, cert: &std::path::Path, key: &std::path::Path) {
+    let text = std::fs::read_to_string(&node.config_path).expect("config");
+    let line = format!("[[vhosts]]\nname = \"{}\"\n", node.domain);
+    assert!(text.contains(&line), "{text}");
+    let with = format!("{line}tls_cert = {:?}\ntls_key = {:?}\n", cert, key);
+    std::fs::write(&node.config_path, text.replacen(&line, &with, 1)).expect("write config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_with_certificates_from_a_trusted_ca_use_sasl_external() {
+    // A test CA and a certificate for each domain (server and client use),
+    // made by `clusterctl certs init`.
+    let certs = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(tests::node::bin("clusterctl"))
+        .args(["certs", "init", "--dir"])
+        .arg(certs.path())
+        .args(["--node", "1=a.test", "--node", "2=b.test"])
+        .output()
+        .expect("clusterctl certs init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut a = node("a.test");
+    let mut b = node("b.test");
+    let p = |n: &str| certs.path().join(n);
+    set_vhost_cert(&a, &p("node-1.crt"), &p("node-1.key"));
+    set_vhost_cert(&b, &p("node-2.crt"), &p("node-2.key"));
+    // Only certificates count: no dialback to fall back on.
+    let trust = format!(
+        "[s2s]\nca_file = {:?}\nwebpki_roots = false\ndefault_policy = \"certificate\"\n",
+        p("ca.crt")
+    );
+    a.append_config(&format!("{trust}{}", route("b.test", b.s2s)))
+        .expect("config a");
+    b.append_config(&format!("{trust}{}", route("a.test", a.s2s)))
+        .expect("config b");
+    a.start_again().expect("a starts");
+    b.start_again().expect("b starts");
+    a.adduser("alice", PW).expect("alice");
+    b.adduser("bob", PW).expect("bob");
+    let mut alice = Client::login_bound(&a, "alice", PW, "home")
+        .await
+        .expect("alice");
+    let mut bob = Client::login_bound(&b, "bob", PW, "work")
+        .await
+        .expect("bob");
+    alice
+        .chat("bob@b.test/work", "signed and sealed")
+        .await
+        .expect("chat");
+    let m = bob
+        .recv_message(FED_WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nnode a log:\n{}\nnode b log:\n{}", a.log(), b.log()));
+    assert_eq!(body(&m).as_deref(), Some("signed and sealed"));
+    bob.chat("alice@a.test/home", "likewise")
+        .await
+        .expect("chat back");
+    let m = alice.recv_message(FED_WAIT).await.expect("alice gets it");
+    assert_eq!(body(&m).as_deref(), Some("likewise"));
+    for n in [&a, &b] {
+        let status = n.clusterctl(&["s2s"]).expect("clusterctl s2s");
+        let outbound = status
+            .lines()
+            .find(|l| l.contains("outbound"))
+            .unwrap_or_else(|| panic!("no outbound stream: {status}"));
+        assert!(
+            outbound.contains("sasl-external") && outbound.contains("certificate valid"),
+            "{status}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_policy_refuses_a_self_signed_peer() {
+    // b.test has only its generated self-signed certificate; a.test
+    // demands a valid one for it.
+    let (a, _b) = two_domains("[s2s.policies]\n\"b.test\" = \"certificate\"\n");
+    let mut alice = Client::login_bound(&a, "alice", PW, "home")
+        .await
+        .expect("alice");
+    alice.chat("bob@b.test", "let me in").await.expect("send");
+    let err = alice
+        .recv_until(
+            |e| e.name == "message" && e.get_attr("type") == Some("error"),
+            FED_WAIT,
+        )
+        .await
+        .expect("bounced");
+    assert_eq!(
+        stanza_error(&err).as_deref(),
+        Some("remote-server-not-found")
+    );
+}
