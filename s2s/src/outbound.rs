@@ -95,6 +95,8 @@ pub enum Failure {
     Auth(String),
     #[error("refused by policy: {0}")]
     Policy(String),
+    #[error("the peer refused our certificate (SASL EXTERNAL)")]
+    ExternalRefused,
 }
 
 impl Failure {
@@ -223,10 +225,17 @@ async fn run(
             s.state = "connecting".into();
             s.since = Instant::now();
         });
-        let setup = tokio::time::timeout(
-            fed.config.negotiation_timeout,
-            establish(&fed, local, remote, &status),
-        )
+        let setup = tokio::time::timeout(fed.config.negotiation_timeout, async {
+            match establish(&fed, local, remote, &status, true).await {
+                // Some servers (ejabberd) offer EXTERNAL whatever our
+                // certificate, and take nothing else on that stream after
+                // refusing it: a new stream, with dialback only.
+                Err(Failure::ExternalRefused) => {
+                    establish(&fed, local, remote, &status, false).await
+                }
+                other => other,
+            }
+        })
         .await
         .unwrap_or(Err(Failure::Timeout));
         match setup {
@@ -535,6 +544,7 @@ async fn establish(
     local: &str,
     remote: &str,
     status: &StatusCell,
+    try_external: bool,
 ) -> Result<Conn, Failure> {
     let Opened {
         mut conn,
@@ -564,7 +574,13 @@ async fn establish(
         m.elements()
             .any(|c| c.name == "mechanism" && c.text_content() == "EXTERNAL")
     });
-    if offers_external {
+    // EXTERNAL only with a certificate that our own trust anchors accept
+    // for our domain: a self-signed one would be refused anyway.
+    let ours_valid = fed
+        .host
+        .certificate(local)
+        .is_some_and(|k| fed.tls.valid_for(&k.cert, local));
+    if offers_external && try_external && ours_valid {
         // XEP-0178 §3: the authorization identity is our domain.
         use base64::Engine;
         let authzid = base64::engine::general_purpose::STANDARD.encode(local);
@@ -581,7 +597,12 @@ async fn establish(
             set(status, |s| s.auth = AuthMethod::External);
             return Ok(conn);
         }
-        tracing::info!(%local, %remote, "SASL EXTERNAL refused; trying dialback");
+        tracing::info!(%local, %remote, "SASL EXTERNAL refused; trying dialback on a new stream");
+        if policy == Policy::Certificate {
+            return Err(Failure::Auth(format!("{remote} refused our certificate")));
+        }
+        conn.close().await;
+        return Err(Failure::ExternalRefused);
     }
     let Some(secret) = fed.host.dialback_secret() else {
         return Err(Failure::Auth("no dialback secret yet".into()));

@@ -254,17 +254,16 @@ impl Conn {
     /// Writes elements, serialised for a `jabber:server` stream.
     pub async fn send(&mut self, e: &Element) -> Result<(), StreamEnd> {
         self.out.clear();
-        if e.ns == ns::STREAM {
-            // `<stream:features/>` keeps the prefix the header declared.
-            self.out.push_str("<stream:");
-            self.out.push_str(&e.name);
-            self.out.push('>');
-            for c in e.elements() {
-                c.write_to(&mut self.out, ns::SERVER);
-            }
-            self.out.push_str("</stream:");
-            self.out.push_str(&e.name);
-            self.out.push('>');
+        // `<stream:features/>` and `<db:result/>` keep the prefixes our
+        // header declared: ejabberd matches dialback elements by their
+        // prefixed name, not by namespace.
+        let prefix = match e.ns.as_str() {
+            ns::STREAM => Some("stream"),
+            crate::dialback::NS => Some("db"),
+            _ => None,
+        };
+        if let Some(prefix) = prefix {
+            write_prefixed(&mut self.out, prefix, e);
         } else {
             e.write_to(&mut self.out, ns::SERVER);
         }
@@ -315,6 +314,38 @@ impl Conn {
     pub async fn shutdown(&mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.io.shutdown()).await;
     }
+}
+
+/// `e` as `<prefix:name …>` with the default namespace `jabber:server`
+/// in scope for its children.
+fn write_prefixed(out: &mut String, prefix: &str, e: &Element) {
+    out.push('<');
+    out.push_str(prefix);
+    out.push(':');
+    out.push_str(&e.name);
+    for (k, v) in &e.attrs {
+        out.push(' ');
+        out.push_str(k);
+        out.push_str("='");
+        escape_into(out, v, true);
+        out.push('\'');
+    }
+    if e.children.is_empty() {
+        out.push_str("/>");
+        return;
+    }
+    out.push('>');
+    for n in &e.children {
+        match n {
+            xmpp::element::Node::Element(c) => c.write_to(out, ns::SERVER),
+            xmpp::element::Node::Text(t) => escape_into(out, t, false),
+        }
+    }
+    out.push_str("</");
+    out.push_str(prefix);
+    out.push(':');
+    out.push_str(&e.name);
+    out.push('>');
 }
 
 /// A `<stream:error/>` the peer sent, as a `StreamEnd`.

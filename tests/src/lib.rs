@@ -4,6 +4,8 @@
 
 pub mod checker;
 pub mod client;
+pub mod dns;
+pub mod ejabberd;
 pub mod faultnet;
 pub mod load;
 pub mod node;

@@ -81,11 +81,12 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         prefixes: ctx
             .accounts
             .iter()
-            .map(|a| {
+            .enumerate()
+            .map(|(j, a)| {
                 format!(
                     "<message to='{}@{}' type='chat'><body>~xl~",
                     xmpp::element::escape(&a.user),
-                    xmpp::element::escape(&ctx.target.domain)
+                    xmpp::element::escape(ctx.target.domain_of(j))
                 )
                 .into_bytes()
             })

@@ -82,7 +82,9 @@ pub struct Options {
     /// scenario every message goes to a user of another node.
     #[arg(long, default_value = "127.0.0.1:5222", value_delimiter = ',')]
     pub server: Vec<String>,
-    /// XMPP domain (virtual host) of the accounts.
+    /// XMPP domain (virtual host) of the accounts; or one per `--server`,
+    /// comma-separated (`a.test,b.test`): user i is of the i-th server's
+    /// domain, and in `chat` every message then crosses domains (s2s).
     #[arg(long, default_value = "localhost")]
     pub domain: String,
     #[arg(long, value_enum, default_value = "starttls")]

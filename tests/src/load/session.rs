@@ -118,7 +118,11 @@ impl LoginError {
 pub struct Target {
     /// The servers; user i logs in to `addrs[i % addrs.len()]`.
     pub addrs: Vec<SocketAddr>,
+    /// The first of `domains`.
     pub domain: String,
+    /// The users' domains; user i is of `domains[i % domains.len()]`
+    /// (one per server: servers of different domains federate).
+    pub domains: Vec<String>,
     pub tls: TlsMode,
     pub mech: Mech,
     /// Each negotiation step must answer within this time.
@@ -126,13 +130,18 @@ pub struct Target {
     /// Send `<presence/>` after the roster get.
     pub initial_presence: bool,
     connector: tokio_rustls::TlsConnector,
-    server_name: ServerName<'static>,
+    server_names: Vec<ServerName<'static>>,
 }
 
 impl Target {
     /// The server of the `i`-th user.
     pub fn addr(&self, i: usize) -> SocketAddr {
         self.addrs[i % self.addrs.len()]
+    }
+
+    /// The domain of the `i`-th user.
+    pub fn domain_of(&self, i: usize) -> &str {
+        &self.domains[i % self.domains.len()]
     }
 
     pub fn new(
@@ -149,18 +158,31 @@ impl Target {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
             .with_no_client_auth();
-        let server_name = ServerName::try_from(domain.to_owned())
-            .map_err(|_| anyhow::anyhow!("{domain} is not a valid domain name"))?;
+        let domains: Vec<String> = domain.split(',').map(|d| d.trim().to_owned()).collect();
+        let server_names = domains
+            .iter()
+            .map(|d| {
+                ServerName::try_from(d.clone())
+                    .map_err(|_| anyhow::anyhow!("{d} is not a valid domain name"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         anyhow::ensure!(!addrs.is_empty(), "no server address");
+        anyhow::ensure!(
+            domains.len() == 1 || domains.len() == addrs.len(),
+            "give one domain, or one per server ({} servers, {} domains)",
+            addrs.len(),
+            domains.len()
+        );
         Ok(Target {
             addrs,
-            domain: domain.to_owned(),
+            domain: domains[0].clone(),
+            domains,
             tls,
             mech,
             step_timeout: Duration::from_secs(30),
             initial_presence: true,
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            server_name,
+            server_names,
         })
     }
 }
@@ -188,6 +210,7 @@ impl Session {
         tcp.set_nodelay(true)?;
         let mut n = Negotiator {
             t,
+            domain: t.domain_of(i),
             framer: Framer::new(),
             parser: StreamParser::new(Limits::default()),
         };
@@ -225,7 +248,7 @@ impl Session {
         };
         let mut io = t
             .connector
-            .connect(t.server_name.clone(), tcp)
+            .connect(t.server_names[i % t.server_names.len()].clone(), tcp)
             .await
             .map_err(|e| LoginError::Tls {
                 addr,
@@ -278,6 +301,7 @@ impl Session {
 
 struct Negotiator<'a> {
     t: &'a Target,
+    domain: &'a str,
     framer: Framer,
     parser: StreamParser,
 }
@@ -290,7 +314,7 @@ impl Negotiator<'_> {
     ) -> Result<Element, LoginError> {
         let header = format!(
             "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{}' version='1.0' xml:lang='en'>",
-            escape(&self.t.domain)
+            escape(self.domain)
         );
         io.write_all(header.as_bytes()).await?;
         self.framer.restart();
@@ -323,7 +347,7 @@ impl Negotiator<'_> {
                 offered.join(", ")
             )));
         }
-        let jid = format!("{}@{}", account.user, self.t.domain);
+        let jid = format!("{}@{}", account.user, self.domain);
         let auth_failed = |reply: &Element| LoginError::Auth {
             jid: jid.clone(),
             condition: reply
