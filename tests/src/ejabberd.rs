@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::prosody::{free_port, self_signed};
+
 pub const EJABBERDCTL: &str = "/usr/sbin/ejabberdctl";
 
 pub struct Ejabberd {
@@ -23,11 +25,6 @@ pub struct Ejabberd {
     pub s2s: SocketAddr,
     ctl: PathBuf,
     _dns: crate::dns::Dns,
-}
-
-fn free_port(ip: Ipv4Addr) -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind((ip, 0))?;
-    Ok(l.local_addr()?.port())
 }
 
 impl Ejabberd {
@@ -49,25 +46,7 @@ impl Ejabberd {
             std::fs::create_dir_all(d.join(sub))?;
         }
         let (c2s_port, s2s_port) = (free_port(ip)?, free_port(ip)?);
-        let (crt, key) = (d.join("cert.pem"), d.join("key.pem"));
-        let status = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            ])
-            .arg(format!("/CN={domain}"))
-            .arg("-addext")
-            .arg(format!("subjectAltName=DNS:{domain}"))
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&crt)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .context("openssl")?;
-        if !status.success() {
-            bail!("openssl could not make a certificate");
-        }
+        let (crt, key) = self_signed(&d, domain)?;
         let pem = d.join("ejabberd.pem");
         std::fs::write(&pem, [std::fs::read(&crt)?, std::fs::read(&key)?].concat())?;
         let conf = d.join("conf");

@@ -37,9 +37,38 @@ fn as_prosody(program: &str) -> Command {
     c
 }
 
-fn free_port(ip: Ipv4Addr) -> anyhow::Result<u16> {
+/// A free port on `ip`, chosen by the kernel.
+pub(crate) fn free_port(ip: Ipv4Addr) -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind((ip, 0))?;
     Ok(l.local_addr()?.port())
+}
+
+/// A self-signed certificate and key for `domain` in `dir` (openssl), as
+/// `(certificate, key)` paths.
+pub(crate) fn self_signed(dir: &Path, domain: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (crt, key) = (
+        dir.join(format!("{domain}.crt")),
+        dir.join(format!("{domain}.key")),
+    );
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
+        .arg(format!("/CN={domain}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName=DNS:{domain}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("openssl")?;
+    if !status.success() {
+        bail!("openssl could not make a certificate");
+    }
+    Ok((crt, key))
 }
 
 impl Prosody {
@@ -62,28 +91,7 @@ impl Prosody {
             hosts_txt.push_str(&format!("{addr} {name}\n"));
         }
         std::fs::write(d.join("hosts"), hosts_txt)?;
-        let (crt, key) = (
-            d.join(format!("{domain}.crt")),
-            d.join(format!("{domain}.key")),
-        );
-        let status = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            ])
-            .arg(format!("/CN={domain}"))
-            .arg("-addext")
-            .arg(format!("subjectAltName=DNS:{domain}"))
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&crt)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .context("openssl")?;
-        if !status.success() {
-            bail!("openssl could not make a certificate");
-        }
+        let (crt, key) = self_signed(d, domain)?;
         let config = d.join("prosody.cfg.lua");
         let p = |x: &Path| x.display().to_string();
         std::fs::write(

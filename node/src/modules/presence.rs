@@ -203,6 +203,37 @@ fn after_side(
     }
 }
 
+/// The subscription stanza `from` → `to` as stored and delivered (§3.1.2:
+/// bare JIDs on both ends), with the element children of `original`.
+fn subscription_stanza(
+    server: &Server,
+    from: &str,
+    to: &str,
+    kind: SubKind,
+    original: Option<&Element>,
+) -> (Element, Arc<str>) {
+    let mut stanza = Element::new("presence", ns::CLIENT)
+        .attr("from", from)
+        .attr("to", to)
+        .attr("type", kind.as_str());
+    if let Some(o) = original {
+        stanza.children = o
+            .children
+            .iter()
+            .filter(|n| matches!(n, Node::Element(_)))
+            .cloned()
+            .collect();
+    }
+    let mut stanza_xml = xml(&stanza);
+    // Kept until answered, possibly for ever and once per stranger: a
+    // request larger than its budget keeps only what makes it a request.
+    if stanza_xml.len() > server.config.limits.max_subscription_request_bytes {
+        stanza.children.clear();
+        stanza_xml = xml(&stanza);
+    }
+    (stanza, stanza_xml)
+}
+
 /// A subscription stanza from `user` about `contact` (RFC 6121 §3),
 /// `original` carrying the status text the user gave.
 pub async fn subscription(
@@ -221,25 +252,7 @@ pub async fn subscription(
     let u = user.to_string();
     let c = contact.to_string();
     // §3.1.2: stamped with bare JIDs on both ends.
-    let mut stanza = Element::new("presence", ns::CLIENT)
-        .attr("from", u.as_str())
-        .attr("to", c.as_str())
-        .attr("type", kind.as_str());
-    if let Some(o) = original {
-        stanza.children = o
-            .children
-            .iter()
-            .filter(|n| matches!(n, Node::Element(_)))
-            .cloned()
-            .collect();
-    }
-    let mut stanza_xml = xml(&stanza);
-    // Kept until answered, possibly for ever and once per stranger: a
-    // request larger than its budget keeps only what makes it a request.
-    if stanza_xml.len() > server.config.limits.max_subscription_request_bytes {
-        stanza.children.clear();
-        stanza_xml = xml(&stanza);
-    }
+    let (stanza, stanza_xml) = subscription_stanza(server, &u, &c, kind, original);
     let local = is_local(server, contact);
     let contact_had_from = !local && has_from(server, user, contact);
     let (user_had_to, contact_had_to) = (
@@ -377,34 +390,22 @@ pub async fn broadcast(
     }
 }
 
-/// The user's contacts on our domains subscribed to the user's presence
-/// (`from`/`both`), as (JID string, JID).
-fn local_subscribers(server: &Server, user: &BareJid) -> Vec<(String, BareJid)> {
+/// Contacts as (JID string, JID).
+type Contacts = Vec<(String, BareJid)>;
+
+/// The user's contacts subscribed to the user's presence (`from`/`both`),
+/// as (JID string, JID): those on our domains, then those on others.
+fn subscribers(server: &Server, user: &BareJid) -> (Contacts, Contacts) {
     let roster = server.store().roster(&user.to_string()).unwrap_or_default();
     roster
         .into_iter()
         .filter(|(_, item)| item.sub.subscription.has_from())
         .filter_map(|(c, _)| BareJid::parse(&c).ok().map(|j| (c, j)))
-        .filter(|(_, j)| is_local(server, j))
-        .collect()
+        .partition(|(_, j)| is_local(server, j))
 }
 
-/// The user's contacts on other domains whose roster item passes `pred`.
-fn remote_contacts(
-    server: &Server,
-    user: &BareJid,
-    pred: impl Fn(&crate::store::RosterItem) -> bool,
-) -> Vec<BareJid> {
-    if server.s2s.is_none() {
-        return Vec::new();
-    }
-    let roster = server.store().roster(&user.to_string()).unwrap_or_default();
-    roster
-        .into_iter()
-        .filter(|(_, item)| pred(item))
-        .filter_map(|(c, _)| BareJid::parse(&c).ok())
-        .filter(|j| !server.config.is_local_domain(j.domain()))
-        .collect()
+fn local_subscribers(server: &Server, user: &BareJid) -> Contacts {
+    subscribers(server, user).0
 }
 
 /// The current presence of `user`'s available resources here, to a
@@ -476,21 +477,7 @@ pub(crate) async fn inbound_subscription(
     if blocking::blocks(server, user, &Jid::Bare(contact.clone())) {
         return;
     }
-    let mut stanza = Element::new("presence", ns::CLIENT)
-        .attr("from", c.as_str())
-        .attr("to", u.as_str())
-        .attr("type", kind.as_str());
-    stanza.children = original
-        .children
-        .iter()
-        .filter(|n| matches!(n, Node::Element(_)))
-        .cloned()
-        .collect();
-    let mut stanza_xml = xml(&stanza);
-    if stanza_xml.len() > server.config.limits.max_subscription_request_bytes {
-        stanza.children.clear();
-        stanza_xml = xml(&stanza);
-    }
+    let (_, stanza_xml) = subscription_stanza(server, &c, &u, kind, Some(original));
     let had_from = has_from(server, user, contact);
     let cmd = Command::Subscription {
         user: u.clone(),
@@ -551,19 +538,16 @@ async fn in_table(server: &Server, me: &FullJid, id: SessionId, available: bool,
 /// the user's available resources, the sender's own included.
 fn to_subscribers(server: &Server, me: &FullJid, stanza: &Element) {
     let user = me.bare();
-    for (c, contact) in local_subscribers(server, user) {
+    let (local, remote) = subscribers(server, user);
+    for (c, contact) in local {
         if blocked_either_way(server, user, &contact) {
             continue;
         }
         to_available(server, &contact, &xml(&with_to(stanza, &c)));
     }
-    for contact in remote_contacts(server, user, |i| i.sub.subscription.has_from()) {
+    for (c, contact) in remote.into_iter().filter(|_| server.s2s.is_some()) {
         if !blocking::blocks(server, user, &Jid::Bare(contact.clone())) {
-            crate::federation::route_remote(
-                server,
-                with_to(stanza, &contact.to_string()),
-                contact.domain(),
-            );
+            crate::federation::route_remote(server, with_to(stanza, &c), contact.domain());
         }
     }
     // RFC 6121 §4.2.2, §4.4.2, §4.5.2: to all of the user's available
@@ -591,6 +575,19 @@ fn initial(server: &Server, me: &FullJid) {
             continue;
         };
         if item.sub.subscription.has_to()
+            && server.s2s.is_some()
+            && !is_local(server, &contact)
+            && contact.node().is_some()
+            && !blocking::blocks(server, user, &Jid::Bare(contact.clone()))
+        {
+            // §4.2.2: a probe to a contact on another domain.
+            let probe = Element::new("presence", ns::CLIENT)
+                .attr("type", "probe")
+                .attr("from", user.to_string())
+                .attr("to", c.as_str());
+            crate::federation::route_remote(server, probe, contact.domain());
+        }
+        if item.sub.subscription.has_to()
             && is_local(server, &contact)
             && !blocked_either_way(server, user, &contact)
         {
@@ -613,16 +610,6 @@ fn initial(server: &Server, me: &FullJid) {
         }
     }
     router::remote::probe(server, &me.to_string(), user);
-    // §4.2.2: probes to contacts on other domains the user is subscribed to.
-    for contact in remote_contacts(server, user, |i| i.sub.subscription.has_to()) {
-        if !blocking::blocks(server, user, &Jid::Bare(contact.clone())) {
-            let probe = Element::new("presence", ns::CLIENT)
-                .attr("type", "probe")
-                .attr("from", user.to_string())
-                .attr("to", contact.to_string());
-            crate::federation::route_remote(server, probe, contact.domain());
-        }
-    }
     if let (false, Some(r)) = (out.is_empty(), server.sessions.get(me)) {
         let _ = r.tx.send(Outbound::Batch(out));
     }
