@@ -35,7 +35,7 @@ for i in 1 2 3; do
     if [ "$i" -ne 1 ]; then join=(--join 127.0.20.1:5291); fi
     "$BIN/xmpp-node" --node-id "$i" --data-dir "$DATA/node$i" \
         --c2s-addr "$ip:5222" --c2s-tls-addr "$ip:5223" --s2s-addr "$ip:5269" \
-        --http-addr "$ip:5280" --grpc-addr "$ip:5290" --cluster-addr "$ip:5291" \
+        --http-addr "$ip:5280" --https-addr "$ip:5281" --grpc-addr "$ip:5290" --cluster-addr "$ip:5291" \
         "${join[@]}" "${tls[@]}" 2>"$DATA/node$i.log" &
     pids+=($!)
     # The first node must be up before the others ask it to admit them.

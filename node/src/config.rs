@@ -35,12 +35,15 @@ pub struct Flags {
     /// Client-to-server listener with direct TLS (XEP-0368).
     #[arg(long, env = "XMPP_C2S_TLS_ADDR")]
     pub c2s_tls_addr: Option<SocketAddr>,
-    /// Server-to-server listener (federation; not served yet).
+    /// Server-to-server listener (federation).
     #[arg(long, env = "XMPP_S2S_ADDR")]
     pub s2s_addr: Option<SocketAddr>,
-    /// HTTP listener (BOSH, WebSocket, metrics; not served yet).
+    /// HTTP listener (BOSH, WebSocket, XEP-0156 discovery).
     #[arg(long, env = "XMPP_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
+    /// HTTPS listener (the same, over TLS with the vhosts' certificates).
+    #[arg(long, env = "XMPP_HTTPS_ADDR")]
+    pub https_addr: Option<SocketAddr>,
     /// Admin and cluster gRPC listener (clusterctl talks to it).
     #[arg(long, env = "XMPP_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
@@ -231,6 +234,71 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub admin: Admin,
     pub s2s: S2s,
+    pub http: Http,
+}
+
+/// The HTTP transports on `listen.http` and `listen.https`: BOSH
+/// (XEP-0124/0206) at `/http-bind`, WebSocket (RFC 7395) at
+/// `/xmpp-websocket`, XEP-0156 discovery at `/.well-known/host-meta`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// Serve the HTTP listeners at all.
+    pub enabled: bool,
+    /// Treat plain-HTTP requests as encrypted: set this only when a
+    /// TLS-terminating proxy (an ingress) is the sole way in. Off, SASL
+    /// over plain HTTP is refused while `tls.require_c2s` is on.
+    pub consider_secure: bool,
+    /// Origins whose pages may use BOSH and WebSocket (CORS and the
+    /// WebSocket `Origin` check), e.g. `["https://chat.example.com"]`;
+    /// `["*"]` allows any page.
+    pub allowed_origins: Vec<String>,
+    /// Public base URL for the discovery links, e.g.
+    /// `https://xmpp.example.com`; by default taken from each request's
+    /// `Host` header and scheme.
+    pub public_url: Option<String>,
+    /// RFC 7395 §3.6: where a WebSocket client is sent when this node
+    /// shuts down (`<close see-other-uri=…/>`), e.g. another node's URL.
+    pub see_other_uri: Option<String>,
+    /// Largest request body; a BOSH body holds several stanzas.
+    pub max_body_bytes: usize,
+    /// BOSH: longest a request is held open (a client asking for more gets this).
+    pub bosh_max_wait_secs: u64,
+    /// BOSH: most requests held at once (`hold`).
+    pub bosh_max_hold: u64,
+    /// BOSH: longest a session may go without a request (`inactivity`).
+    pub bosh_inactivity_secs: u64,
+    /// BOSH: shortest interval between polls when nothing is held (`polling`).
+    pub bosh_polling_secs: u64,
+    /// BOSH: output waiting for a client that does not poll, at most.
+    pub bosh_max_pending_bytes: usize,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            enabled: true,
+            consider_secure: false,
+            allowed_origins: vec!["*".into()],
+            public_url: None,
+            see_other_uri: None,
+            max_body_bytes: 1024 * 1024,
+            bosh_max_wait_secs: 60,
+            bosh_max_hold: 1,
+            bosh_inactivity_secs: 60,
+            bosh_polling_secs: 5,
+            bosh_max_pending_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Http {
+    /// Whether a page from `origin` may use the transports.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.allowed_origins
+            .iter()
+            .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    }
 }
 
 /// Federation with other domains (`listen.s2s`, DESIGN.md "Federation").
@@ -391,7 +459,21 @@ pub struct Listen {
     pub c2s_tls: SocketAddr,
     pub s2s: SocketAddr,
     pub http: SocketAddr,
+    /// HTTPS (the vhosts' certificates, chosen by SNI); none with `"off"`.
+    #[serde(deserialize_with = "addr_or_off")]
+    pub https: Option<SocketAddr>,
     pub grpc: SocketAddr,
+}
+
+/// A socket address, or `"off"` for a listener that is not wanted.
+fn addr_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("`{s}` is not host:port or \"off\"")))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -549,6 +631,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             admin: Admin::default(),
             s2s: S2s::default(),
+            http: Http::default(),
         }
     }
 }
@@ -560,6 +643,7 @@ impl Default for Listen {
             c2s_tls: addr("0.0.0.0:5223"),
             s2s: addr("0.0.0.0:5269"),
             http: addr("0.0.0.0:5280"),
+            https: Some(addr("0.0.0.0:5281")),
             grpc: addr("127.0.0.1:5290"),
         }
     }
@@ -735,6 +819,9 @@ impl Config {
         }
         if let Some(a) = f.http_addr {
             self.listen.http = a;
+        }
+        if let Some(a) = f.https_addr {
+            self.listen.https = Some(a);
         }
         if let Some(a) = f.grpc_addr {
             self.listen.grpc = a;
@@ -1019,6 +1106,31 @@ impl Config {
                     message: "must be at least 1".into(),
                 });
             }
+        }
+        for (key, value) in [
+            ("http.max_body_bytes", self.http.max_body_bytes as u64),
+            ("http.bosh_max_wait_secs", self.http.bosh_max_wait_secs),
+            ("http.bosh_inactivity_secs", self.http.bosh_inactivity_secs),
+            (
+                "http.bosh_max_pending_bytes",
+                self.http.bosh_max_pending_bytes as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    origin: origin(key),
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
+        if self.http.max_body_bytes < self.limits.max_stanza_bytes {
+            return Err(ConfigError::Invalid {
+                origin: origin("http.max_body_bytes"),
+                message: format!(
+                    "must be at least limits.max_stanza_bytes ({}), or no stanza of full size fits in a request",
+                    self.limits.max_stanza_bytes
+                ),
+            });
         }
         if self.s2s.max_backoff_secs < self.s2s.backoff_secs {
             return Err(ConfigError::Invalid {

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod federation;
 pub mod files;
+pub mod http;
 pub mod modules;
 pub mod router;
 pub mod sessions;
@@ -154,6 +155,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             )
         })?;
     let s2s_listeners = federation::bind(&server.config).await?;
+    let http_listeners = http::bind(&server.config).await?;
     let grpc = tokio::net::TcpListener::bind(server.config.listen.grpc)
         .await
         .with_context(|| {
@@ -183,6 +185,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ];
     cluster::membership::start(server.clone());
     federation::start(&server, s2s_listeners);
+    http::start(&server, http_listeners);
 
     wait_for_signal().await;
     tracing::info!("shutting down");

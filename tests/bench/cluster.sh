@@ -53,6 +53,7 @@ start() { # id, join...
     mkdir -p "$TMP/n$i"
     "$BIN/xmpp-node" --node-id "$i" --data-dir "$TMP/n$i" --vhost "$DOMAIN" \
         --c2s-addr "$ip:5222" --c2s-tls-addr "$ip:5223" --grpc-addr "$ip:5290" \
+        --s2s-addr "$ip:5269" --http-addr "$ip:5280" --https-addr "$ip:5281" \
         --cluster-addr "$ip:5291" --log-level warn \
         --stanzas-per-second 1000000 --stanza-burst 1000000 \
         --max-unauthenticated 100000 --max-unauthenticated-per-address 100000 "$@" 2>"$TMP/n$i.log" &

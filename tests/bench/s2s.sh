@@ -45,6 +45,7 @@ c2s = "$ip:5222"
 c2s_tls = "$ip:5223"
 s2s = "$ip:5269"
 http = "$ip:5280"
+https = "$ip:5281"
 grpc = "$ip:5290"
 [cluster]
 addr = "$ip:5291"

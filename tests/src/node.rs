@@ -115,6 +115,10 @@ pub struct TestNode {
     pub c2s_tls: SocketAddr,
     /// The server-to-server (federation) listener.
     pub s2s: SocketAddr,
+    /// BOSH and WebSocket over plain HTTP.
+    pub http: SocketAddr,
+    /// BOSH and WebSocket over HTTPS (the vhosts' certificates).
+    pub https: SocketAddr,
     pub grpc: SocketAddr,
     /// The inter-node (Raft) address.
     pub cluster: SocketAddr,
@@ -142,7 +146,7 @@ impl TestNode {
     pub fn create(opts: NodeOptions) -> anyhow::Result<TestNode> {
         let dir = tempfile::tempdir()?;
         let ip = opts.ip.unwrap_or_else(fresh_ip);
-        let [c2s, c2s_tls, s2s, http, grpc, cluster] = free_ports::<6>(ip)?;
+        let [c2s, c2s_tls, s2s, http, https, grpc, cluster] = free_ports::<7>(ip)?;
         let s2s = opts.s2s_addr.unwrap_or(s2s);
         let mut toml = format!(
             "data_dir = {:?}\nnode_id = {}\n",
@@ -161,7 +165,7 @@ impl TestNode {
         }
         toml.push_str("[listen]\n");
         toml.push_str(&format!(
-            "c2s = \"{c2s}\"\nc2s_tls = \"{c2s_tls}\"\ns2s = \"{s2s}\"\nhttp = \"{http}\"\ngrpc = \"{grpc}\"\n"
+            "c2s = \"{c2s}\"\nc2s_tls = \"{c2s_tls}\"\ns2s = \"{s2s}\"\nhttp = \"{http}\"\nhttps = \"{https}\"\ngrpc = \"{grpc}\"\n"
         ));
         for v in &opts.vhosts {
             toml.push_str(&format!("[[vhosts]]\nname = \"{v}\"\n"));
@@ -178,6 +182,8 @@ impl TestNode {
             c2s,
             c2s_tls,
             s2s,
+            http,
+            https,
             grpc,
             cluster,
             advertised: opts

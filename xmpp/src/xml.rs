@@ -249,6 +249,13 @@ impl StreamParser {
         // `failed` is kept: a stream that broke stays broken.
     }
 
+    /// Whether the parser waits for a stream header (at the start, or after
+    /// [`reset`](Self::reset)): framed transports open and restart streams
+    /// with elements of their own, allowed only then.
+    pub fn awaiting_header(&self) -> bool {
+        matches!(self.phase, Phase::Prolog)
+    }
+
     /// Drops every buffered, unparsed byte. Used when the TLS layer starts:
     /// anything received in plaintext after `<starttls/>` must not be
     /// processed as if it came over TLS (RFC 6120 §5.3.4, injection attacks).

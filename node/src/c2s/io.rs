@@ -1,5 +1,7 @@
-//! The byte stream under a client connection: plain TCP until STARTTLS,
-//! then TLS; or TLS from the first byte on the direct-TLS listener.
+//! The transport under a client connection: plain TCP until STARTTLS,
+//! then TLS; TLS from the first byte on the direct-TLS listener; or one
+//! of the HTTP transports (WebSocket, BOSH), whose frames
+//! [`super::stream::Stream`] translates with [`super::framing`].
 
 use std::io;
 use std::pin::Pin;
@@ -14,16 +16,49 @@ pub enum Io {
     Tls(Box<TlsStream<TcpStream>>),
     /// Between taking the TCP stream for the TLS handshake and getting it back.
     Upgrading,
+    /// RFC 7395: one element per text frame.
+    Ws(Box<crate::http::ws::WsIo>),
+    /// XEP-0206: elements in `<body/>` wrappers of HTTP requests.
+    Bosh(Box<crate::http::bosh::Link>),
 }
 
 impl Io {
+    /// Whether what the client sends is encrypted: TLS here, or HTTPS (or
+    /// a TLS-terminating proxy the operator vouches for) under HTTP.
     pub fn is_tls(&self) -> bool {
-        matches!(self, Io::Tls(_))
+        match self {
+            Io::Tls(_) => true,
+            Io::Ws(w) => w.secure,
+            Io::Bosh(b) => b.secure,
+            Io::Plain(_) | Io::Upgrading => false,
+        }
+    }
+
+    /// Whether `<starttls/>` can be offered: only on a plain TCP stream.
+    pub fn can_starttls(&self) -> bool {
+        matches!(self, Io::Plain(_))
+    }
+
+    /// Whether the transport carries frames rather than a byte stream.
+    pub fn is_framed(&self) -> bool {
+        matches!(self, Io::Ws(_) | Io::Bosh(_))
+    }
+
+    /// What the transport is, for logs and `clusterctl sessions`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Io::Plain(_) | Io::Upgrading => "tcp",
+            Io::Tls(_) => "tls",
+            Io::Ws(_) => "websocket",
+            Io::Bosh(_) => "bosh",
+        }
     }
 }
 
+/// The byte-stream interface is for TCP and TLS; the framed transports are
+/// read and written by `Stream` itself.
 fn gone() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "connection is being upgraded")
+    io::Error::new(io::ErrorKind::NotConnected, "not a byte stream")
 }
 
 impl AsyncRead for Io {
@@ -35,7 +70,7 @@ impl AsyncRead for Io {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Io::Upgrading => Poll::Ready(Err(gone())),
+            Io::Upgrading | Io::Ws(_) | Io::Bosh(_) => Poll::Ready(Err(gone())),
         }
     }
 }
@@ -49,7 +84,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Io::Upgrading => Poll::Ready(Err(gone())),
+            Io::Upgrading | Io::Ws(_) | Io::Bosh(_) => Poll::Ready(Err(gone())),
         }
     }
 
@@ -57,7 +92,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_flush(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Io::Upgrading => Poll::Ready(Err(gone())),
+            Io::Upgrading | Io::Ws(_) | Io::Bosh(_) => Poll::Ready(Err(gone())),
         }
     }
 
@@ -65,7 +100,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Io::Upgrading => Poll::Ready(Ok(())),
+            Io::Upgrading | Io::Ws(_) | Io::Bosh(_) => Poll::Ready(Ok(())),
         }
     }
 }

@@ -1,13 +1,16 @@
 //! Client-to-server listeners: TCP with STARTTLS (5222) and direct TLS
 //! (5223, XEP-0368). Each accepted connection is one task that negotiates
 //! the stream ([`negotiate`]) and then runs the session ([`session`]).
+//! The HTTP transports (`crate::http`) enter the same core through
+//! [`serve`] with a transport of their own ([`Io`]).
 
 pub mod admission;
-mod io;
+pub mod framing;
+pub(crate) mod io;
 mod negotiate;
 pub mod session;
 pub mod sm;
-mod stream;
+pub(crate) mod stream;
 pub mod throttle;
 
 use std::net::SocketAddr;
@@ -66,9 +69,13 @@ async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direc
         }
     };
     let timeout = server.config.limits.negotiation_timeout();
+    let mut cb = xmpp::sasl::ChannelBindings::default();
     let io = if direct_tls {
         match tokio::time::timeout(timeout, Box::pin(server.tls.acceptor.accept(tcp))).await {
-            Ok(Ok(tls)) => Io::Tls(Box::new(tls)),
+            Ok(Ok(tls)) => {
+                cb = server.tls.channel_bindings(tls.get_ref().1);
+                Io::Tls(Box::new(tls))
+            }
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;
@@ -78,10 +85,22 @@ async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direc
     } else {
         Io::Plain(tcp)
     };
+    serve(server, io, peer, cb, admitted).await
+}
+
+/// The session core over any transport: negotiation within
+/// `limits.negotiation_timeout_secs`, then the session (or a resumption
+/// handed to the session waiting for it, whatever its old transport).
+pub(crate) async fn serve(
+    server: Arc<Server>,
+    io: Io,
+    peer: SocketAddr,
+    cb: xmpp::sasl::ChannelBindings,
+    admitted: admission::Unbound,
+) {
+    let timeout = server.config.limits.negotiation_timeout();
     let mut s = Stream::new(server.clone(), io, peer);
-    if let Io::Tls(t) = &s.io {
-        s.cb = server.tls.channel_bindings(t.get_ref().1);
-    }
+    s.cb = cb;
     // Negotiation and the session are boxed: an async fn is as large as its
     // largest state, and this task lives as long as the connection. Boxed,
     // an idle session carries only the state it is in, not the space of

@@ -75,7 +75,7 @@ fn pre_auth_features(s: &Stream) -> Element {
     let config = &s.server.config;
     let mut f = Element::new("features", ns::STREAM);
     let tls = s.io.is_tls();
-    if !tls {
+    if !tls && s.io.can_starttls() {
         let mut starttls = Element::new("starttls", ns::TLS);
         if config.tls.require_c2s {
             starttls = starttls.child(Element::new("required", ns::TLS));
@@ -123,12 +123,20 @@ async fn authenticate(s: &mut Stream) -> Result<BareJid, ConnError> {
     let mut plus_refused = false;
     loop {
         s.open().await?;
+        if !s.io.is_tls() && !s.io.can_starttls() && s.server.config.tls.require_c2s {
+            // An HTTP transport cannot start TLS: it is HTTPS, or a proxy
+            // the operator vouches for (`http.consider_secure`), or nothing.
+            return Err(ConnError::stream(
+                StreamError::PolicyViolation,
+                "encryption is required: connect over HTTPS",
+            ));
+        }
         let features = pre_auth_features(s);
         s.send(&features).await?;
         loop {
             let e = next_element(s).await?;
             let tls_needed = !s.io.is_tls() && s.server.config.tls.require_c2s;
-            if e.is("starttls", ns::TLS) && !s.io.is_tls() {
+            if e.is("starttls", ns::TLS) && s.io.can_starttls() {
                 s.send(&Element::new("proceed", ns::TLS)).await?;
                 // RFC 6120 §5.4.3.3: nothing sent before the handshake counts;
                 // drop it so plaintext cannot be injected into the TLS stream.

@@ -349,7 +349,7 @@ impl Session {
                 }
                 () = &mut self.idle => match self.idle_check() {
                     Idle::Nothing => {}
-                    Idle::Ask(ping) => boxed(|| s.write_raw(&ping)).await?,
+                    Idle::Ask(ping) => boxed(|| s.keepalive(&ping)).await?,
                     Idle::Dead => {
                         tracing::info!(jid = %self.jid, "no answer to a ping: the link is dead");
                         return Err(ConnError::Lost);

@@ -11,6 +11,7 @@ use xmpp::error::StreamError;
 use xmpp::stanza::ns;
 use xmpp::xml::{Event, StreamHeader, StreamParser};
 
+use super::framing::Header;
 use super::io::Io;
 use crate::Server;
 
@@ -100,6 +101,11 @@ impl Stream {
     /// kept per connection: an idle connection holds no read buffer of its
     /// own (rustls keeps its 4 KiB record buffer anyway).
     pub async fn fill(&mut self) -> Result<(), ConnError> {
+        match &mut self.io {
+            Io::Ws(ws) => return ws.fill(&mut self.parser).await,
+            Io::Bosh(b) => return b.fill(&mut self.parser).await,
+            _ => {}
+        }
         let n = std::future::poll_fn(|cx| {
             let mut scratch = [0u8; READ_CHUNK];
             let mut buf = tokio::io::ReadBuf::new(&mut scratch);
@@ -187,21 +193,36 @@ impl Stream {
     async fn write_header(&mut self) -> Result<(), ConnError> {
         let mut id = [0u8; 12];
         rand::thread_rng().fill_bytes(&mut id);
-        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        let mut s = String::with_capacity(256);
-        s.push_str("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' id='");
-        s.push_str(&id);
-        s.push_str("' from='");
-        xmpp::element::escape_into(&mut s, &self.vhost, true);
-        s.push('\'');
-        if let Some(to) = &self.client_from {
-            s.push_str(" to='");
-            xmpp::element::escape_into(&mut s, to, true);
-            s.push('\'');
-        }
-        s.push_str(" version='1.0' xml:lang='en'>");
+        let header = Header {
+            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            from: self.vhost.clone(),
+            to: self.client_from.clone(),
+            version: "1.0",
+            lang: "en",
+        };
         self.header_sent = true;
+        let mut s = String::with_capacity(256);
+        match &mut self.io {
+            Io::Ws(_) => header.open_element(&mut s),
+            // BOSH: the session's attributes carry it; nothing is written.
+            Io::Bosh(b) => {
+                b.header(&header);
+                return Ok(());
+            }
+            _ => header.stream_tag(&mut s),
+        }
         self.write_raw(&s).await
+    }
+
+    /// A keepalive for a client that has been silent: a WebSocket ping
+    /// frame where there is one (browsers answer it themselves), else the
+    /// XMPP-level `ping` the session built.
+    pub async fn keepalive(&mut self, xmpp_ping: &str) -> Result<(), ConnError> {
+        if let Io::Ws(ws) = &mut self.io {
+            let timeout = self.server.config.limits.write_timeout();
+            return ws.ping(timeout).await;
+        }
+        self.write_raw(xmpp_ping).await
     }
 
     /// Writes one element (a stanza or a negotiation element).
@@ -221,12 +242,24 @@ impl Stream {
         if self.write_dead {
             return Err(ConnError::Lost);
         }
+        let timeout = self.server.config.limits.write_timeout();
+        let framed = match &mut self.io {
+            Io::Ws(ws) => Some(ws.write(s, timeout).await),
+            Io::Bosh(b) => Some(b.write(s, timeout).await),
+            _ => None,
+        };
+        if let Some(r) = framed {
+            if r.is_err() {
+                self.write_dead = true;
+            }
+            return r;
+        }
         let io = &mut self.io;
         let write = async move {
             io.write_all(s.as_bytes()).await?;
             io.flush().await
         };
-        match tokio::time::timeout(self.server.config.limits.write_timeout(), write).await {
+        match tokio::time::timeout(timeout, write).await {
             Ok(r) => Ok(r?),
             Err(_) => {
                 self.write_dead = true;
@@ -247,6 +280,15 @@ impl Stream {
             }
             let _ = self.write_header().await;
         }
+        if let (StreamError::SystemShutdown, Io::Ws(ws)) = (&error, &mut self.io) {
+            // RFC 7395 §3.6: a draining node points the client elsewhere.
+            if let Some(uri) = self.server.config.http.see_other_uri.clone() {
+                let timeout = self.server.config.limits.write_timeout();
+                let _ = ws.close_see_other(&uri, timeout).await;
+                self.shutdown().await;
+                return;
+            }
+        }
         let mut s = error.to_xml(text);
         s.push_str("</stream:stream>");
         let _ = self.write_raw(&s).await;
@@ -260,6 +302,11 @@ impl Stream {
     }
 
     async fn shutdown(&mut self) {
+        match &mut self.io {
+            Io::Ws(ws) => return ws.shutdown().await,
+            Io::Bosh(b) => return b.shutdown(),
+            _ => {}
+        }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.io.shutdown()).await;
     }
 }
