@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::prosody::{free_port, self_signed};
+use crate::prosody::{free_port, self_signed, CaSigned};
 
 pub const EJABBERDCTL: &str = "/usr/sbin/ejabberdctl";
 
@@ -28,12 +28,25 @@ pub struct Ejabberd {
 }
 
 impl Ejabberd {
-    /// Starts ejabberd serving `domain` on `ip`; `hosts` are the
-    /// (domain, address) entries of its resolver.
+    /// Starts ejabberd serving `domain` on `ip` with a self-signed
+    /// certificate (dialback both ways); `hosts` are the (domain, address)
+    /// entries of its resolver.
     pub fn start(
         domain: &str,
         ip: Ipv4Addr,
         hosts: &[(&str, Ipv4Addr)],
+    ) -> anyhow::Result<Ejabberd> {
+        Ejabberd::start_with(domain, ip, hosts, None)
+    }
+
+    /// As [`Ejabberd::start`]; with `certs`, ejabberd serves the
+    /// CA-signed certificate, trusts that CA (`s2s_cafile`) and has no
+    /// dialback module, so SASL EXTERNAL is the only way in or out.
+    pub fn start_with(
+        domain: &str,
+        ip: Ipv4Addr,
+        hosts: &[(&str, Ipv4Addr)],
+        certs: Option<&CaSigned>,
     ) -> anyhow::Result<Ejabberd> {
         if !Path::new(EJABBERDCTL).exists() {
             bail!("{EJABBERDCTL} is missing: `.ci/run` installs the ejabberd package");
@@ -46,7 +59,16 @@ impl Ejabberd {
             std::fs::create_dir_all(d.join(sub))?;
         }
         let (c2s_port, s2s_port) = (free_port(ip)?, free_port(ip)?);
-        let (crt, key) = self_signed(&d, domain)?;
+        let (crt, key, trust) = match certs {
+            None => {
+                let (crt, key) = self_signed(&d, domain)?;
+                (crt, key, None)
+            }
+            Some(c) => {
+                let (ca, crt, key) = c.copy_into(&d)?;
+                (crt, key, Some(ca))
+            }
+        };
         let pem = d.join("ejabberd.pem");
         std::fs::write(&pem, [std::fs::read(&crt)?, std::fs::read(&key)?].concat())?;
         let conf = d.join("conf");
@@ -69,7 +91,7 @@ hosts:
 certfiles:
   - "{pem}"
 s2s_use_starttls: required
-s2s_dns_timeout: 2
+{cafile}s2s_dns_timeout: 2
 s2s_dns_retries: 1
 outgoing_s2s_families:
   - ipv4
@@ -100,10 +122,18 @@ modules:
   mod_disco: {{}}
   mod_ping: {{}}
   mod_roster: {{}}
-  mod_s2s_dialback: {{}}
-  mod_version: {{}}
+{dialback}  mod_version: {{}}
 "#,
                 pem = pem.display(),
+                cafile = trust
+                    .as_ref()
+                    .map(|ca| format!("s2s_cafile: \"{}\"\n", ca.display()))
+                    .unwrap_or_default(),
+                dialback = if trust.is_some() {
+                    ""
+                } else {
+                    "  mod_s2s_dialback: {}\n"
+                },
             ),
         )?;
         std::fs::write(

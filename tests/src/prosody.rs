@@ -71,13 +71,53 @@ pub(crate) fn self_signed(dir: &Path, domain: &str) -> anyhow::Result<(PathBuf, 
     Ok((crt, key))
 }
 
+/// A certificate for the peer's domain issued by a test CA, and that CA,
+/// which the peer then trusts for the other side's certificates: with it
+/// the domains authenticate each other with SASL EXTERNAL.
+#[derive(Clone, Debug)]
+pub struct CaSigned {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl CaSigned {
+    /// Copies the three files into `dir` (which the peer's user owns) and
+    /// returns `(ca, cert, key)` there.
+    pub(crate) fn copy_into(&self, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+        let to = |from: &Path, name: &str| -> anyhow::Result<PathBuf> {
+            let p = dir.join(name);
+            std::fs::copy(from, &p).with_context(|| format!("copying {}", from.display()))?;
+            Ok(p)
+        };
+        Ok((
+            to(&self.ca, "test-ca.crt")?,
+            to(&self.cert, "ca-signed.crt")?,
+            to(&self.key, "ca-signed.key")?,
+        ))
+    }
+}
+
 impl Prosody {
-    /// Starts Prosody serving `domain` on `ip`; `hosts` are the
-    /// (domain, address) lines of its hosts file.
+    /// Starts Prosody serving `domain` on `ip` with a self-signed
+    /// certificate (dialback both ways); `hosts` are the (domain, address)
+    /// lines of its hosts file.
     pub fn start(
         domain: &str,
         ip: Ipv4Addr,
         hosts: &[(&str, Ipv4Addr)],
+    ) -> anyhow::Result<Prosody> {
+        Prosody::start_with(domain, ip, hosts, None)
+    }
+
+    /// As [`Prosody::start`]; with `certs`, Prosody serves the CA-signed
+    /// certificate, trusts only that CA and requires certificate
+    /// authentication of every peer (`s2s_secure_auth`).
+    pub fn start_with(
+        domain: &str,
+        ip: Ipv4Addr,
+        hosts: &[(&str, Ipv4Addr)],
+        certs: Option<&CaSigned>,
     ) -> anyhow::Result<Prosody> {
         if !Path::new(PROSODY).exists() {
             bail!("{PROSODY} is missing: `.ci/run` installs the prosody package");
@@ -91,9 +131,18 @@ impl Prosody {
             hosts_txt.push_str(&format!("{addr} {name}\n"));
         }
         std::fs::write(d.join("hosts"), hosts_txt)?;
-        let (crt, key) = self_signed(d, domain)?;
-        let config = d.join("prosody.cfg.lua");
         let p = |x: &Path| x.display().to_string();
+        let (crt, key, trust) = match certs {
+            None => {
+                let (crt, key) = self_signed(d, domain)?;
+                (crt, key, None)
+            }
+            Some(c) => {
+                let (ca, crt, key) = c.copy_into(d)?;
+                (crt, key, Some(ca))
+            }
+        };
+        let config = d.join("prosody.cfg.lua");
         std::fs::write(
             &config,
             format!(
@@ -111,11 +160,20 @@ modules_enabled = {{ "roster", "saslauth", "tls", "dialback", "disco", "ping", "
 authentication = "internal_plain"
 c2s_require_encryption = true
 s2s_require_encryption = true
-s2s_secure_auth = false
-unbound = {{ hoststxt = "{hosts}" }}
+s2s_secure_auth = {secure}
+{global_ssl}unbound = {{ hoststxt = "{hosts}" }}
 VirtualHost "{domain}"
-  ssl = {{ certificate = "{crt}", key = "{key}" }}
+  ssl = {{ certificate = "{crt}", key = "{key}"{cafile} }}
 "#,
+                secure = trust.is_some(),
+                global_ssl = trust
+                    .as_ref()
+                    .map(|ca| format!("ssl = {{ cafile = \"{}\" }}\n", p(ca)))
+                    .unwrap_or_default(),
+                cafile = trust
+                    .as_ref()
+                    .map(|ca| format!(", cafile = \"{}\"", p(ca)))
+                    .unwrap_or_default(),
                 pid = p(&d.join("prosody.pid")),
                 data = p(&d.join("data")),
                 log = p(&d.join("prosody.log")),

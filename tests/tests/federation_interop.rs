@@ -1,10 +1,12 @@
 //! Federation with real servers nobody here wrote, both from Debian and
 //! installed by `.ci/run`: Prosody 0.12 and ejabberd 23.01. Our user and
 //! theirs become contacts, see each other's presence and exchange messages
-//! in both directions, over STARTTLS with self-signed certificates on both
-//! sides, so the domains authenticate with Server Dialback (XEP-0220) each
-//! way: the peer checks our keys by connecting back to us, we check its
-//! keys by connecting to it.
+//! in both directions, over STARTTLS. Once with self-signed certificates
+//! on both sides, so the domains authenticate with Server Dialback
+//! (XEP-0220) each way: the peer checks our keys by connecting back to us,
+//! we check its keys by connecting to it. Once with certificates from a
+//! test CA that both sides trust and dialback off on both, so the domains
+//! authenticate with SASL EXTERNAL each way.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use tests::client::{body, Client, Mechanism};
 use tests::ejabberd::Ejabberd;
 use tests::node::{fresh_ip, NodeOptions, TestNode};
-use tests::prosody::Prosody;
+use tests::prosody::{CaSigned, Prosody};
 use xmpp::element::Element;
 use xmpp::sasl::HashAlg;
 use xmpp::stanza::ns;
@@ -46,14 +48,62 @@ fn our_node(ip: Ipv4Addr) -> TestNode {
     .expect("our config")
 }
 
+/// A test CA (`clusterctl certs init`) with a certificate for our domain
+/// and one for the peer's: `(dir, ours, theirs)`.
+fn test_ca(ours: &str, theirs: &str) -> (tempfile::TempDir, CaSigned, CaSigned) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(tests::node::bin("clusterctl"))
+        .args(["certs", "init", "--dir"])
+        .arg(dir.path())
+        .arg("--node")
+        .arg(format!("1={ours}"))
+        .arg("--node")
+        .arg(format!("2={theirs}"))
+        .output()
+        .expect("clusterctl certs init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = |n: &str| dir.path().join(n);
+    let signed = |i: u32| CaSigned {
+        ca: p("ca.crt"),
+        cert: p(&format!("node-{i}.crt")),
+        key: p(&format!("node-{i}.key")),
+    };
+    let (a, b) = (signed(1), signed(2));
+    (dir, a, b)
+}
+
+/// Our node serves `certs` for its only virtual host, trusts their CA
+/// alone and accepts nothing but a valid certificate from any peer.
+fn use_certificates(node: &TestNode, certs: &CaSigned) {
+    let text = std::fs::read_to_string(&node.config_path).expect("config");
+    let line = format!("[[vhosts]]\nname = \"{}\"\n", node.domain);
+    assert!(text.contains(&line), "{text}");
+    let with = format!(
+        "{line}tls_cert = {:?}\ntls_key = {:?}\n",
+        certs.cert, certs.key
+    );
+    std::fs::write(&node.config_path, text.replacen(&line, &with, 1)).expect("write config");
+    node.append_config(&format!(
+        "[s2s]\nca_file = {:?}\nwebpki_roots = false\ndefault_policy = \"certificate\"\n",
+        certs.ca
+    ))
+    .expect("s2s trust");
+}
+
 /// alice@ours.test and `peer_user` (logged in at the peer) become
-/// contacts both ways, see each other and chat both ways.
+/// contacts both ways, see each other and chat both ways; our side of the
+/// streams authenticated the peer by `auth` (as `clusterctl s2s` says it).
 async fn contacts_and_chat(
     ours: &TestNode,
     our_domain: &str,
     mut them: Client,
     peer_user: &str,
     peer_domain: &str,
+    auth: &str,
     logs: impl Fn(&str) -> String,
 ) {
     let pat = format!("{peer_user}@{peer_domain}");
@@ -131,24 +181,33 @@ async fn contacts_and_chat(
         pong.to_string_in(ns::CLIENT)
     );
 
-    // Our side of it: both directions up, authenticated by dialback.
+    // Our side of it: both directions up, authenticated as expected.
     let status = ours.clusterctl(&["s2s"]).expect("clusterctl s2s");
     for direction in ["outbound", "inbound"] {
         assert!(
-            status.lines().any(|l| l.contains(peer_domain)
-                && l.contains(direction)
-                && l.contains("dialback")),
-            "{status}"
+            status
+                .lines()
+                .any(|l| l.contains(peer_domain) && l.contains(direction) && l.contains(auth)),
+            "{direction} {auth}: {status}\n{}",
+            logs("")
         );
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prosody_and_we_become_contacts_and_chat_both_ways() {
+async fn with_prosody(certificates: bool) {
     let (our_ip, their_ip) = (fresh_ip(), fresh_ip());
     let mut ours = our_node(our_ip);
-    let prosody =
-        Prosody::start("pros.test", their_ip, &[("ours.test", our_ip)]).expect("prosody starts");
+    let ca = certificates.then(|| test_ca("ours.test", "pros.test"));
+    if let Some((_, our_cert, _)) = &ca {
+        use_certificates(&ours, our_cert);
+    }
+    let prosody = Prosody::start_with(
+        "pros.test",
+        their_ip,
+        &[("ours.test", our_ip)],
+        ca.as_ref().map(|(_, _, theirs)| theirs),
+    )
+    .expect("prosody starts");
     ours.append_config(&format!(
         "[s2s.routes]\n\"pros.test\" = [\"{}\"]\n",
         prosody.s2s
@@ -171,16 +230,33 @@ async fn prosody_and_we_become_contacts_and_chat_both_ways() {
             prosody.log()
         )
     };
-    contacts_and_chat(&ours, "ours.test", pat, "pat", "pros.test", logs).await;
+    let auth = if certificates {
+        "sasl-external"
+    } else {
+        "dialback"
+    };
+    contacts_and_chat(&ours, "ours.test", pat, "pat", "pros.test", auth, logs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_and_we_become_contacts_and_chat_both_ways() {
+    with_prosody(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_and_we_authenticate_with_certificates_sasl_external() {
+    with_prosody(true).await;
 }
 
 /// ejabberd finds a peer's address through the system resolver only (its
 /// SRV lookups go to [`tests::dns::Dns`]): `.ci/run` puts this name and
 /// address, used by no other test, into /etc/hosts.
 const EJ_PEER: (&str, [u8; 4]) = ("ours-ej.test", [127, 0, 77, 1]);
+/// The ejabberd tests take turns at that one address and its port 5269.
+static EJ_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ejabberd_and_we_become_contacts_and_chat_both_ways() {
+async fn with_ejabberd(certificates: bool) {
+    let _turn = EJ_TURN.lock().await;
     let (domain, ip) = (EJ_PEER.0, Ipv4Addr::from(EJ_PEER.1));
     let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
     assert!(
@@ -196,8 +272,17 @@ async fn ejabberd_and_we_become_contacts_and_chat_both_ways() {
         ..Default::default()
     })
     .expect("our config");
-    let ejabberd =
-        Ejabberd::start("ej.test", fresh_ip(), &[(domain, ip)]).expect("ejabberd starts");
+    let ca = certificates.then(|| test_ca(domain, "ej.test"));
+    if let Some((_, our_cert, _)) = &ca {
+        use_certificates(&ours, our_cert);
+    }
+    let ejabberd = Ejabberd::start_with(
+        "ej.test",
+        fresh_ip(),
+        &[(domain, ip)],
+        ca.as_ref().map(|(_, _, theirs)| theirs),
+    )
+    .expect("ejabberd starts");
     ours.append_config(&format!(
         "[s2s.routes]\n\"ej.test\" = [\"{}\"]\n",
         ejabberd.s2s
@@ -208,7 +293,7 @@ async fn ejabberd_and_we_become_contacts_and_chat_both_ways() {
     ejabberd.register("eve", PW).expect("eve");
     let mut eve = Client::connect_starttls(ejabberd.c2s, "ej.test")
         .await
-        .expect("eve connects");
+        .unwrap_or_else(|e| panic!("eve connects: {e}\n{}", ejabberd.log()));
     eve.login("eve", PW, Mechanism::Scram(HashAlg::Sha1))
         .await
         .expect("eve logs in");
@@ -220,5 +305,20 @@ async fn ejabberd_and_we_become_contacts_and_chat_both_ways() {
             ejabberd.log()
         )
     };
-    contacts_and_chat(&ours, domain, eve, "eve", "ej.test", logs).await;
+    let auth = if certificates {
+        "sasl-external"
+    } else {
+        "dialback"
+    };
+    contacts_and_chat(&ours, domain, eve, "eve", "ej.test", auth, logs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejabberd_and_we_become_contacts_and_chat_both_ways() {
+    with_ejabberd(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejabberd_and_we_authenticate_with_certificates_sasl_external() {
+    with_ejabberd(true).await;
 }

@@ -71,6 +71,14 @@ pub struct Issued {
     pub nodes: Vec<(u64, String, String)>,
 }
 
+/// How long `clusterctl certs init` certificates are valid: the CA ten
+/// years, each node's certificate five (both from a day ago, for clocks
+/// a little behind). Dates past 2050 break some peers: Erlang's TLS
+/// (ejabberd) cannot load a certificate that expires in 4096, rcgen's
+/// default.
+const CA_DAYS: i64 = 3650;
+const NODE_DAYS: i64 = 1826;
+
 /// Makes a CA and a certificate for each `(id, host)`: valid for `host`
 /// (an IP address or a DNS name: what peers dial), for server and client
 /// authentication alike.
@@ -84,6 +92,10 @@ pub fn issue(nodes: &[(u64, String)]) -> Result<Issued, rcgen::Error> {
     ca.distinguished_name
         .push(DnType::CommonName, "xmpp-node cluster CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = time::OffsetDateTime::now_utc();
+    let from = now - time::Duration::days(1);
+    ca.not_before = from;
+    ca.not_after = now + time::Duration::days(CA_DAYS);
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca.self_signed(&ca_key)?;
     let ca_key_pem = ca_key.serialize_pem();
@@ -93,6 +105,8 @@ pub fn issue(nodes: &[(u64, String)]) -> Result<Issued, rcgen::Error> {
         let mut p = CertificateParams::new(vec![host.clone()])?;
         p.distinguished_name
             .push(DnType::CommonName, format!("xmpp-node {id}"));
+        p.not_before = from;
+        p.not_after = now + time::Duration::days(NODE_DAYS);
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
