@@ -65,6 +65,8 @@ enum Conn {
     Tls(Box<TlsStream<TcpStream>>),
     /// Only while STARTTLS swaps one for the other.
     Upgrading,
+    Ws(Box<crate::http::WsConn>),
+    Bosh(Box<crate::http::BoshConn>),
 }
 
 impl Conn {
@@ -73,6 +75,8 @@ impl Conn {
             Conn::Plain(s) => s.read(buf).await,
             Conn::Tls(s) => s.read(buf).await,
             Conn::Upgrading => Ok(0),
+            Conn::Ws(w) => w.read(buf).await,
+            Conn::Bosh(b) => b.read(buf).await,
         }
     }
 
@@ -87,6 +91,8 @@ impl Conn {
                 s.flush().await
             }
             Conn::Upgrading => Err(std::io::ErrorKind::NotConnected.into()),
+            Conn::Ws(w) => w.write_all(data).await,
+            Conn::Bosh(b) => b.write_all(data).await,
         }
     }
 }
@@ -197,6 +203,22 @@ impl Client {
         tcp.set_nodelay(true)?;
         let mut c = Client::new(Conn::Upgrading, domain);
         c.handshake(tcp).await?;
+        c.open_stream().await?;
+        Ok(c)
+    }
+
+    /// XMPP over WebSocket (RFC 7395) at `http://addr/xmpp-websocket`.
+    pub async fn connect_websocket(addr: SocketAddr, domain: &str) -> anyhow::Result<Client> {
+        let ws = crate::http::WsConn::connect(addr, domain).await?;
+        let mut c = Client::new(Conn::Ws(Box::new(ws)), domain);
+        c.open_stream().await?;
+        Ok(c)
+    }
+
+    /// XMPP over BOSH (XEP-0124/0206) at `http://addr/http-bind`.
+    pub async fn connect_bosh(addr: SocketAddr, domain: &str) -> anyhow::Result<Client> {
+        let bosh = crate::http::BoshConn::connect(addr, domain);
+        let mut c = Client::new(Conn::Bosh(Box::new(bosh)), domain);
         c.open_stream().await?;
         Ok(c)
     }

@@ -185,6 +185,7 @@ impl Session {
 
     /// One request, from its arrival to its answer.
     async fn request(self: &Arc<Self>, rid: u64, body: Element) -> String {
+        let mut retry = false;
         {
             let mut st = self.lock();
             st.last_activity = Instant::now();
@@ -213,14 +214,20 @@ impl Session {
                     self.changed.notify_waiters();
                     return answer;
                 }
-                tracing::info!(sid = %self.sid, rid, "rid no longer in the window");
-                return self.fail(&mut st, rid, "item-not-found");
+                if rid + self.requests < st.next_rid {
+                    tracing::info!(sid = %self.sid, rid, "rid no longer in the window");
+                    return self.fail(&mut st, rid, "item-not-found");
+                }
+                // Processed, but its connection went before an answer
+                // (§14.3: the client sends it again): answered now.
+                retry = true;
             }
-            if rid >= st.next_rid + self.requests {
+            if retry {
+                // Answered below, as it would have been.
+            } else if rid >= st.next_rid + self.requests {
                 tracing::info!(sid = %self.sid, rid, next = st.next_rid, "rid beyond the window");
                 return self.fail(&mut st, rid, "item-not-found");
-            }
-            if rid > st.next_rid {
+            } else if rid > st.next_rid {
                 // §14.2: it waits for the requests before it.
                 st.early.insert(rid, body);
             } else {
@@ -242,6 +249,9 @@ impl Session {
     async fn hold_until_answered(self: &Arc<Self>, rid: u64) -> String {
         let deadline = Instant::now() + self.wait;
         let mut holding = false;
+        // A request whose connection goes (the client gave up, or is gone)
+        // is held no more: inactivity counts from then.
+        let _unhold = Unhold { session: self, rid };
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -387,6 +397,24 @@ impl Session {
 
     fn is_over(&self) -> bool {
         self.lock().ended.is_some()
+    }
+}
+
+/// Drops a request from the held ones when its future ends, answered or not.
+struct Unhold<'a> {
+    session: &'a Session,
+    rid: u64,
+}
+
+impl Drop for Unhold<'_> {
+    fn drop(&mut self) {
+        let mut st = self.session.lock();
+        let before = st.held.len();
+        st.held.retain(|r| *r != self.rid);
+        st.released.retain(|r| *r != self.rid);
+        if before != st.held.len() && st.held.is_empty() {
+            st.last_activity = Instant::now();
+        }
     }
 }
 
