@@ -425,8 +425,7 @@ async fn a_websocket_without_the_xmpp_subprotocol_or_from_a_foreign_origin_is_re
     let node = node("allowed_origins = [\"https://chat.example\"]\n");
     let err = ws_connect(node.http, "/xmpp-websocket", &[])
         .await
-        .err()
-        .expect("no subprotocol: refused");
+        .expect_err("no subprotocol: refused");
     assert!(format!("{err:#}").contains("400"), "{err:#}");
     let err = ws_connect(
         node.http,
@@ -437,8 +436,7 @@ async fn a_websocket_without_the_xmpp_subprotocol_or_from_a_foreign_origin_is_re
         ],
     )
     .await
-    .err()
-    .expect("foreign origin: refused");
+    .expect_err("foreign origin: refused");
     assert!(format!("{err:#}").contains("403"), "{err:#}");
     ws_connect(
         node.http,
