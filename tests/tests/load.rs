@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Command, Output};
 
-use tests::node::TestNode;
+use tests::node::{NodeOptions, TestNode};
 
 fn xmpp_load(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xmpp-load"))
@@ -194,4 +194,65 @@ fn presence_run_builds_rosters_and_fans_out_status_changes() {
     assert_eq!(p["status_changes_sent"], 16, "{r:#}");
     assert_eq!(p["expected"], 64, "{r:#}");
     assert_eq!(p["received"], p["expected"], "{r:#}");
+}
+
+#[test]
+fn chat_runs_over_websocket_with_and_without_tls() {
+    // Plain ws:// counts as encrypted only behind a TLS proxy the operator
+    // vouches for (`http.consider_secure`), as here.
+    let node = TestNode::start_with(NodeOptions {
+        extra_config: "[http]\nconsider_secure = true\n".into(),
+        ..NodeOptions::default()
+    })
+    .unwrap();
+    import_users(&node, 6);
+    // wss:// on the HTTPS port, ws:// on the plain HTTP port.
+    for (server, tls) in [(node.https, "direct"), (node.http, "none")] {
+        let out = xmpp_load(&[
+            "chat",
+            "--transport",
+            "websocket",
+            "--server",
+            &server.to_string(),
+            "--tls",
+            tls,
+            "--mechanism",
+            "scram-sha-1",
+            "--domain",
+            &node.domain,
+            "--users",
+            "6",
+            "--rate",
+            "60",
+            "--duration",
+            "2",
+            "--json",
+            "--quiet",
+        ]);
+        let r = json(&out);
+        assert!(
+            out.status.success(),
+            "{tls}: {r:#}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(r["transport"], "websocket", "{r:#}");
+        let chat = &r["chat"];
+        assert_eq!(chat["sent"], 120, "{tls}: {r:#}");
+        assert_eq!(chat["delivered"], chat["sent"], "{tls}: {r:#}");
+        assert_eq!(chat["lost"], 0, "{tls}: {r:#}");
+        assert_eq!(chat["duplicated"], 0, "{tls}: {r:#}");
+    }
+    // WebSocket has no STARTTLS: the flag combination is refused by name.
+    let out = xmpp_load(&[
+        "hold",
+        "--transport",
+        "websocket",
+        "--server",
+        &node.https.to_string(),
+        "--users",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("WebSocket has no STARTTLS"), "{err}");
 }

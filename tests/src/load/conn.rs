@@ -11,10 +11,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 use super::framer::{find, Frame, Framer};
+use super::io::Io;
 use super::session::Session;
 
 /// At most this many reads per poll, so one busy connection cannot starve
@@ -23,7 +22,7 @@ const READS_PER_POLL: usize = 16;
 const READ_CHUNK: usize = 16 * 1024;
 
 pub struct Conn {
-    io: TlsStream<TcpStream>,
+    io: Io,
     framer: Framer,
     /// Bytes to send; `out_pos` of them are already written.
     pub out: Vec<u8>,

@@ -25,6 +25,7 @@ pub mod conn;
 pub mod framer;
 pub mod hist;
 pub mod hold;
+pub mod io;
 pub mod login;
 pub mod presence;
 pub mod report;
@@ -44,7 +45,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::watch;
 
 use report::Report;
-use session::{LoginError, Mech, Session, Target, TlsMode};
+use session::{LoginError, Mech, Session, Target, TlsMode, Transport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,6 +90,13 @@ pub struct Options {
     pub domain: String,
     #[arg(long, value_enum, default_value = "starttls")]
     pub tls: TlsMode,
+    /// TCP (c2s ports), or WebSocket (RFC 7395, `--server` is then an HTTP
+    /// port: `--tls direct` for wss://, `--tls none` for ws://).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: Transport,
+    /// Path of the WebSocket endpoint.
+    #[arg(long, default_value = "/xmpp-websocket")]
+    pub ws_path: String,
     #[arg(long, value_enum, default_value = "plain")]
     pub mechanism: Mech,
     /// Number of users (generated accounts, or the first N of --accounts).
@@ -245,7 +253,15 @@ pub fn run(opts: Options) -> Result<Report, Failure> {
             addrs.len()
         )));
     }
-    let mut target = Target::new(addrs, &opts.domain, opts.tls, opts.mechanism).map_err(fail)?;
+    let mut target = Target::new(
+        addrs,
+        &opts.domain,
+        opts.tls,
+        opts.transport,
+        opts.mechanism,
+    )
+    .map_err(fail)?;
+    target.ws_path = opts.ws_path.clone();
     target.step_timeout = Duration::from_secs_f64(opts.step_timeout);
     let fds = sys::raise_fd_limit();
     if (fds as usize) < accounts.len() + 64 && opts.scenario != Scenario::Login {

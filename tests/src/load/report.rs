@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::hist::Summary;
-use super::session::{Mech, TlsMode};
+use super::session::{Mech, TlsMode, Transport};
 use super::sys::ProcSample;
 use super::{Options, Scenario};
 
@@ -16,6 +16,7 @@ pub struct Report {
     pub server: String,
     pub domain: String,
     pub tls: TlsMode,
+    pub transport: Transport,
     pub mechanism: Mech,
     pub users: usize,
     pub threads: usize,
@@ -162,6 +163,7 @@ impl Report {
             server: o.server.join(","),
             domain: o.domain.clone(),
             tls: o.tls,
+            transport: o.transport,
             mechanism: o.mechanism,
             users: o.users,
             threads: o.threads.max(1),
@@ -188,10 +190,11 @@ impl Report {
         t.row(
             "scenario",
             format!(
-                "{:?} against {} ({}, {:?}, {})",
+                "{:?} against {} ({}, {:?}, {:?}, {})",
                 self.scenario,
                 self.server,
                 self.domain,
+                self.transport,
                 self.tls,
                 self.mechanism.name()
             )

@@ -18,7 +18,6 @@ use rand::Rng as _;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 use xmpp::element::{escape, Element};
 use xmpp::sasl::client::{
     plain_initial_response, ClientChannelBinding, SaltedPasswords, ScramClient,
@@ -28,6 +27,7 @@ use xmpp::stanza::ns;
 use xmpp::xml::{Event, Limits, StreamParser};
 
 use super::framer::{Frame, Framer};
+use super::io::{Io, Raw, WsIo};
 use super::Account;
 use crate::tls::AcceptAnyCert;
 
@@ -36,8 +36,21 @@ use crate::tls::AcceptAnyCert;
 pub enum TlsMode {
     /// Plain TCP, then `<starttls/>` (RFC 6120 §5), the standard c2s port.
     Starttls,
-    /// TLS from the first byte (XEP-0368), the "direct TLS" port.
+    /// TLS from the first byte (XEP-0368), the "direct TLS" port; with
+    /// `--transport websocket`, `wss://` on an HTTPS port.
     Direct,
+    /// No TLS at all: `ws://` on a plain HTTP port (behind a TLS proxy),
+    /// or TCP to a server that does not require TLS.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// XMPP over TCP (RFC 6120).
+    Tcp,
+    /// XMPP over WebSocket (RFC 7395) at `--ws-path` of an HTTP(S) port.
+    Websocket,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -124,6 +137,9 @@ pub struct Target {
     /// (one per server: servers of different domains federate).
     pub domains: Vec<String>,
     pub tls: TlsMode,
+    pub transport: Transport,
+    /// The WebSocket endpoint's path.
+    pub ws_path: String,
     pub mech: Mech,
     /// Each negotiation step must answer within this time.
     pub step_timeout: Duration,
@@ -148,8 +164,13 @@ impl Target {
         addrs: Vec<SocketAddr>,
         domain: &str,
         tls: TlsMode,
+        transport: Transport,
         mech: Mech,
     ) -> anyhow::Result<Target> {
+        anyhow::ensure!(
+            !(transport == Transport::Websocket && tls == TlsMode::Starttls),
+            "WebSocket has no STARTTLS: use --tls direct (wss://, an HTTPS port) or --tls none (ws://, an HTTP port)"
+        );
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         // Benchmark servers run with self-signed certificates, so any
         // certificate is accepted: this tool measures, it does not protect.
@@ -178,6 +199,8 @@ impl Target {
             domain: domains[0].clone(),
             domains,
             tls,
+            transport,
+            ws_path: "/xmpp-websocket".into(),
             mech,
             step_timeout: Duration::from_secs(30),
             initial_presence: true,
@@ -189,7 +212,7 @@ impl Target {
 
 /// A logged-in, bound session whose roster was fetched.
 pub struct Session {
-    pub io: TlsStream<TcpStream>,
+    pub io: Io,
     /// Holds whatever the server sent after the roster result.
     pub framer: Framer,
     pub jid: String,
@@ -214,8 +237,20 @@ impl Session {
             framer: Framer::new(),
             parser: StreamParser::new(Limits::default()),
         };
-        let tcp = match t.tls {
-            TlsMode::Direct => tcp,
+        let tls = |tcp| async move {
+            let io = t
+                .connector
+                .connect(t.server_names[i % t.server_names.len()].clone(), tcp)
+                .await
+                .map_err(|e| LoginError::Tls {
+                    addr,
+                    detail: e.to_string(),
+                })?;
+            Ok::<_, LoginError>(Raw::Tls(Box::new(io)))
+        };
+        let raw = match t.tls {
+            TlsMode::None => Raw::Tcp(tcp),
+            TlsMode::Direct => tls(tcp).await?,
             TlsMode::Starttls => {
                 let mut tcp = tcp;
                 let features = n.open_stream(&mut tcp).await.map_err(|e| match e {
@@ -243,17 +278,21 @@ impl Session {
                 }
                 // RFC 6120 §5.4.3.3: nothing from the plaintext stream carries over.
                 n.framer.clear();
-                tcp
+                tls(tcp).await?
             }
         };
-        let mut io = t
-            .connector
-            .connect(t.server_names[i % t.server_names.len()].clone(), tcp)
-            .await
-            .map_err(|e| LoginError::Tls {
-                addr,
-                detail: e.to_string(),
-            })?;
+        let mut io = match t.transport {
+            Transport::Tcp => Io::Raw(raw),
+            Transport::Websocket => {
+                let secure = matches!(raw, Raw::Tls(_));
+                let connect = WsIo::connect(raw, n.domain, &t.ws_path, secure);
+                match tokio::time::timeout(t.step_timeout, connect).await {
+                    Err(_) => return Err(LoginError::Timeout(t.step_timeout, "the WebSocket handshake")),
+                    Ok(Err(e)) => return Err(LoginError::Protocol(e.to_string())),
+                    Ok(Ok(ws)) => Io::Ws(Box::new(ws)),
+                }
+            }
+        };
         let features = n.open_stream(&mut io).await?;
         n.authenticate(&mut io, &features, account).await?;
         // RFC 6120 §6.4.6: a new stream after SASL success.
@@ -418,7 +457,7 @@ impl Negotiator<'_> {
     }
 
     /// Waits for the IQ reply with this id; other stanzas are skipped.
-    async fn recv_iq<S: AsyncRead + Unpin>(
+    async fn recv_iq<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         io: &mut S,
         id: &str,
@@ -439,11 +478,14 @@ impl Negotiator<'_> {
     }
 
     /// The next first-level element, the stream header being skipped.
-    async fn recv<S: AsyncRead + Unpin>(
+    async fn recv<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         io: &mut S,
         what: &'static str,
     ) -> Result<Element, LoginError> {
+        // What was written must be on its way before we wait for the answer
+        // (a WebSocket codec buffers frames until flushed).
+        io.flush().await?;
         let limit = self.t.step_timeout;
         tokio::time::timeout(limit, self.recv_inner(io))
             .await
