@@ -25,6 +25,10 @@ use crate::c2s::stream::ConnError;
 /// the connection in the codec; up to this, the stream parser's limits
 /// answer with the right stream error.
 const FRAME_SLACK: usize = 16 * 1024;
+/// What the WebSocket codec reads at once, and allocates per connection.
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Frames collect up to this before they are written without a flush.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
 
 pub struct WsIo {
     socket: WebSocket,
@@ -63,8 +67,14 @@ pub async fn upgrade(
         }
     };
     let max = server.config.limits.max_stanza_bytes + FRAME_SLACK;
+    // The codec's defaults are a 128 KiB read buffer allocated up front
+    // and 128 KiB of write buffering: 150 KiB per held session. Reads grow
+    // the buffer for a larger frame when one comes; writes still go out
+    // in batches (the session flushes after each batch it sends).
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let io = Io::Ws(Box::new(WsIo {
                 socket,
