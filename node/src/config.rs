@@ -235,6 +235,66 @@ pub struct Config {
     pub admin: Admin,
     pub s2s: S2s,
     pub http: Http,
+    pub mam: Mam,
+    pub pep: Pep,
+}
+
+/// Message Archive Management (XEP-0313): every user's conversations,
+/// kept on every node of the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mam {
+    /// Archive messages and answer archive queries at all.
+    pub enabled: bool,
+    /// What is archived for a user who set no preferences: `always`,
+    /// `roster` (conversations with roster contacts only) or `never`.
+    pub default: String,
+    /// Messages older than this many days are deleted (0: kept for ever).
+    pub retention_days: u64,
+    /// Most messages kept per user; the oldest go first.
+    pub max_messages_per_user: u64,
+    /// Results per query page when the client does not ask for fewer.
+    pub default_page: usize,
+    /// Most results per query page, whatever the client asks for.
+    pub max_page: usize,
+}
+
+impl Default for Mam {
+    fn default() -> Self {
+        Mam {
+            enabled: true,
+            default: "always".into(),
+            retention_days: 0,
+            max_messages_per_user: 100_000,
+            default_page: 50,
+            max_page: 250,
+        }
+    }
+}
+
+/// Personal Eventing Protocol (XEP-0163): per-user publish-subscribe nodes
+/// (OMEMO keys, avatars, bookmarks, nicknames).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pep {
+    pub enabled: bool,
+    /// Nodes per user.
+    pub max_nodes: u64,
+    /// Items kept per node, whatever a node's `pubsub#max_items` asks (`max`).
+    pub max_items: u64,
+    /// Largest item payload, in bytes (an avatar's data is its largest).
+    pub max_item_bytes: usize,
+}
+
+impl Default for Pep {
+    fn default() -> Self {
+        Pep {
+            enabled: true,
+            max_nodes: 256,
+            max_items: 1000,
+            max_item_bytes: 256 * 1024,
+        }
+    }
 }
 
 /// The HTTP transports on `listen.http` and `listen.https`: BOSH
@@ -632,6 +692,8 @@ impl Default for Config {
             admin: Admin::default(),
             s2s: S2s::default(),
             http: Http::default(),
+            mam: Mam::default(),
+            pep: Pep::default(),
         }
     }
 }
@@ -1122,6 +1184,39 @@ impl Config {
                     message: "must be at least 1".into(),
                 });
             }
+        }
+        if crate::store::ArchiveDefault::parse(&self.mam.default).is_none() {
+            return Err(ConfigError::Invalid {
+                origin: origin("mam.default"),
+                message: format!(
+                    "is {:?}; must be \"always\", \"roster\" or \"never\"",
+                    self.mam.default
+                ),
+            });
+        }
+        for (key, value) in [
+            ("mam.max_messages_per_user", self.mam.max_messages_per_user),
+            ("mam.default_page", self.mam.default_page as u64),
+            ("mam.max_page", self.mam.max_page as u64),
+            ("pep.max_nodes", self.pep.max_nodes),
+            ("pep.max_items", self.pep.max_items),
+            ("pep.max_item_bytes", self.pep.max_item_bytes as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    origin: origin(key),
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
+        if self.mam.max_page < self.mam.default_page {
+            return Err(ConfigError::Invalid {
+                origin: origin("mam.max_page"),
+                message: format!(
+                    "must be at least mam.default_page ({})",
+                    self.mam.default_page
+                ),
+            });
         }
         if self.http.max_body_bytes < self.limits.max_stanza_bytes {
             return Err(ConfigError::Invalid {

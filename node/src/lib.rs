@@ -126,11 +126,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         resumable: c2s::sm::Registry::default(),
         sasl_secret,
         s2s: federation::build(&config, me.clone()),
+        modules: modules::all(&config),
         config,
         tls,
         cluster,
         sessions: Sessions::default(),
-        modules: modules::all(),
         started: Instant::now(),
         shutdown,
     });

@@ -54,6 +54,38 @@ pub(crate) mod keys {
     pub const SESSION: &[u8] = b"s:";
     /// Cluster secrets by name (`k:dialback`).
     pub const SECRET: &[u8] = b"k:";
+    /// Message archives (XEP-0313): `ma:<user>\0<id>` -> [`super::Archived`],
+    /// the id a big-endian u64 (microseconds since the epoch, made unique
+    /// and increasing per user), so one user's archive is one key range in
+    /// time order.
+    pub const ARCHIVE: &[u8] = b"ma:";
+    /// `mw:<user>\0<with bare jid>\0<id>` -> nothing: the same archive by
+    /// correspondent, for `with` queries that read only what they return.
+    pub const ARCHIVE_WITH: &[u8] = b"mw:";
+    /// `mm:<user>` -> [`super::ArchiveMeta`].
+    pub const ARCHIVE_META: &[u8] = b"mm:";
+    /// `mp:<user>` -> [`super::ArchivePrefs`].
+    pub const ARCHIVE_PREFS: &[u8] = b"mp:";
+
+    pub fn archive(user: &str, id: u64) -> Vec<u8> {
+        [user_prefix(ARCHIVE, user).as_slice(), &id.to_be_bytes()].concat()
+    }
+
+    pub fn archive_with_prefix(user: &str, with: &str) -> Vec<u8> {
+        [ARCHIVE_WITH, user.as_bytes(), b"\0", with.as_bytes(), b"\0"].concat()
+    }
+
+    pub fn archive_with(user: &str, with: &str, id: u64) -> Vec<u8> {
+        [archive_with_prefix(user, with).as_slice(), &id.to_be_bytes()].concat()
+    }
+
+    /// The id at the end of an archive key (either index).
+    pub fn archive_id(key: &[u8]) -> u64 {
+        key.len()
+            .checked_sub(8)
+            .and_then(|at| <[u8; 8]>::try_from(&key[at..]).ok())
+            .map_or(0, u64::from_be_bytes)
+    }
 
     pub fn roster_floor(user: &str) -> Vec<u8> {
         [ROSTER_FLOOR, user.as_bytes()].concat()
@@ -135,6 +167,65 @@ impl OfflineMeta {
         }
         Ok(meta.unwrap_or_default())
     }
+}
+
+/// One archived message (XEP-0313); its id (the key) is its time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Archived {
+    /// The other party's bare JID.
+    pub with: String,
+    /// The other party's JID as the stanza named it (full, for `with`
+    /// queries naming a resource).
+    pub peer: String,
+    /// The stanza as routed, in `jabber:client`, namespace declared.
+    pub stanza: String,
+}
+
+/// Where a user's archive stands, so appending and capping never scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ArchiveMeta {
+    /// The newest id given out (ids only grow, even past deletions).
+    pub last: u64,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// The default of XEP-0313 §6 archiving preferences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ArchiveDefault {
+    #[default]
+    Always,
+    Never,
+    /// Only conversations with contacts in the roster.
+    Roster,
+}
+
+impl ArchiveDefault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveDefault::Always => "always",
+            ArchiveDefault::Never => "never",
+            ArchiveDefault::Roster => "roster",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ArchiveDefault> {
+        match s {
+            "always" => Some(ArchiveDefault::Always),
+            "never" => Some(ArchiveDefault::Never),
+            "roster" => Some(ArchiveDefault::Roster),
+            _ => None,
+        }
+    }
+}
+
+/// A user's archiving preferences (XEP-0313 §6).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ArchivePrefs {
+    pub default: ArchiveDefault,
+    /// Bare JIDs always archived, and never archived.
+    pub always: Vec<String>,
+    pub never: Vec<String>,
 }
 
 /// One contact in a user's roster (RFC 6121 §2.1.2).
@@ -279,6 +370,40 @@ impl Store {
         Merge {
             base: self.tree.scan_prefix(prefix).peekable(),
             overlay: overlay.into_iter().peekable(),
+            rev: false,
+        }
+    }
+
+    /// Keys in `lo..hi`, in order (`rev`: from the highest down), pending
+    /// writes included. Lazy: a page from either end of a long range reads
+    /// that page only.
+    pub fn range(
+        &self,
+        lo: Vec<u8>,
+        hi: Vec<u8>,
+        rev: bool,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        let mut overlay: Vec<(Vec<u8>, Option<Vec<u8>>)> = if lo < hi {
+            let p = self.pending();
+            p.writes
+                .range(lo.clone()..hi.clone())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let base: SledIter = if lo >= hi {
+            Box::new(std::iter::empty())
+        } else if rev {
+            overlay.reverse();
+            Box::new(self.tree.range(lo..hi).rev())
+        } else {
+            Box::new(self.tree.range(lo..hi))
+        };
+        Merge {
+            base: base.peekable(),
+            overlay: overlay.into_iter().peekable(),
+            rev,
         }
     }
 
@@ -500,6 +625,65 @@ impl Store {
             .map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
+    pub fn archive_meta(&self, user: &str) -> Result<ArchiveMeta, StoreError> {
+        match self.get(&[keys::ARCHIVE_META, user.as_bytes()].concat())? {
+            Some(b) => Ok(postcard::from_bytes(&b)?),
+            None => Ok(ArchiveMeta::default()),
+        }
+    }
+
+    /// `None`: the user never set preferences (the server default applies).
+    pub fn archive_prefs(&self, user: &str) -> Result<Option<ArchivePrefs>, StoreError> {
+        match self.get(&[keys::ARCHIVE_PREFS, user.as_bytes()].concat())? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn archived(&self, user: &str, id: u64) -> Result<Option<Archived>, StoreError> {
+        match self.get(&keys::archive(user, id))? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// `user`'s archived messages with ids in `lo..hi`, oldest first (or
+    /// newest first when `rev`), only those with `with` (a bare JID) when
+    /// given, each read as the iterator reaches it.
+    pub fn archive_range<'a>(
+        &'a self,
+        user: &'a str,
+        with: Option<&str>,
+        lo: u64,
+        hi: u64,
+        rev: bool,
+    ) -> Box<dyn Iterator<Item = Result<(u64, Archived), StoreError>> + 'a> {
+        match with {
+            None => {
+                let p = keys::user_prefix(keys::ARCHIVE, user);
+                let bound = |id: u64| [p.as_slice(), &id.to_be_bytes()].concat();
+                Box::new(self.range(bound(lo), bound(hi), rev).map(|kv| {
+                    let (k, v) = kv?;
+                    Ok((keys::archive_id(&k), postcard::from_bytes(&v)?))
+                }))
+            }
+            Some(with) => {
+                let p = keys::archive_with_prefix(user, with);
+                let bound = |id: u64| [p.as_slice(), &id.to_be_bytes()].concat();
+                Box::new(
+                    self.range(bound(lo), bound(hi), rev)
+                        .filter_map(move |kv| match kv {
+                            Err(e) => Some(Err(e)),
+                            Ok((k, _)) => {
+                                let id = keys::archive_id(&k);
+                                self.archived(user, id).transpose().map(|a| a.map(|a| (id, a)))
+                            }
+                        }),
+                )
+            }
+        }
+    }
+
     /// The whole replicated state, for a snapshot.
     pub fn dump(&self) -> Result<Pairs, StoreError> {
         self.scan_prefix(b"").collect()
@@ -541,14 +725,17 @@ impl Store {
     }
 }
 
+type SledIter = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>;
+
 /// Pending writes of one scan, in key order.
 type Overlay = Peekable<std::vec::IntoIter<(Vec<u8>, Option<Vec<u8>>)>>;
 
 /// sled's keys merged with the pending writes (which win, and hide what
-/// they delete), in key order.
+/// they delete), in key order (`rev`: both in descending order).
 struct Merge<B: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> {
     base: Peekable<B>,
     overlay: Overlay,
+    rev: bool,
 }
 
 impl<B: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> Iterator for Merge<B> {
@@ -572,7 +759,7 @@ impl<B: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> Iterator for Me
                         self.base.next();
                         true
                     } else {
-                        ok.as_slice() < bk.as_ref()
+                        (ok.as_slice() < bk.as_ref()) != self.rev
                     }
                 }
             };

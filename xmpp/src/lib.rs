@@ -4,6 +4,7 @@
 //! - [`xml`]: the incremental stream parser (bytes in, whole elements out).
 //! - [`element`]: the owned element tree and its serializer.
 //! - [`stanza`]: typed views over message/presence/iq, namespaces, error replies.
+//! - [`forms`]: data forms (XEP-0004), read and built.
 //! - [`error`]: stream errors (RFC 6120 §4.9) and stanza errors (§8.3).
 //! - [`jid`]: bare and full JIDs with stringprep normalisation.
 //! - [`roster`]: the presence subscription state machine (RFC 6121 §3).
@@ -11,6 +12,7 @@
 
 pub mod element;
 pub mod error;
+pub mod forms;
 pub mod jid;
 pub mod roster;
 pub mod sasl;

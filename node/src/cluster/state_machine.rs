@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 use xmpp::roster::{SubKind, Transition};
 use xmpp::sasl::ScramCredentials;
 
-use crate::store::{keys, Account, Batch, OfflineMeta, RosterItem, Store, StoreError};
+use crate::store::{
+    keys, Account, ArchiveDefault, ArchiveMeta, ArchivePrefs, Archived, Batch, OfflineMeta,
+    RosterItem, Store, StoreError,
+};
 
 /// Which side of a subscription stanza this server processes (RFC 6121 §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +164,38 @@ pub enum Command {
     /// node proposes it first; later proposals leave it as it is, so every
     /// node signs and verifies with the same one.
     InitSecret { name: String, value: Vec<u8> },
+    /// XEP-0313: archive one message for each of `owners` (its sender
+    /// and/or its local recipient), each as its preferences and
+    /// `policy.default` decide. `ts` is the proposer's clock (microseconds
+    /// since the epoch); each archive's id is `ts`, or one past its newest
+    /// when that is later, so ids grow per user and name the time.
+    Archive {
+        ts: u64,
+        stanza: String,
+        owners: Vec<ArchiveOwner>,
+        policy: ArchivePolicy,
+    },
+    /// XEP-0313 §6: replace a user's archiving preferences.
+    SetArchivePrefs { user: String, prefs: ArchivePrefs },
+}
+
+/// One archive a message goes into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveOwner {
+    pub user: String,
+    /// The other party: bare JID, and as the stanza named it.
+    pub with: String,
+    pub peer: String,
+}
+
+/// The proposing node's archive configuration, which every replica applies alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivePolicy {
+    pub default: ArchiveDefault,
+    /// Most messages kept per user: the oldest go first (0: no cap).
+    pub max_messages: u64,
+    /// Messages older than this (microseconds) go (0: kept for ever).
+    pub retention_micros: u64,
 }
 
 impl Command {
@@ -277,6 +312,9 @@ pub enum Response {
     Many(Vec<Outcome>),
     /// A deleted account left these blocklists: (blocker, blocked JID).
     Unblocked(Vec<(String, String)>),
+    /// `Command::Archive`: the id in each owner's archive, in order
+    /// (`None`: not archived there, by preference or for want of an account).
+    Archived(Vec<Option<u64>>),
 }
 
 /// Why a write did not take effect: a deterministic refusal (part of the
@@ -362,6 +400,83 @@ fn push_offline(
     put_offline_meta(tx, &user, meta);
     tx.effects.push(Effect::OfflineStored { user });
     Ok(Response::Done)
+}
+
+/// Archives `stanza` for `owner` if its preferences want it; the id.
+fn archive_one(
+    tx: &mut Tx<'_>,
+    ts: u64,
+    stanza: &str,
+    owner: ArchiveOwner,
+    policy: ArchivePolicy,
+) -> Result<Option<u64>, ApplyError> {
+    let user = owner.user;
+    if tx.get(&keys::account(&user))?.is_none() {
+        return Ok(None);
+    }
+    let prefs: Option<ArchivePrefs> = tx
+        .get(&[keys::ARCHIVE_PREFS, user.as_bytes()].concat())?
+        .map(|b| postcard::from_bytes(&b))
+        .transpose()
+        .map_err(StoreError::from)?;
+    let wanted = match &prefs {
+        Some(p) if p.never.contains(&owner.with) => false,
+        Some(p) if p.always.contains(&owner.with) => true,
+        _ => match prefs.as_ref().map_or(policy.default, |p| p.default) {
+            ArchiveDefault::Always => true,
+            ArchiveDefault::Never => false,
+            ArchiveDefault::Roster => tx
+                .roster_item(&user, &owner.with)?
+                .is_some_and(|i| i.visible),
+        },
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let meta_key = [keys::ARCHIVE_META, user.as_bytes()].concat();
+    let mut meta: ArchiveMeta = match tx.get(&meta_key)? {
+        Some(b) => postcard::from_bytes(&b).map_err(StoreError::from)?,
+        None => ArchiveMeta::default(),
+    };
+    let id = ts.max(meta.last.saturating_add(1));
+    let entry = encode(&Archived {
+        with: owner.with.clone(),
+        peer: owner.peer,
+        stanza: stanza.to_owned(),
+    });
+    meta.last = id;
+    meta.count += 1;
+    meta.bytes += entry.len() as u64;
+    tx.put(keys::archive_with(&user, &owner.with, id), Vec::new());
+    tx.put(keys::archive(&user, id), entry);
+    // The cap and the retention period, oldest first; a bounded number per
+    // message, so one append never turns into a long sweep (the expired
+    // rest is hidden from queries and goes with the following messages).
+    let expired_before = match policy.retention_micros {
+        0 => 0,
+        r => ts.saturating_sub(r),
+    };
+    let prefix = keys::user_prefix(keys::ARCHIVE, &user);
+    for _ in 0..16 {
+        let over = policy.max_messages > 0 && meta.count > policy.max_messages;
+        if !over && expired_before == 0 {
+            break;
+        }
+        let Some((k, v)) = tx.first(&prefix)? else {
+            break;
+        };
+        let oldest = keys::archive_id(&k);
+        if !over && oldest >= expired_before {
+            break;
+        }
+        let gone: Archived = postcard::from_bytes(&v).map_err(StoreError::from)?;
+        tx.delete(keys::archive_with(&user, &gone.with, oldest));
+        tx.delete(k);
+        meta.count -= 1;
+        meta.bytes = meta.bytes.saturating_sub(v.len() as u64);
+    }
+    tx.put(meta_key, encode(&meta));
+    Ok(Some(id))
 }
 
 /// What one private element counts against its owner's budget: key and
@@ -464,6 +579,36 @@ impl<'a> Tx<'a> {
 
     fn delete(&mut self, key: Vec<u8>) {
         self.writes.insert(key, None);
+    }
+
+    /// The first key and value under a prefix, with the writes so far
+    /// applied, reading only as far as it must.
+    fn first(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        let overlay = |k: &[u8]| self.writes.get(k).or_else(|| self.base.get(k));
+        let mut stored = None;
+        for kv in self.store.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            match overlay(&k) {
+                Some(None) => continue,
+                Some(Some(newer)) => stored = Some((k, newer.clone())),
+                None => stored = Some((k, v)),
+            }
+            break;
+        }
+        let mut best = stored;
+        for layer in [self.base, &self.writes] {
+            let written = layer
+                .range(prefix.to_vec()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .find(|(k, v)| v.is_some() && overlay(k).is_some_and(|v| v.is_some()));
+            if let Some((k, Some(v))) = written {
+                if best.as_ref().is_none_or(|(b, _)| k < b) {
+                    let v = overlay(k).cloned().flatten().unwrap_or_else(|| v.clone());
+                    best = Some((k.clone(), v));
+                }
+            }
+        }
+        Ok(best)
     }
 
     /// Keys and values under a prefix, in key order, with this command's writes applied.
@@ -726,7 +871,11 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 }
             }
             tx.delete(keys::offline_meta(&user));
+            tx.delete([keys::ARCHIVE_META, user.as_bytes()].concat());
+            tx.delete([keys::ARCHIVE_PREFS, user.as_bytes()].concat());
             for prefix in [
+                keys::ARCHIVE,
+                keys::ARCHIVE_WITH,
                 keys::OFFLINE,
                 keys::ROSTER,
                 keys::ROSTER_GONE,
@@ -762,6 +911,28 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             meta.bytes = 0;
             put_offline_meta(tx, &user, meta);
             Ok(Response::Offline(out))
+        }
+        Command::Archive {
+            ts,
+            stanza,
+            owners,
+            policy,
+        } => {
+            let mut ids = Vec::with_capacity(owners.len());
+            for owner in owners {
+                ids.push(archive_one(tx, ts, &stanza, owner, policy)?);
+            }
+            Ok(Response::Archived(ids))
+        }
+        Command::SetArchivePrefs { user, prefs } => {
+            if tx.get(&keys::account(&user))?.is_none() {
+                return Err(Refusal::NoSuchAccount(user).into());
+            }
+            tx.put(
+                [keys::ARCHIVE_PREFS, user.as_bytes()].concat(),
+                encode(&prefs),
+            );
+            Ok(Response::Done)
         }
         Command::InitSecret { name, value } => {
             let key = keys::secret(&name);

@@ -72,17 +72,27 @@ impl Module for Disco {
                             }
                         }
                         IqTarget::Account(_) => {
-                            // XEP-0030 §3.1: an account answers with its registered identity.
-                            query = query
-                                .child(identity(&Identity {
-                                    category: "account",
-                                    kind: "registered",
-                                    name: "",
-                                }))
-                                .child(
-                                    Element::new("feature", ns::DISCO_INFO)
-                                        .attr("var", ns::DISCO_INFO),
-                                );
+                            // XEP-0030 §3.1: an account answers with its
+                            // registered identity, and the modules add
+                            // theirs (the PEP service, the archive).
+                            query = query.child(identity(&Identity {
+                                category: "account",
+                                kind: "registered",
+                                name: "",
+                            }));
+                            let mut features: Vec<&str> = vec![ns::DISCO_INFO];
+                            for m in server.modules.iter() {
+                                for i in m.account_identities() {
+                                    query = query.child(identity(i));
+                                }
+                                features.extend(m.account_features());
+                            }
+                            features.sort_unstable();
+                            features.dedup();
+                            for f in features {
+                                query = query
+                                    .child(Element::new("feature", ns::DISCO_INFO).attr("var", f));
+                            }
                         }
                     }
                 }

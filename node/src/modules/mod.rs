@@ -9,6 +9,7 @@
 pub(crate) mod blocking;
 pub(crate) mod carbons;
 mod disco;
+pub(crate) mod mam;
 pub(crate) mod offline;
 mod ping;
 pub mod presence;
@@ -99,6 +100,17 @@ pub trait Module: Send + Sync {
         &[]
     }
 
+    /// Disco#info features of every account (a user's bare JID), such as
+    /// its archive or its PEP service.
+    fn account_features(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Disco#info identities of every account.
+    fn account_identities(&self) -> &'static [Identity] {
+        &[]
+    }
+
     /// Answers an IQ request this module `handles`; returns the reply
     /// (a result or an error), which the router sends back, or `None` when
     /// the module has sent its answer itself.
@@ -119,6 +131,20 @@ pub trait Module: Send + Sync {
         _user: &BareJid,
         _resources: &[&str],
     ) {
+    }
+
+    /// Hook: a message is about to be routed for the first time (routing
+    /// checks passed; `from` is its true sender, local or remote, `to` its
+    /// recipient). A module may add to it (a stanza id) and record it (an
+    /// archive) before it goes anywhere.
+    fn before_message_routed<'a>(
+        &'a self,
+        _server: &'a Server,
+        _message: &'a mut Element,
+        _from: &'a Jid,
+        _to: &'a Jid,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
 
     /// Hook: a local session sent a message (after routing checks passed).
@@ -159,9 +185,10 @@ pub trait Module: Send + Sync {
     }
 }
 
-/// The module list: the only place features are registered.
-pub fn all() -> Vec<Box<dyn Module>> {
-    vec![
+/// The module list: the only place features are registered; those an
+/// operator can turn off are left out when the config says so.
+pub fn all(config: &crate::config::Config) -> Vec<Box<dyn Module>> {
+    let mut modules: Vec<Box<dyn Module>> = vec![
         Box::new(disco::Disco),
         Box::new(ping::Ping),
         Box::new(version::Version),
@@ -174,5 +201,9 @@ pub fn all() -> Vec<Box<dyn Module>> {
         Box::new(private::Private),
         Box::new(session::LegacySession),
         Box::new(carbons::Carbons),
-    ]
+    ];
+    if config.mam.enabled {
+        modules.push(Box::new(mam::Mam));
+    }
+    modules
 }

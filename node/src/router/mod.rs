@@ -64,7 +64,7 @@ pub async fn reroute_here(server: &Server, stanza: Element) {
     route_with(server, stanza, pass).await
 }
 
-async fn route_with(server: &Server, stanza: Element, pass: Pass) {
+async fn route_with(server: &Server, mut stanza: Element, pass: Pass) {
     let first_time = pass.first_time;
     let Some(kind) = StanzaKind::of(&stanza) else {
         return;
@@ -108,6 +108,14 @@ async fn route_with(server: &Server, stanza: Element, pass: Pass) {
                 for m in server.modules.iter() {
                     m.on_message_sent(server, &from, &stanza);
                 }
+            }
+        }
+    }
+    if kind == StanzaKind::Message && first_time {
+        if let Some(from) = stanza.get_attr("from").and_then(|f| Jid::parse(f).ok()) {
+            for m in server.modules.iter() {
+                m.before_message_routed(server, &mut stanza, &from, &to)
+                    .await;
             }
         }
     }
