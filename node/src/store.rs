@@ -66,6 +66,28 @@ pub(crate) mod keys {
     pub const ARCHIVE_META: &[u8] = b"mm:";
     /// `mp:<user>` -> [`super::ArchivePrefs`].
     pub const ARCHIVE_PREFS: &[u8] = b"mp:";
+    /// PEP (XEP-0163): `pn:<owner>\0<node>` -> [`super::PepNode`].
+    pub const PEP_NODE: &[u8] = b"pn:";
+    /// `pi:<owner>\0<node>\0<seq>` -> [`super::PepItem`], oldest first.
+    pub const PEP_ITEM: &[u8] = b"pi:";
+    /// `pk:<owner>\0<node>\0<item id>` -> seq: items by id.
+    pub const PEP_ITEM_ID: &[u8] = b"pk:";
+
+    pub fn pep_node(owner: &str, node: &str) -> Vec<u8> {
+        user_key(PEP_NODE, owner, node)
+    }
+
+    pub fn pep_items(owner: &str, node: &str) -> Vec<u8> {
+        [user_key(PEP_ITEM, owner, node).as_slice(), b"\0"].concat()
+    }
+
+    pub fn pep_item(owner: &str, node: &str, seq: u64) -> Vec<u8> {
+        [pep_items(owner, node).as_slice(), &seq.to_be_bytes()].concat()
+    }
+
+    pub fn pep_item_id(owner: &str, node: &str, id: &str) -> Vec<u8> {
+        [user_key(PEP_ITEM_ID, owner, node).as_slice(), b"\0", id.as_bytes()].concat()
+    }
 
     pub fn archive(user: &str, id: u64) -> Vec<u8> {
         [user_prefix(ARCHIVE, user).as_slice(), &id.to_be_bytes()].concat()
@@ -226,6 +248,102 @@ pub struct ArchivePrefs {
     /// Bare JIDs always archived, and never archived.
     pub always: Vec<String>,
     pub never: Vec<String>,
+}
+
+/// Who may see a PEP node's items (XEP-0060 §4.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PepAccess {
+    /// Contacts subscribed to the owner's presence (`from`/`both`).
+    #[default]
+    Presence,
+    Open,
+    /// The owner alone.
+    Whitelist,
+}
+
+impl PepAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PepAccess::Presence => "presence",
+            PepAccess::Open => "open",
+            PepAccess::Whitelist => "whitelist",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PepAccess> {
+        match s {
+            "presence" => Some(PepAccess::Presence),
+            "open" => Some(PepAccess::Open),
+            "whitelist" => Some(PepAccess::Whitelist),
+            _ => None,
+        }
+    }
+}
+
+/// `pubsub#max_items`: a number, or `max` (as many as the server keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MaxItems {
+    Count(u64),
+    Max,
+}
+
+impl MaxItems {
+    pub fn parse(s: &str) -> Option<MaxItems> {
+        match s.trim() {
+            "max" => Some(MaxItems::Max),
+            n => n.parse().ok().filter(|n| *n > 0).map(MaxItems::Count),
+        }
+    }
+
+    pub fn text(self) -> String {
+        match self {
+            MaxItems::Count(n) => n.to_string(),
+            MaxItems::Max => "max".into(),
+        }
+    }
+
+    /// Items kept under the server's cap.
+    pub fn within(self, cap: u64) -> u64 {
+        match self {
+            MaxItems::Count(n) => n.min(cap),
+            MaxItems::Max => cap,
+        }
+    }
+}
+
+/// A PEP node's configuration (the `pubsub#node_config` fields we honour).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PepConfig {
+    pub access: PepAccess,
+    pub persist: bool,
+    pub max_items: MaxItems,
+}
+
+impl Default for PepConfig {
+    fn default() -> Self {
+        PepConfig {
+            access: PepAccess::Presence,
+            persist: true,
+            max_items: MaxItems::Count(1),
+        }
+    }
+}
+
+/// A PEP node: its configuration and where its items stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PepNode {
+    pub config: PepConfig,
+    /// The sequence number the next item gets.
+    pub next: u64,
+    pub count: u64,
+}
+
+/// One published item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PepItem {
+    pub id: String,
+    /// The payload element, serialised with its namespace.
+    pub payload: String,
 }
 
 /// One contact in a user's roster (RFC 6121 §2.1.2).
@@ -681,6 +799,46 @@ impl Store {
                         }),
                 )
             }
+        }
+    }
+
+    pub fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNode>, StoreError> {
+        match self.get(&keys::pep_node(owner, node))? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The names and configurations of `owner`'s PEP nodes.
+    pub fn pep_nodes(&self, owner: &str) -> Result<Vec<(String, PepNode)>, StoreError> {
+        let prefix = keys::user_prefix(keys::PEP_NODE, owner);
+        self.scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((rest_of_key(&k, prefix.len()), postcard::from_bytes(&v)?))
+            })
+            .collect()
+    }
+
+    /// Up to `max` of a node's items, newest first.
+    pub fn pep_items(&self, owner: &str, node: &str, max: usize) -> Result<Vec<PepItem>, StoreError> {
+        let prefix = keys::pep_items(owner, node);
+        let hi = [prefix.as_slice(), &[0xff; 9]].concat();
+        self.range(prefix, hi, true)
+            .take(max)
+            .map(|kv| Ok(postcard::from_bytes(&kv?.1)?))
+            .collect()
+    }
+
+    /// One item by its id.
+    pub fn pep_item(&self, owner: &str, node: &str, id: &str) -> Result<Option<PepItem>, StoreError> {
+        let Some(seq) = self.get(&keys::pep_item_id(owner, node, id))? else {
+            return Ok(None);
+        };
+        let seq = <[u8; 8]>::try_from(seq.as_slice()).map_or(0, u64::from_be_bytes);
+        match self.get(&keys::pep_item(owner, node, seq))? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            None => Ok(None),
         }
     }
 

@@ -4,12 +4,14 @@
 //! - [`xml`]: the incremental stream parser (bytes in, whole elements out).
 //! - [`element`]: the owned element tree and its serializer.
 //! - [`stanza`]: typed views over message/presence/iq, namespaces, error replies.
+//! - [`caps`]: entity capabilities (XEP-0115) verification strings.
 //! - [`forms`]: data forms (XEP-0004), read and built.
 //! - [`error`]: stream errors (RFC 6120 §4.9) and stanza errors (§8.3).
 //! - [`jid`]: bare and full JIDs with stringprep normalisation.
 //! - [`roster`]: the presence subscription state machine (RFC 6121 §3).
 //! - [`sasl`]: SCRAM (with channel binding) and PLAIN as pure state machines.
 
+pub mod caps;
 pub mod element;
 pub mod error;
 pub mod forms;

@@ -18,8 +18,8 @@ use xmpp::roster::{SubKind, Transition};
 use xmpp::sasl::ScramCredentials;
 
 use crate::store::{
-    keys, Account, ArchiveDefault, ArchiveMeta, ArchivePrefs, Archived, Batch, OfflineMeta,
-    RosterItem, Store, StoreError,
+    keys, Account, ArchiveDefault, ArchiveMeta, ArchivePrefs, Archived, Batch, MaxItems,
+    OfflineMeta, PepAccess, PepConfig, PepItem, PepNode, RosterItem, Store, StoreError,
 };
 
 /// Which side of a subscription stanza this server processes (RFC 6121 §3).
@@ -177,6 +177,50 @@ pub enum Command {
     },
     /// XEP-0313 §6: replace a user's archiving preferences.
     SetArchivePrefs { user: String, prefs: ArchivePrefs },
+    /// PEP (XEP-0163): publish an item (replacing one with the same id),
+    /// creating the node on first use with the defaults and `options`; on
+    /// an existing node, `options` are preconditions (XEP-0060 §7.1.5).
+    PepPublish {
+        owner: String,
+        node: String,
+        item: PepItem,
+        options: Option<PepOptions>,
+        limits: PepLimits,
+    },
+    PepRetract {
+        owner: String,
+        node: String,
+        ids: Vec<String>,
+    },
+    PepCreate {
+        owner: String,
+        node: String,
+        config: PepConfig,
+        limits: PepLimits,
+    },
+    PepConfigure {
+        owner: String,
+        node: String,
+        config: PepConfig,
+        limits: PepLimits,
+    },
+    PepDelete { owner: String, node: String },
+    PepPurge { owner: String, node: String },
+}
+
+/// `publish-options` (XEP-0060 §7.1.5): the fields a publisher requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PepOptions {
+    pub access: Option<PepAccess>,
+    pub persist: Option<bool>,
+    pub max_items: Option<MaxItems>,
+}
+
+/// The proposing node's PEP limits, which every replica applies alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PepLimits {
+    pub max_nodes: u64,
+    pub max_items: u64,
 }
 
 /// One archive a message goes into.
@@ -274,9 +318,26 @@ pub enum Effect {
     SessionReplaced { jid: String, old: SessionEntry },
     /// These sessions are gone because their node died or restarted.
     SessionsGone(Vec<(String, SessionEntry)>),
+    /// A PEP node changed: each node notifies the interested sessions it
+    /// serves (and the remote contacts it has seen).
+    Pep {
+        owner: String,
+        node: String,
+        access: PepAccess,
+        event: PepEvent,
+    },
     /// A message was stored for `user`, who may have come online on some
     /// node after the sender's node decided they were offline.
     OfflineStored { user: String },
+}
+
+/// What happened to a PEP node (XEP-0060 §7.1.2, §7.2.2, §8.4, §8.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PepEvent {
+    Published(PepItem),
+    Retracted(Vec<String>),
+    Purged,
+    Deleted,
 }
 
 /// A roster item that changed: `None` when it was removed (or hidden).
@@ -354,6 +415,17 @@ pub enum Refusal {
     OfflineBytesFull { user: String, max_bytes: u64 },
     #[error("private storage of {user} is full ({max_bytes} bytes)")]
     PrivateFull { user: String, max_bytes: u64 },
+    #[error("no PEP node {node} of {owner}")]
+    NoPepNode { owner: String, node: String },
+    #[error("no item {id} in {node}")]
+    NoPepItem { node: String, id: String },
+    #[error("PEP node {0} exists")]
+    PepNodeExists(String),
+    /// `publish-options` that the existing node's configuration does not meet.
+    #[error("the node's {0} differs from the publish-options")]
+    PepPrecondition(String),
+    #[error("{owner} has {max} PEP nodes already")]
+    TooManyPepNodes { owner: String, max: u64 },
 }
 
 /// The outcome of one applied command, as every replica computes it.
@@ -579,6 +651,62 @@ impl<'a> Tx<'a> {
 
     fn delete(&mut self, key: Vec<u8>) {
         self.writes.insert(key, None);
+    }
+
+    fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNode>, StoreError> {
+        match self.get(&keys::pep_node(owner, node))? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Refused when `owner` has as many nodes as the limit allows.
+    fn check_pep_room(&self, owner: &str, limits: PepLimits) -> Result<(), ApplyError> {
+        let nodes = self.scan(&keys::user_prefix(keys::PEP_NODE, owner))?.len() as u64;
+        if nodes >= limits.max_nodes {
+            return Err(Refusal::TooManyPepNodes {
+                owner: owner.to_owned(),
+                max: limits.max_nodes,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Drops the oldest items beyond what the node keeps.
+    fn trim_pep(
+        &mut self,
+        owner: &str,
+        node: &str,
+        n: &mut PepNode,
+        limits: PepLimits,
+    ) -> Result<(), StoreError> {
+        let keep = if n.config.persist {
+            n.config.max_items.within(limits.max_items)
+        } else {
+            // Not persistent: only the last item, for late joiners.
+            1
+        };
+        let prefix = keys::pep_items(owner, node);
+        while n.count > keep {
+            let Some((k, v)) = self.first(&prefix)? else {
+                break;
+            };
+            let gone: PepItem = postcard::from_bytes(&v)?;
+            self.delete(keys::pep_item_id(owner, node, &gone.id));
+            self.delete(k);
+            n.count -= 1;
+        }
+        Ok(())
+    }
+
+    fn clear_pep_items(&mut self, owner: &str, node: &str) -> Result<(), StoreError> {
+        for (k, v) in self.scan(&keys::pep_items(owner, node))? {
+            let gone: PepItem = postcard::from_bytes(&v)?;
+            self.delete(keys::pep_item_id(owner, node, &gone.id));
+            self.delete(k);
+        }
+        Ok(())
     }
 
     /// The first key and value under a prefix, with the writes so far
@@ -874,6 +1002,9 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             tx.delete([keys::ARCHIVE_META, user.as_bytes()].concat());
             tx.delete([keys::ARCHIVE_PREFS, user.as_bytes()].concat());
             for prefix in [
+                keys::PEP_NODE,
+                keys::PEP_ITEM,
+                keys::PEP_ITEM_ID,
                 keys::ARCHIVE,
                 keys::ARCHIVE_WITH,
                 keys::OFFLINE,
@@ -932,6 +1063,157 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 [keys::ARCHIVE_PREFS, user.as_bytes()].concat(),
                 encode(&prefs),
             );
+            Ok(Response::Done)
+        }
+        Command::PepPublish {
+            owner,
+            node,
+            item,
+            options,
+            limits,
+        } => {
+            if tx.get(&keys::account(&owner))?.is_none() {
+                return Err(Refusal::NoSuchAccount(owner).into());
+            }
+            let mut n = match tx.pep_node(&owner, &node)? {
+                Some(n) => {
+                    if let Some(o) = options {
+                        let c = n.config;
+                        let unmet = [
+                            ("pubsub#access_model", o.access.is_some_and(|a| a != c.access)),
+                            ("pubsub#persist_items", o.persist.is_some_and(|p| p != c.persist)),
+                            ("pubsub#max_items", o.max_items.is_some_and(|m| m != c.max_items)),
+                        ];
+                        if let Some((field, _)) = unmet.iter().find(|(_, u)| *u) {
+                            return Err(Refusal::PepPrecondition((*field).into()).into());
+                        }
+                    }
+                    n
+                }
+                None => {
+                    tx.check_pep_room(&owner, limits)?;
+                    let o = options.unwrap_or_default();
+                    let d = PepConfig::default();
+                    PepNode {
+                        config: PepConfig {
+                            access: o.access.unwrap_or(d.access),
+                            persist: o.persist.unwrap_or(d.persist),
+                            max_items: o.max_items.unwrap_or(d.max_items),
+                        },
+                        next: 0,
+                        count: 0,
+                    }
+                }
+            };
+            let id_key = keys::pep_item_id(&owner, &node, &item.id);
+            if let Some(seq) = tx.get(&id_key)? {
+                let seq = <[u8; 8]>::try_from(seq.as_slice()).map_or(0, u64::from_be_bytes);
+                tx.delete(keys::pep_item(&owner, &node, seq));
+                n.count = n.count.saturating_sub(1);
+            }
+            tx.put(id_key, n.next.to_be_bytes().to_vec());
+            tx.put(keys::pep_item(&owner, &node, n.next), encode(&item));
+            n.next += 1;
+            n.count += 1;
+            tx.trim_pep(&owner, &node, &mut n, limits)?;
+            tx.put(keys::pep_node(&owner, &node), encode(&n));
+            tx.effects.push(Effect::Pep {
+                owner,
+                node,
+                access: n.config.access,
+                event: PepEvent::Published(item),
+            });
+            Ok(Response::Done)
+        }
+        Command::PepRetract { owner, node, ids } => {
+            let Some(mut n) = tx.pep_node(&owner, &node)? else {
+                return Err(Refusal::NoPepNode { owner, node }.into());
+            };
+            for id in &ids {
+                let id_key = keys::pep_item_id(&owner, &node, id);
+                let Some(seq) = tx.get(&id_key)? else {
+                    return Err(Refusal::NoPepItem {
+                        node,
+                        id: id.clone(),
+                    }
+                    .into());
+                };
+                let seq = <[u8; 8]>::try_from(seq.as_slice()).map_or(0, u64::from_be_bytes);
+                tx.delete(keys::pep_item(&owner, &node, seq));
+                tx.delete(id_key);
+                n.count = n.count.saturating_sub(1);
+            }
+            tx.put(keys::pep_node(&owner, &node), encode(&n));
+            tx.effects.push(Effect::Pep {
+                owner,
+                node,
+                access: n.config.access,
+                event: PepEvent::Retracted(ids),
+            });
+            Ok(Response::Done)
+        }
+        Command::PepCreate {
+            owner,
+            node,
+            config,
+            limits,
+        } => {
+            if tx.get(&keys::account(&owner))?.is_none() {
+                return Err(Refusal::NoSuchAccount(owner).into());
+            }
+            if tx.pep_node(&owner, &node)?.is_some() {
+                return Err(Refusal::PepNodeExists(node).into());
+            }
+            tx.check_pep_room(&owner, limits)?;
+            let n = PepNode {
+                config,
+                next: 0,
+                count: 0,
+            };
+            tx.put(keys::pep_node(&owner, &node), encode(&n));
+            Ok(Response::Done)
+        }
+        Command::PepConfigure {
+            owner,
+            node,
+            config,
+            limits,
+        } => {
+            let Some(mut n) = tx.pep_node(&owner, &node)? else {
+                return Err(Refusal::NoPepNode { owner, node }.into());
+            };
+            n.config = config;
+            tx.trim_pep(&owner, &node, &mut n, limits)?;
+            tx.put(keys::pep_node(&owner, &node), encode(&n));
+            Ok(Response::Done)
+        }
+        Command::PepDelete { owner, node } => {
+            let Some(n) = tx.pep_node(&owner, &node)? else {
+                return Err(Refusal::NoPepNode { owner, node }.into());
+            };
+            tx.clear_pep_items(&owner, &node)?;
+            tx.delete(keys::pep_node(&owner, &node));
+            tx.effects.push(Effect::Pep {
+                owner,
+                node,
+                access: n.config.access,
+                event: PepEvent::Deleted,
+            });
+            Ok(Response::Done)
+        }
+        Command::PepPurge { owner, node } => {
+            let Some(mut n) = tx.pep_node(&owner, &node)? else {
+                return Err(Refusal::NoPepNode { owner, node }.into());
+            };
+            tx.clear_pep_items(&owner, &node)?;
+            n.count = 0;
+            tx.put(keys::pep_node(&owner, &node), encode(&n));
+            tx.effects.push(Effect::Pep {
+                owner,
+                node,
+                access: n.config.access,
+                event: PepEvent::Purged,
+            });
             Ok(Response::Done)
         }
         Command::InitSecret { name, value } => {

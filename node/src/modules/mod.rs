@@ -11,6 +11,7 @@ pub(crate) mod carbons;
 mod disco;
 pub(crate) mod mam;
 pub(crate) mod offline;
+pub(crate) mod pep;
 mod ping;
 pub mod presence;
 mod private;
@@ -147,6 +148,21 @@ pub trait Module: Send + Sync {
         Box::pin(async {})
     }
 
+    /// Hook: a presence stanza is being routed for the first time, from its
+    /// true sender (a local session's directed presence, or any presence
+    /// from another domain).
+    fn on_presence_routed(&self, _server: &Server, _stanza: &Element, _from: &Jid, _to: &Jid) {}
+
+    /// Hook: an IQ result or error addressed to the server or an account.
+    /// `true` when it answered a request of this module's.
+    fn on_iq_response(&self, _server: &Server, _iq: &Element) -> bool {
+        false
+    }
+
+    /// Hook: an entry applied on this node had this effect (every node of
+    /// the cluster sees every effect, in log order).
+    fn on_applied(&self, _server: &Server, _effect: &crate::cluster::state_machine::Effect) {}
+
     /// Hook: a local session sent a message (after routing checks passed).
     fn on_message_sent(&self, _server: &Server, _from: &FullJid, _message: &Element) {}
 
@@ -204,6 +220,9 @@ pub fn all(config: &crate::config::Config) -> Vec<Box<dyn Module>> {
     ];
     if config.mam.enabled {
         modules.push(Box::new(mam::Mam));
+    }
+    if config.pep.enabled {
+        modules.push(Box::new(pep::Pep::default()));
     }
     modules
 }

@@ -111,11 +111,15 @@ async fn route_with(server: &Server, mut stanza: Element, pass: Pass) {
             }
         }
     }
-    if kind == StanzaKind::Message && first_time {
+    if first_time && kind != StanzaKind::Iq {
         if let Some(from) = stanza.get_attr("from").and_then(|f| Jid::parse(f).ok()) {
             for m in server.modules.iter() {
-                m.before_message_routed(server, &mut stanza, &from, &to)
-                    .await;
+                if kind == StanzaKind::Message {
+                    m.before_message_routed(server, &mut stanza, &from, &to)
+                        .await;
+                } else {
+                    m.on_presence_routed(server, &stanza, &from, &to);
+                }
             }
         }
     }
@@ -428,7 +432,13 @@ async fn route_iq(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         Jid::Bare(b) => IqTarget::Account(b.clone()),
     };
     if !itype.is_request() {
-        // Results and errors addressed to the server or an account: nothing waits for them.
+        // Results and errors addressed to the server or an account: a
+        // module may be waiting for one; nothing else is.
+        for m in server.modules.iter() {
+            if m.on_iq_response(server, &stanza) {
+                return;
+            }
+        }
         return;
     }
     // RFC 6120 §8.2.3: a get or set has exactly one payload child.

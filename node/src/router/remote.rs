@@ -258,7 +258,11 @@ async fn on_effect(server: &Arc<Server>, effect: Effect) {
                 }
             }
         }
-        _ => {}
+        other => {
+            for m in server.modules.iter() {
+                m.on_applied(server, &other);
+            }
+        }
     }
 }
 
