@@ -742,10 +742,85 @@ impl Client {
         Ok(())
     }
 
+    /// Sends available presence announcing entity capabilities (XEP-0115)
+    /// for `notify` (`NODE+notify` each), and answers the server's
+    /// disco#info query about them if one comes (the server asks once per
+    /// `ver`). With `lie`, the answer lists more than the hash stands for.
+    pub async fn presence_with_caps(&mut self, notify: &[&str], lie: bool) -> anyhow::Result<()> {
+        let info = caps_disco_info(notify);
+        let ver = xmpp::caps::ver("sha-1", &info).context("sha-1")?;
+        let presence = Element::new("presence", ns::CLIENT).child(
+            Element::new("c", xmpp::caps::NS)
+                .attr("hash", "sha-1")
+                .attr("node", CAPS_NODE)
+                .attr("ver", ver.as_str()),
+        );
+        self.send(&presence).await?;
+        let asked = self
+            .recv_until(
+                |e| {
+                    e.name == "iq"
+                        && e.get_attr("type") == Some("get")
+                        && e.has_child("query", ns::DISCO_INFO)
+                },
+                QUIET,
+            )
+            .await;
+        if let Ok(q) = asked {
+            let node = q
+                .get_child("query", ns::DISCO_INFO)
+                .and_then(|x| x.get_attr("node"))
+                .unwrap_or_default()
+                .to_owned();
+            if node != format!("{CAPS_NODE}#{ver}") {
+                bail!("the server asked about node {node:?}");
+            }
+            let mut answer = if lie {
+                let mut all = notify.to_vec();
+                all.extend([
+                    "http://jabber.org/protocol/nick",
+                    "eu.siacs.conversations.axolotl.devicelist",
+                    "urn:xmpp:bookmarks:1",
+                    "urn:xmpp:avatar:metadata",
+                ]);
+                caps_disco_info(&all)
+            } else {
+                info
+            };
+            answer.set_attr("node", node);
+            let reply = Element::new("iq", ns::CLIENT)
+                .attr("type", "result")
+                .attr("id", q.get_attr("id").unwrap_or_default())
+                .attr("to", q.get_attr("from").unwrap_or_default())
+                .child(answer);
+            self.send(&reply).await?;
+        }
+        self.sync().await
+    }
+
     /// Closes our stream politely.
     pub async fn close(mut self) -> anyhow::Result<()> {
         self.send_raw("</stream:stream>").await
     }
+}
+
+const CAPS_NODE: &str = "https://tests.example/caps";
+
+/// The disco#info of a client interested in `notify` (`NODE+notify` each).
+pub fn caps_disco_info(notify: &[&str]) -> Element {
+    let mut q = Element::new("query", ns::DISCO_INFO).child(
+        Element::new("identity", ns::DISCO_INFO)
+            .attr("category", "client")
+            .attr("type", "pc")
+            .attr("name", "tests"),
+    );
+    for f in [ns::DISCO_INFO, xmpp::caps::NS] {
+        q = q.child(Element::new("feature", ns::DISCO_INFO).attr("var", f));
+    }
+    for n in notify {
+        q = q.child(Element::new("feature", ns::DISCO_INFO).attr("var", format!("{n}+notify")));
+    }
+    q
 }
 
 /// A `chat` message with a body.

@@ -545,3 +545,69 @@ async fn carbons_reach_a_users_devices_on_other_nodes() {
         m.to_string_in(ns::CLIENT)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_and_pep_are_the_same_on_every_node() {
+    const MAM: &str = "urn:xmpp:mam:2";
+    const PUBSUB: &str = "http://jabber.org/protocol/pubsub";
+    const EVENT: &str = "http://jabber.org/protocol/pubsub#event";
+    const NICK: &str = "http://jabber.org/protocol/nick";
+    let nodes = three("");
+    nodes[0].adduser("alice", PW).expect("alice");
+    nodes[0].adduser("bob", PW).expect("bob");
+    nodes[0].adduser("carol", PW).expect("carol");
+    let mut alice = Client::login_bound(&nodes[0], "alice", PW, "a").await.expect("alice");
+    alice.presence_with_caps(&[NICK], false).await.expect("caps");
+    let mut bob = online(&nodes[1], "bob", "b", 0).await;
+    let mut carol = Client::login_bound(&nodes[2], "carol", PW, "c").await.expect("carol");
+    carol.presence_with_caps(&[NICK], false).await.expect("caps");
+    wait_sessions(&[&nodes[0], &nodes[1], &nodes[2]], 3);
+
+    // A conversation across nodes 1 and 2, read back from node 3's replica.
+    for i in 1..=3 {
+        alice.chat("bob@localhost", &format!("m{i}")).await.expect("send");
+        expect_body(&mut bob, &format!("m{i}")).await;
+    }
+    let mut bob3 = Client::login_bound(&nodes[2], "bob", PW, "on3").await.expect("bob on 3");
+    let q = bob3.make_iq("set", None, Element::new("query", MAM).attr("queryid", "q"));
+    let fin = bob3.iq(q).await.expect("query");
+    assert_eq!(fin.get_attr("type"), Some("result"), "{}", fin.to_string_in(ns::CLIENT));
+    let bodies: Vec<String> = bob3
+        .take_pending()
+        .iter()
+        .filter_map(|m| {
+            m.get_child("result", MAM)
+                .and_then(|r| r.get_child("forwarded", "urn:xmpp:forward:0"))
+                .and_then(|f| f.get_child("message", ns::CLIENT))
+                .and_then(body)
+        })
+        .collect();
+    assert_eq!(bodies, ["m1", "m2", "m3"]);
+
+    // Alice (node 1) publishes; carol (node 3), subscribed, is notified by
+    // her own node from the replicated effect.
+    subscribe(&mut carol, &mut alice).await;
+    let publish = alice.make_iq(
+        "set",
+        None,
+        Element::new("pubsub", PUBSUB).child(
+            Element::new("publish", PUBSUB).attr("node", NICK).child(
+                Element::new("item", PUBSUB)
+                    .attr("id", "current")
+                    .child(Element::new("nick", NICK).text("Alice")),
+            ),
+        ),
+    );
+    let r = alice.iq(publish).await.expect("publish");
+    assert_eq!(r.get_attr("type"), Some("result"), "{}", r.to_string_in(ns::CLIENT));
+    let m = carol
+        .recv_until(|e| e.get_child("event", EVENT).is_some(), WAIT)
+        .await
+        .expect("notification on node 3");
+    let nick = m
+        .get_child("event", EVENT)
+        .and_then(|e| e.get_child("items", EVENT))
+        .and_then(|i| i.get_child("item", EVENT))
+        .and_then(|i| i.child_text("nick", NICK));
+    assert_eq!(nick.as_deref(), Some("Alice"));
+}

@@ -15,7 +15,6 @@ const PUBSUB: &str = "http://jabber.org/protocol/pubsub";
 const OWNER: &str = "http://jabber.org/protocol/pubsub#owner";
 const EVENT: &str = "http://jabber.org/protocol/pubsub#event";
 const ERRORS: &str = "http://jabber.org/protocol/pubsub#errors";
-const CAPS: &str = "http://jabber.org/protocol/caps";
 const NICK: &str = "http://jabber.org/protocol/nick";
 const DEVICELIST: &str = "eu.siacs.conversations.axolotl.devicelist";
 const AXOLOTL: &str = "eu.siacs.conversations.axolotl";
@@ -38,62 +37,11 @@ fn show(e: &Element) -> String {
     e.to_string_in(ns::CLIENT)
 }
 
-/// The disco#info a client with these `+notify` interests answers.
-fn disco_info(notify: &[&str]) -> Element {
-    let mut q = Element::new("query", ns::DISCO_INFO).child(
-        Element::new("identity", ns::DISCO_INFO)
-            .attr("category", "client")
-            .attr("type", "pc")
-            .attr("name", "pep-test"),
-    );
-    for f in [ns::DISCO_INFO, CAPS] {
-        q = q.child(Element::new("feature", ns::DISCO_INFO).attr("var", f));
-    }
-    for n in notify {
-        q = q.child(Element::new("feature", ns::DISCO_INFO).attr("var", format!("{n}+notify")));
-    }
-    q
-}
-
-/// Logs in and sends available presence announcing caps for `notify`;
-/// answers the server's disco#info query about them when one comes
-/// (`lie`: with other features than the hash stands for).
+/// Logs in and sends presence with caps for `notify` (see
+/// [`Client::presence_with_caps`]).
 async fn online_with_caps(node: &TestNode, user: &str, resource: &str, notify: &[&str], lie: bool) -> Client {
     let mut c = Client::login_bound(node, user, PW, resource).await.unwrap();
-    let info = disco_info(notify);
-    let ver = xmpp::caps::ver("sha-1", &info).unwrap();
-    let presence = Element::new("presence", ns::CLIENT).child(
-        Element::new("c", CAPS)
-            .attr("hash", "sha-1")
-            .attr("node", "https://pep-test.example")
-            .attr("ver", ver.as_str()),
-    );
-    c.send(&presence).await.unwrap();
-    // The server asks once per `ver`; a second session with the same caps
-    // is not asked again.
-    let asked = c
-        .recv_until(
-            |e| e.name == "iq" && e.get_attr("type") == Some("get") && e.has_child("query", ns::DISCO_INFO),
-            QUIET,
-        )
-        .await;
-    if let Ok(q) = asked {
-        let node_attr = q
-            .get_child("query", ns::DISCO_INFO)
-            .and_then(|x| x.get_attr("node"))
-            .unwrap_or_default()
-            .to_owned();
-        assert_eq!(node_attr, format!("https://pep-test.example#{ver}"));
-        let mut answer = if lie { disco_info(&[NICK, DEVICELIST, BOOKMARKS, AVATAR_META]) } else { info.clone() };
-        answer.set_attr("node", node_attr);
-        let reply = Element::new("iq", ns::CLIENT)
-            .attr("type", "result")
-            .attr("id", q.get_attr("id").unwrap())
-            .attr("to", q.get_attr("from").unwrap())
-            .child(answer);
-        c.send(&reply).await.unwrap();
-    }
-    c.sync().await.unwrap();
+    c.presence_with_caps(notify, lie).await.unwrap();
     c
 }
 

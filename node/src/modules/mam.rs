@@ -147,6 +147,11 @@ impl Module for Mam {
             if !req.to_own_account() {
                 return Some(iq_error(req.iq, StanzaError::Forbidden, None));
             }
+            if !req.is_set() || req.payload.name == "query" {
+                // Reads see every write acknowledged anywhere in the
+                // cluster before them (a message sent through another node).
+                server.cluster.read_barrier().await;
+            }
             let reply = match (req.payload.name.as_str(), req.is_set()) {
                 ("query", true) => query(server, &req),
                 ("query", false) => Ok(query_form(&req)),

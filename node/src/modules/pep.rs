@@ -732,6 +732,7 @@ async fn handle(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element
         }
         (NS, "items", false) => {
             needs_node()?;
+            server.cluster.read_barrier().await;
             let store = server.store();
             let n = store
                 .pep_node(&o, &node)
