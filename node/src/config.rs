@@ -237,6 +237,50 @@ pub struct Config {
     pub http: Http,
     pub mam: Mam,
     pub pep: Pep,
+    /// Contact addresses published in the server's disco#info (XEP-0157).
+    pub contact: Contact,
+    /// STUN and TURN servers offered to clients for calls (XEP-0215).
+    pub extdisco: Vec<ExtService>,
+}
+
+/// XEP-0157 addresses (URIs: `mailto:`, `xmpp:`, `https:`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Contact {
+    pub abuse: Vec<String>,
+    pub admin: Vec<String>,
+    pub feedback: Vec<String>,
+    pub sales: Vec<String>,
+    pub security: Vec<String>,
+    pub support: Vec<String>,
+}
+
+/// One external service (XEP-0215), e.g. a coturn server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtService {
+    /// `stun`, `turn`, `stuns` or `turns`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub host: String,
+    pub port: u16,
+    /// `udp` or `tcp`.
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// The TURN REST shared secret (coturn's `static-auth-secret`): each
+    /// client gets a user name and password valid for `ttl_secs`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default = "default_ttl")]
+    pub ttl_secs: u64,
+}
+
+fn default_transport() -> String {
+    "udp".into()
+}
+
+fn default_ttl() -> u64 {
+    86_400
 }
 
 /// Message Archive Management (XEP-0313): every user's conversations,
@@ -569,6 +613,10 @@ pub struct Auth {
     /// Seconds between two in-band registrations from one address (IPv6:
     /// one /64); sooner gets `<resource-constraint/>`.
     pub registration_interval_secs: u64,
+    /// Accounts that may run the service administration commands
+    /// (XEP-0133: add, delete and change the password of users, announce),
+    /// e.g. `["admin@example.com"]`.
+    pub admins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -694,6 +742,8 @@ impl Default for Config {
             http: Http::default(),
             mam: Mam::default(),
             pep: Pep::default(),
+            contact: Contact::default(),
+            extdisco: Vec::new(),
         }
     }
 }
@@ -728,6 +778,7 @@ impl Default for Auth {
             max_attempts_per_stream: 3,
             strict_channel_binding: false,
             registration_interval_secs: 600,
+            admins: Vec::new(),
         }
     }
 }
@@ -1181,6 +1232,37 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::Invalid {
                     origin: origin(key),
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
+        for a in &self.auth.admins {
+            if xmpp::jid::BareJid::parse(a).map_or(true, |j| j.node().is_none()) {
+                return Err(ConfigError::Invalid {
+                    origin: origin("auth.admins"),
+                    message: format!("{a:?} is not an account (user@domain)"),
+                });
+            }
+        }
+        for (i, e) in self.extdisco.iter().enumerate() {
+            if !matches!(e.kind.as_str(), "stun" | "stuns" | "turn" | "turns") {
+                return Err(ConfigError::Invalid {
+                    origin: origin(&format!("extdisco[{i}].type")),
+                    message: format!(
+                        "[[extdisco]] type {:?} must be stun, stuns, turn or turns",
+                        e.kind
+                    ),
+                });
+            }
+            if !matches!(e.transport.as_str(), "udp" | "tcp") {
+                return Err(ConfigError::Invalid {
+                    origin: origin(&format!("extdisco[{i}].transport")),
+                    message: format!("[[extdisco]] transport {:?} must be udp or tcp", e.transport),
+                });
+            }
+            if e.ttl_secs == 0 {
+                return Err(ConfigError::Invalid {
+                    origin: origin(&format!("extdisco[{i}].ttl_secs")),
                     message: "must be at least 1".into(),
                 });
             }

@@ -66,6 +66,8 @@ pub(crate) mod keys {
     pub const ARCHIVE_META: &[u8] = b"mm:";
     /// `mp:<user>` -> [`super::ArchivePrefs`].
     pub const ARCHIVE_PREFS: &[u8] = b"mp:";
+    /// `la:<user>` -> (seconds since the epoch, status): the last logout.
+    pub const LAST_ACTIVITY: &[u8] = b"la:";
     /// PEP (XEP-0163): `pn:<owner>\0<node>` -> [`super::PepNode`].
     pub const PEP_NODE: &[u8] = b"pn:";
     /// `pi:<owner>\0<node>\0<seq>` -> [`super::PepItem`], oldest first.
@@ -799,6 +801,14 @@ impl Store {
                         }),
                 )
             }
+        }
+    }
+
+    /// When `user` was last online, and their status text then (XEP-0012).
+    pub fn last_activity(&self, user: &str) -> Result<Option<(u64, Option<String>)>, StoreError> {
+        match self.get(&[keys::LAST_ACTIVITY, user.as_bytes()].concat())? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            None => Ok(None),
         }
     }
 

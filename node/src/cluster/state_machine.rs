@@ -206,6 +206,13 @@ pub enum Command {
     },
     PepDelete { owner: String, node: String },
     PepPurge { owner: String, node: String },
+    /// XEP-0012: when `user` was last online (seconds since the epoch), and
+    /// the status text they left with.
+    SetLastActivity {
+        user: String,
+        secs: u64,
+        status: Option<String>,
+    },
 }
 
 /// `publish-options` (XEP-0060 §7.1.5): the fields a publisher requires.
@@ -1001,6 +1008,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             tx.delete(keys::offline_meta(&user));
             tx.delete([keys::ARCHIVE_META, user.as_bytes()].concat());
             tx.delete([keys::ARCHIVE_PREFS, user.as_bytes()].concat());
+            tx.delete([keys::LAST_ACTIVITY, user.as_bytes()].concat());
             for prefix in [
                 keys::PEP_NODE,
                 keys::PEP_ITEM,
@@ -1214,6 +1222,15 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 access: n.config.access,
                 event: PepEvent::Purged,
             });
+            Ok(Response::Done)
+        }
+        Command::SetLastActivity { user, secs, status } => {
+            if tx.get(&keys::account(&user))?.is_some() {
+                tx.put(
+                    [keys::LAST_ACTIVITY, user.as_bytes()].concat(),
+                    encode(&(secs, status)),
+                );
+            }
             Ok(Response::Done)
         }
         Command::InitSecret { name, value } => {

@@ -10,6 +10,35 @@ use crate::Server;
 
 pub struct Disco;
 
+/// XEP-0157: the server's contact addresses as a `serverinfo` form, when
+/// any are configured.
+fn contact_addresses(c: &crate::config::Contact) -> Option<Element> {
+    let lists = [
+        ("abuse-addresses", &c.abuse),
+        ("admin-addresses", &c.admin),
+        ("feedback-addresses", &c.feedback),
+        ("sales-addresses", &c.sales),
+        ("security-addresses", &c.security),
+        ("support-addresses", &c.support),
+    ];
+    if lists.iter().all(|(_, l)| l.is_empty()) {
+        return None;
+    }
+    let fields = lists
+        .iter()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(var, l)| {
+            l.iter()
+                .fold(xmpp::forms::Field::new(var, "list-multi"), |f, v| f.value(v.as_str()))
+        })
+        .collect();
+    Some(xmpp::forms::build(
+        "result",
+        Some("http://jabber.org/network/serverinfo"),
+        fields,
+    ))
+}
+
 const SERVER_IDENTITY: Identity = Identity {
     category: "server",
     kind: "im",
@@ -47,10 +76,28 @@ impl Module for Disco {
                     return error_reply(req.iq, StanzaError::BadRequest, None)
                         .unwrap_or_else(|| iq_result(req.iq));
                 }
-                // Nodes (XEP-0030 §3.2) are not offered by any module yet.
-                if req.payload.get_attr("node").is_some() {
-                    return error_reply(req.iq, StanzaError::ItemNotFound, None)
-                        .unwrap_or_else(|| iq_result(req.iq));
+                // Nodes (XEP-0030 §3.2): items of the server's nodes come
+                // from the module that owns them (the ad-hoc command list).
+                if let Some(node) = req.payload.get_attr("node") {
+                    let items = (req.payload.ns == ns::DISCO_ITEMS
+                        && matches!(req.target, IqTarget::Server(_)))
+                    .then(|| {
+                        server
+                            .modules
+                            .iter()
+                            .find_map(|m| m.disco_items(server, req.from, node))
+                    })
+                    .flatten();
+                    return match items {
+                        Some(items) => iq_result(req.iq).child(
+                            items.into_iter().fold(
+                                Element::new("query", ns::DISCO_ITEMS).attr("node", node),
+                                Element::child,
+                            ),
+                        ),
+                        None => error_reply(req.iq, StanzaError::ItemNotFound, None)
+                            .unwrap_or_else(|| iq_result(req.iq)),
+                    };
                 }
                 let mut query = Element::new("query", req.payload.ns.clone());
                 if req.payload.ns == ns::DISCO_INFO {
@@ -69,6 +116,9 @@ impl Module for Disco {
                             for f in features {
                                 query = query
                                     .child(Element::new("feature", ns::DISCO_INFO).attr("var", f));
+                            }
+                            if let Some(form) = contact_addresses(&server.config.contact) {
+                                query = query.child(form);
                             }
                         }
                         IqTarget::Account(_) => {

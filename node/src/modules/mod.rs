@@ -8,7 +8,10 @@
 
 pub(crate) mod blocking;
 pub(crate) mod carbons;
+mod adhoc;
 mod disco;
+mod extdisco;
+mod last;
 pub(crate) mod mam;
 pub(crate) mod offline;
 pub(crate) mod pep;
@@ -18,6 +21,7 @@ mod private;
 pub mod register;
 pub mod roster;
 mod session;
+mod time;
 mod vcard;
 mod version;
 
@@ -153,6 +157,23 @@ pub trait Module: Send + Sync {
     /// from another domain).
     fn on_presence_routed(&self, _server: &Server, _stanza: &Element, _from: &Jid, _to: &Jid) {}
 
+    /// Hook: a session became unavailable (an `unavailable` broadcast, or
+    /// the end of an available session), with its status text.
+    fn on_unavailable<'a>(
+        &'a self,
+        _server: &'a Server,
+        _session: &'a FullJid,
+        _status: Option<String>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    /// Disco#items of a node of the server (XEP-0030 §4.2), such as the
+    /// ad-hoc command list; `None` when the node is not this module's.
+    fn disco_items(&self, _server: &Server, _from: &FullJid, _node: &str) -> Option<Vec<Element>> {
+        None
+    }
+
     /// Hook: an IQ result or error addressed to the server or an account.
     /// `true` when it answered a request of this module's.
     fn on_iq_response(&self, _server: &Server, _iq: &Element) -> bool {
@@ -217,7 +238,13 @@ pub fn all(config: &crate::config::Config) -> Vec<Box<dyn Module>> {
         Box::new(private::Private),
         Box::new(session::LegacySession),
         Box::new(carbons::Carbons),
+        Box::new(time::Time),
+        Box::new(last::Last),
+        Box::new(adhoc::Adhoc),
     ];
+    if !config.extdisco.is_empty() {
+        modules.push(Box::new(extdisco::ExtDisco));
+    }
     if config.mam.enabled {
         modules.push(Box::new(mam::Mam));
     }

@@ -375,8 +375,14 @@ pub async fn broadcast(
         }
         Some(PresenceType::Unavailable) => {
             in_table(server, me, id, false, 0).await;
-            server.sessions.set_presence(me, id, false, 0, None);
+            let was_available = server.sessions.set_presence(me, id, false, 0, None);
             to_subscribers(server, me, &stanza);
+            if was_available {
+                let status = stanza.child_text("status", ns::CLIENT);
+                for m in server.modules.iter() {
+                    m.on_unavailable(server, me, status.clone()).await;
+                }
+            }
             for to in directed.drain() {
                 router::route(server, with_to(&stanza, &to)).await;
             }
@@ -714,6 +720,9 @@ pub async fn session_closed(
         .attr("from", me.to_string());
     if was_available {
         to_subscribers(server, me, &unavailable);
+        for m in server.modules.iter() {
+            m.on_unavailable(server, me, None).await;
+        }
     }
     for to in directed.drain() {
         router::route(server, with_to(&unavailable, &to)).await;
