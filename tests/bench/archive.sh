@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The message archive's cost (XEP-0313): server CPU per chat message with
+# the archive on and off, archive bytes per message on disk, and query
+# latency on one deep archive.
+#
+#   tests/bench/archive.sh [--users N] [--rate R] [--secs S] [--deep N]
+#
+# One node on 127.0.33.1 with data in a temporary directory, nothing
+# pinned (the node and the load generator share the cores): read the rows
+# against each other. --deep is the number of messages user1 and user2
+# exchange for the deep archive (each is archived for both, so user1's
+# archive holds that many). Prints Markdown.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+USERS=200
+RATE=2000
+SECS=10
+DEEP=100000
+while [ $# -gt 0 ]; do
+    case $1 in
+        --users) USERS=$2; shift 2 ;;
+        --rate) RATE=$2; shift 2 ;;
+        --secs) SECS=$2; shift 2 ;;
+        --deep) DEEP=$2; shift 2 ;;
+        -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+        *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+cd "$ROOT"
+cargo build --release -q -p node -p tests --bins
+BIN=$ROOT/target/release
+TMP=$(mktemp -d)
+IP=127.0.33.1
+NODE=
+cleanup() { [ -n "$NODE" ] && kill "$NODE" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+config() { # data dir, mam enabled
+    cat <<TOML
+node_id = 1
+data_dir = "$1"
+[[vhosts]]
+name = "bench.test"
+[listen]
+c2s = "$IP:5222"
+c2s_tls = "$IP:5223"
+s2s = "$IP:5269"
+http = "$IP:5280"
+https = "$IP:5281"
+grpc = "$IP:5290"
+[cluster]
+addr = "$IP:5291"
+[limits]
+stanzas_per_second = 1000000
+stanza_burst = 1000000
+max_unauthenticated = 100000
+max_unauthenticated_per_address = 100000
+[mam]
+enabled = $2
+max_messages_per_user = 1000000
+[log]
+level = "warn"
+TOML
+}
+start() { # name, mam enabled
+    mkdir -p "$TMP/$1"
+    config "$TMP/$1" "$2" >"$TMP/$1.toml"
+    "$BIN/xmpp-node" --config "$TMP/$1.toml" 2>>"$TMP/$1.log" &
+    NODE=$!
+    for _ in $(seq 150); do
+        "$BIN/clusterctl" --node "$IP:5290" status >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    echo "the node did not come up: $(tail -5 "$TMP/$1.log")" >&2
+    exit 1
+}
+stop() { kill "$NODE"; wait "$NODE" 2>/dev/null || true; NODE=; }
+chat() { # users, rate, secs -> "delivered_per_s p50 p99 lost cpu_s_per_1000 sent"
+    "$BIN/xmpp-load" chat --server "$IP:5222" --domain bench.test --accounts "$TMP/accounts.txt" \
+        --mechanism scram-sha-1 --users "$1" --rate "$2" --duration "$3" \
+        --arrival-rate 0 --concurrency 50 --server-pid "$NODE" --json --quiet |
+        /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["chat"]; print("%.0f %.2f %.2f %d %.4f %d" % (r["delivered_per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["lost"], r.get("server_cpu_s_per_1000_messages") or 0, r["sent"]))'
+}
+archive_bytes() { # data dir: bytes of the state database after a clean stop
+    du -sb "$1/state" 2>/dev/null | cut -f1 || du -sb "$1" | cut -f1
+}
+
+"$BIN/xmpp-load" accounts --users "$USERS" --domain bench.test >"$TMP/accounts.txt"
+rows=()
+for mam in false true; do
+    start "mam-$mam" "$mam"
+    "$BIN/clusterctl" --node "$IP:5290" import-users "$TMP/accounts.txt" >/dev/null
+    stop
+    before=$(du -sb "$TMP/mam-$mam" | cut -f1)
+    start "mam-$mam" "$mam"
+    r=$(chat "$USERS" "$RATE" "$SECS")
+    stop
+    after=$(du -sb "$TMP/mam-$mam" | cut -f1)
+    read -r per p50 p99 lost cpu sent <<<"$r"
+    rows+=("| archive $([ "$mam" = true ] && echo on || echo off) | $per | $p50 / $p99 | $cpu | $(( (after - before) / sent )) | $lost |")
+done
+
+# The deep archive: user1 and user2 only, DEEP messages in all.
+start deep true
+"$BIN/clusterctl" --node "$IP:5290" import-users "$TMP/accounts.txt" >/dev/null
+DEEP_SECS=$(( DEEP / 5000 ))
+chat 2 5000 "$DEEP_SECS" >/dev/null
+probe=$("$BIN/mam-probe" --server "$IP:5222" --domain bench.test --user user1 --password pw1 \
+    --with user2@bench.test --rounds 200 --max 50)
+
+echo
+echo "one node, $USERS users chatting at $RATE msg/s for ${SECS}s ($(date -u +%F))"
+echo
+echo "| | delivered/s | latency p50 / p99 ms | server CPU-ms per message | disk bytes per message | lost |"
+echo "|---|---:|---:|---:|---:|---:|"
+printf '%s\n' "${rows[@]}"
+echo
+echo "queries on one archive ($DEEP_SECS s of 5,000 msg/s between two users), 50 results a page:"
+echo
+echo '```'
+echo "$probe"
+echo '```'
