@@ -53,6 +53,16 @@ pub struct Flags {
     /// Allow in-band registration (XEP-0077).
     #[arg(long, env = "XMPP_ALLOW_REGISTRATION")]
     pub allow_registration: Option<bool>,
+    /// Keep message archives (XEP-0313), `[mam] enabled`.
+    #[arg(long, env = "XMPP_MAM_ENABLED")]
+    pub mam_enabled: Option<bool>,
+    /// `[mam] retention_days`: archived messages older than this go (0: kept).
+    #[arg(long, env = "XMPP_MAM_RETENTION_DAYS")]
+    pub mam_retention_days: Option<u64>,
+    /// `[mam] batch_ms`: how long a message waits for others to share its
+    /// archive write.
+    #[arg(long, env = "XMPP_MAM_BATCH_MS")]
+    pub mam_batch_ms: Option<u64>,
     /// Require TLS before authentication on the STARTTLS listener.
     #[arg(long, env = "XMPP_REQUIRE_TLS")]
     pub require_tls: Option<bool>,
@@ -301,6 +311,11 @@ pub struct Mam {
     pub default_page: usize,
     /// Most results per query page, whatever the client asks for.
     pub max_page: usize,
+    /// How long the first message waiting to be archived waits for others
+    /// to share its replicated write (milliseconds; 0: none). Each message
+    /// is routed once its archive entry is committed, so this is added
+    /// latency, traded for fewer, larger writes.
+    pub batch_ms: u64,
 }
 
 impl Default for Mam {
@@ -312,6 +327,7 @@ impl Default for Mam {
             max_messages_per_user: 100_000,
             default_page: 50,
             max_page: 250,
+            batch_ms: 1,
         }
     }
 }
@@ -945,6 +961,15 @@ impl Config {
         if let Some(r) = f.allow_registration {
             self.auth.allow_registration = r;
         }
+        if let Some(m) = f.mam_enabled {
+            self.mam.enabled = m;
+        }
+        if let Some(d) = f.mam_retention_days {
+            self.mam.retention_days = d;
+        }
+        if let Some(b) = f.mam_batch_ms {
+            self.mam.batch_ms = b;
+        }
         if let Some(r) = f.require_tls {
             self.tls.require_c2s = r;
         }
@@ -1257,7 +1282,10 @@ impl Config {
             if !matches!(e.transport.as_str(), "udp" | "tcp") {
                 return Err(ConfigError::Invalid {
                     origin: origin(&format!("extdisco[{i}].transport")),
-                    message: format!("[[extdisco]] transport {:?} must be udp or tcp", e.transport),
+                    message: format!(
+                        "[[extdisco]] transport {:?} must be udp or tcp",
+                        e.transport
+                    ),
                 });
             }
             if e.ttl_secs == 0 {

@@ -88,7 +88,12 @@ pub(crate) mod keys {
     }
 
     pub fn pep_item_id(owner: &str, node: &str, id: &str) -> Vec<u8> {
-        [user_key(PEP_ITEM_ID, owner, node).as_slice(), b"\0", id.as_bytes()].concat()
+        [
+            user_key(PEP_ITEM_ID, owner, node).as_slice(),
+            b"\0",
+            id.as_bytes(),
+        ]
+        .concat()
     }
 
     pub fn archive(user: &str, id: u64) -> Vec<u8> {
@@ -100,7 +105,11 @@ pub(crate) mod keys {
     }
 
     pub fn archive_with(user: &str, with: &str, id: u64) -> Vec<u8> {
-        [archive_with_prefix(user, with).as_slice(), &id.to_be_bytes()].concat()
+        [
+            archive_with_prefix(user, with).as_slice(),
+            &id.to_be_bytes(),
+        ]
+        .concat()
     }
 
     /// The id at the end of an archive key (either index).
@@ -796,7 +805,9 @@ impl Store {
                             Err(e) => Some(Err(e)),
                             Ok((k, _)) => {
                                 let id = keys::archive_id(&k);
-                                self.archived(user, id).transpose().map(|a| a.map(|a| (id, a)))
+                                self.archived(user, id)
+                                    .transpose()
+                                    .map(|a| a.map(|a| (id, a)))
                             }
                         }),
                 )
@@ -831,7 +842,12 @@ impl Store {
     }
 
     /// Up to `max` of a node's items, newest first.
-    pub fn pep_items(&self, owner: &str, node: &str, max: usize) -> Result<Vec<PepItem>, StoreError> {
+    pub fn pep_items(
+        &self,
+        owner: &str,
+        node: &str,
+        max: usize,
+    ) -> Result<Vec<PepItem>, StoreError> {
         let prefix = keys::pep_items(owner, node);
         let hi = [prefix.as_slice(), &[0xff; 9]].concat();
         self.range(prefix, hi, true)
@@ -841,7 +857,12 @@ impl Store {
     }
 
     /// One item by its id.
-    pub fn pep_item(&self, owner: &str, node: &str, id: &str) -> Result<Option<PepItem>, StoreError> {
+    pub fn pep_item(
+        &self,
+        owner: &str,
+        node: &str,
+        id: &str,
+    ) -> Result<Option<PepItem>, StoreError> {
         let Some(seq) = self.get(&keys::pep_item_id(owner, node, id))? else {
             return Ok(None);
         };

@@ -55,7 +55,7 @@ start() { # id, join...
         --c2s-addr "$ip:5222" --c2s-tls-addr "$ip:5223" --grpc-addr "$ip:5290" \
         --s2s-addr "$ip:5269" --http-addr "$ip:5280" --https-addr "$ip:5281" \
         --cluster-addr "$ip:5291" --log-level warn \
-        --stanzas-per-second 1000000 --stanza-burst 1000000 \
+        --stanzas-per-second 1000000 --stanza-burst 1000000 --mam-enabled false \
         --max-unauthenticated 100000 --max-unauthenticated-per-address 100000 "$@" 2>"$TMP/n$i.log" &
     pids+=($!)
     nodepid[$i]=$!

@@ -49,6 +49,10 @@ https = "$ip:5281"
 grpc = "$ip:5290"
 [cluster]
 addr = "$ip:5291"
+[mam]
+# Without the archive, like Prosody's and ejabberd's Debian defaults and
+# the figures in the README; tests/bench/archive.sh measures its cost.
+enabled = false
 [limits]
 stanzas_per_second = 1000000
 stanza_burst = 1000000

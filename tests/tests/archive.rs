@@ -160,7 +160,10 @@ async fn a_conversation_is_archived_for_both_and_paged_both_ways() {
     }
     let all: Vec<String> = (1..=25).map(|i| format!("m{i}")).collect();
     let expect = |r: std::ops::RangeInclusive<usize>| -> Vec<&str> {
-        all[r.start() - 1..*r.end()].iter().map(String::as_str).collect()
+        all[r.start() - 1..*r.end()]
+            .iter()
+            .map(String::as_str)
+            .collect()
     };
 
     // Forwards from the start, ten at a time.
@@ -246,7 +249,10 @@ async fn queries_filter_by_correspondent_and_time_and_fetch_ids() {
     let mut bob = online(&node, "bob").await;
     let mut carol = online(&node, "carol").await;
     for i in 1..=3 {
-        alice.chat(&jid("bob"), &format!("to bob {i}")).await.unwrap();
+        alice
+            .chat(&jid("bob"), &format!("to bob {i}"))
+            .await
+            .unwrap();
         bob.recv_message(WAIT).await.unwrap();
         alice
             .chat(&jid("carol"), &format!("to carol {i}"))
@@ -282,7 +288,10 @@ async fn queries_filter_by_correspondent_and_time_and_fetch_ids() {
     let window = query(&mut alice, &[("start", &[&s4]), ("end", &[&s5])], &[])
         .await
         .unwrap();
-    assert_eq!(window.bodies(), [all.items[3].body.as_str(), &all.items[4].body]);
+    assert_eq!(
+        window.bodies(),
+        [all.items[3].body.as_str(), &all.items[4].body]
+    );
     let since = query(&mut alice, &[("start", &[&s5])], &[]).await.unwrap();
     assert_eq!(since.items.len(), 3);
 
@@ -369,7 +378,11 @@ async fn preferences_decide_what_is_archived() {
 
     carol.chat(&jid("bob"), "from carol").await.unwrap();
     let m = bob.recv_message(WAIT).await.unwrap();
-    assert!(stanza_ids(&m).is_empty(), "not archived, no id: {}", show(&m));
+    assert!(
+        stanza_ids(&m).is_empty(),
+        "not archived, no id: {}",
+        show(&m)
+    );
     alice.chat(&jid("bob"), "from alice").await.unwrap();
     let m = bob.recv_message(WAIT).await.unwrap();
     assert_eq!(stanza_ids(&m).len(), 1, "{}", show(&m));
@@ -397,7 +410,11 @@ async fn preferences_decide_what_is_archived() {
     assert_eq!(d.bodies(), ["contact"]);
 
     // Bad preferences are refused.
-    let iq = dave.make_iq("set", None, Element::new("prefs", MAM).attr("default", "sometimes"));
+    let iq = dave.make_iq(
+        "set",
+        None,
+        Element::new("prefs", MAM).attr("default", "sometimes"),
+    );
     let reply = dave.iq(iq).await.unwrap();
     assert_eq!(condition(&reply), "bad-request");
 }
@@ -417,8 +434,8 @@ async fn offline_messages_are_archived_and_ids_are_the_servers_own() {
             "http://jabber.org/protocol/chatstates",
         ));
     alice.send(&state).await.unwrap();
-    let hinted = message(&jid("bob"), "do not keep")
-        .child(Element::new("no-store", "urn:xmpp:hints"));
+    let hinted =
+        message(&jid("bob"), "do not keep").child(Element::new("no-store", "urn:xmpp:hints"));
     alice.send(&hinted).await.unwrap();
     // A stanza id that claims to be bob's server's is not the sender's to give.
     let spoofed = message(&jid("bob"), "spoofed").child(

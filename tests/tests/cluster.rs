@@ -556,22 +556,42 @@ async fn archives_and_pep_are_the_same_on_every_node() {
     nodes[0].adduser("alice", PW).expect("alice");
     nodes[0].adduser("bob", PW).expect("bob");
     nodes[0].adduser("carol", PW).expect("carol");
-    let mut alice = Client::login_bound(&nodes[0], "alice", PW, "a").await.expect("alice");
-    alice.presence_with_caps(&[NICK], false).await.expect("caps");
+    let mut alice = Client::login_bound(&nodes[0], "alice", PW, "a")
+        .await
+        .expect("alice");
+    alice
+        .presence_with_caps(&[NICK], false)
+        .await
+        .expect("caps");
     let mut bob = online(&nodes[1], "bob", "b", 0).await;
-    let mut carol = Client::login_bound(&nodes[2], "carol", PW, "c").await.expect("carol");
-    carol.presence_with_caps(&[NICK], false).await.expect("caps");
+    let mut carol = Client::login_bound(&nodes[2], "carol", PW, "c")
+        .await
+        .expect("carol");
+    carol
+        .presence_with_caps(&[NICK], false)
+        .await
+        .expect("caps");
     wait_sessions(&[&nodes[0], &nodes[1], &nodes[2]], 3);
 
     // A conversation across nodes 1 and 2, read back from node 3's replica.
     for i in 1..=3 {
-        alice.chat("bob@localhost", &format!("m{i}")).await.expect("send");
+        alice
+            .chat("bob@localhost", &format!("m{i}"))
+            .await
+            .expect("send");
         expect_body(&mut bob, &format!("m{i}")).await;
     }
-    let mut bob3 = Client::login_bound(&nodes[2], "bob", PW, "on3").await.expect("bob on 3");
+    let mut bob3 = Client::login_bound(&nodes[2], "bob", PW, "on3")
+        .await
+        .expect("bob on 3");
     let q = bob3.make_iq("set", None, Element::new("query", MAM).attr("queryid", "q"));
     let fin = bob3.iq(q).await.expect("query");
-    assert_eq!(fin.get_attr("type"), Some("result"), "{}", fin.to_string_in(ns::CLIENT));
+    assert_eq!(
+        fin.get_attr("type"),
+        Some("result"),
+        "{}",
+        fin.to_string_in(ns::CLIENT)
+    );
     let bodies: Vec<String> = bob3
         .take_pending()
         .iter()
@@ -599,7 +619,12 @@ async fn archives_and_pep_are_the_same_on_every_node() {
         ),
     );
     let r = alice.iq(publish).await.expect("publish");
-    assert_eq!(r.get_attr("type"), Some("result"), "{}", r.to_string_in(ns::CLIENT));
+    assert_eq!(
+        r.get_attr("type"),
+        Some("result"),
+        "{}",
+        r.to_string_in(ns::CLIENT)
+    );
     let m = carol
         .recv_until(|e| e.get_child("event", EVENT).is_some(), WAIT)
         .await

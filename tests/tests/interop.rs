@@ -386,3 +386,65 @@ fn slixmpp_disco_ping_and_version() {
         .unwrap_or_else(|| panic!("no VERSION: {out:#?}"));
     assert!(version.starts_with("xmpp-node "), "version {version:?}");
 }
+
+/// slixmpp's XEP-0313, 0163/0172, 0084, 0153, 0060 (bookmarks with
+/// publish-options) and 0202 plugins against the node
+/// (`tests/interop/features.py`).
+#[test]
+fn slixmpp_plugins_archive_pep_avatars_bookmarks_and_time() {
+    let node = TestNode::start().expect("node starts");
+    for u in ["alice", "bob"] {
+        node.adduser(u, "secret").expect("adduser");
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/features.py");
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(python())
+        .arg(script)
+        .arg(node.c2s.ip().to_string())
+        .arg(node.c2s.port().to_string())
+        .arg(&node.domain)
+        .arg("secret")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr.reopen().unwrap())
+        .spawn()
+        .expect("cannot run features.py");
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    let report = format!(
+        "status {status:?}\n--- stdout ---\n{out}\n--- stderr ---\n{}\n--- node log ---\n{}",
+        std::fs::read_to_string(stderr.path()).unwrap_or_default(),
+        node.log()
+    );
+    assert!(status.is_some_and(|s| s.success()), "{report}");
+    let avatar = "7e1d1baee823d5e715489481afbf20a8f1c06ba7";
+    for want in [
+        "MAM archived 1,archived 2,archived 3,archived 4,archived 5".to_owned(),
+        "MAM-REVERSE archived 5,archived 4,archived 3,archived 2,archived 1".to_owned(),
+        "NICK Alice in PEP".to_owned(),
+        format!("AVATAR {avatar}"),
+        format!("VCARD-AVATAR {avatar}"),
+        "BOOKMARKS one@conference.localhost,two@conference.localhost".to_owned(),
+        "BOOKMARKS-HIDDEN not-authorized".to_owned(),
+        "DONE".to_owned(),
+    ] {
+        assert!(out.lines().any(|l| l == want), "missing {want:?}\n{report}");
+    }
+    let time = out
+        .lines()
+        .find_map(|l| l.strip_prefix("TIME "))
+        .unwrap_or_else(|| panic!("no TIME line\n{report}"));
+    assert!(time.starts_with("20") && time.ends_with('Z'), "{time}");
+}

@@ -39,7 +39,13 @@ fn show(e: &Element) -> String {
 
 /// Logs in and sends presence with caps for `notify` (see
 /// [`Client::presence_with_caps`]).
-async fn online_with_caps(node: &TestNode, user: &str, resource: &str, notify: &[&str], lie: bool) -> Client {
+async fn online_with_caps(
+    node: &TestNode,
+    user: &str,
+    resource: &str,
+    notify: &[&str],
+    lie: bool,
+) -> Client {
     let mut c = Client::login_bound(node, user, PW, resource).await.unwrap();
     c.presence_with_caps(notify, lie).await.unwrap();
     c
@@ -49,20 +55,34 @@ async fn online_with_caps(node: &TestNode, user: &str, resource: &str, notify: &
 async fn subscribe(user: &mut Client, contact: &mut Client) {
     let to = contact.bare_jid().to_owned();
     let from = user.bare_jid().to_owned();
-    user.send(&Element::new("presence", ns::CLIENT).attr("to", to.as_str()).attr("type", "subscribe"))
+    user.send(
+        &Element::new("presence", ns::CLIENT)
+            .attr("to", to.as_str())
+            .attr("type", "subscribe"),
+    )
+    .await
+    .unwrap();
+    contact
+        .recv_until(
+            |e| e.name == "presence" && e.get_attr("type") == Some("subscribe"),
+            WAIT,
+        )
         .await
         .unwrap();
     contact
-        .recv_until(|e| e.name == "presence" && e.get_attr("type") == Some("subscribe"), WAIT)
+        .send(
+            &Element::new("presence", ns::CLIENT)
+                .attr("to", from.as_str())
+                .attr("type", "subscribed"),
+        )
         .await
         .unwrap();
-    contact
-        .send(&Element::new("presence", ns::CLIENT).attr("to", from.as_str()).attr("type", "subscribed"))
-        .await
-        .unwrap();
-    user.recv_until(|e| e.name == "presence" && e.get_attr("type") == Some("subscribed"), WAIT)
-        .await
-        .unwrap();
+    user.recv_until(
+        |e| e.name == "presence" && e.get_attr("type") == Some("subscribed"),
+        WAIT,
+    )
+    .await
+    .unwrap();
     contact.sync().await.unwrap();
     user.sync().await.unwrap();
 }
@@ -79,7 +99,13 @@ fn publish_options(fields: &[(&str, &str)]) -> Element {
     ))
 }
 
-async fn publish(c: &mut Client, node: &str, id: &str, payload: Element, options: &[(&str, &str)]) -> Element {
+async fn publish(
+    c: &mut Client,
+    node: &str,
+    id: &str,
+    payload: Element,
+    options: &[(&str, &str)],
+) -> Element {
     let mut pubsub = Element::new("pubsub", PUBSUB).child(
         Element::new("publish", PUBSUB)
             .attr("node", node)
@@ -146,8 +172,15 @@ fn no_event(node: &str) -> impl FnMut(&Element) -> bool + '_ {
 
 fn error_parts(reply: &Element) -> (String, Option<String>) {
     let err = reply.get_child("error", ns::CLIENT);
-    let specific = err.and_then(|e| e.elements().find(|c| c.ns == ERRORS).map(|c| c.name.clone()));
-    (tests::client::stanza_error(reply).unwrap_or_else(|| show(reply)), specific)
+    let specific = err.and_then(|e| {
+        e.elements()
+            .find(|c| c.ns == ERRORS)
+            .map(|c| c.name.clone())
+    });
+    (
+        tests::client::stanza_error(reply).unwrap_or_else(|| show(reply)),
+        specific,
+    )
 }
 
 #[tokio::test]
@@ -176,7 +209,10 @@ async fn presence_nodes_notify_subscribers_with_notify_and_nobody_else() {
     let refused = items(&mut dave, &jid("alice"), NICK).await;
     assert_eq!(
         error_parts(&refused),
-        ("not-authorized".into(), Some("presence-subscription-required".into()))
+        (
+            "not-authorized".into(),
+            Some("presence-subscription-required".into())
+        )
     );
 
     // A later login of a subscriber gets the last item.
@@ -205,7 +241,9 @@ async fn presence_nodes_notify_subscribers_with_notify_and_nobody_else() {
     assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
     let items = event(&mut carol, NICK).await;
     assert_eq!(
-        items.get_child("retract", EVENT).and_then(|r| r.get_attr("id")),
+        items
+            .get_child("retract", EVENT)
+            .and_then(|r| r.get_attr("id")),
         Some("current")
     );
     let got = items_of(&mut carol, "alice", NICK).await;
@@ -222,8 +260,16 @@ async fn an_omemo_device_list_is_open_to_strangers_and_options_are_preconditions
     let node = node_with(&["alice", "mallory"]);
     let mut alice = online_with_caps(&node, "alice", "phone", &[DEVICELIST], false).await;
     let mut mallory = online_with_caps(&node, "mallory", "m", &[], false).await;
-    let list = Element::new("list", AXOLOTL).child(Element::new("device", AXOLOTL).attr("id", "12345"));
-    let r = publish(&mut alice, DEVICELIST, "current", list, &[("pubsub#access_model", "open")]).await;
+    let list =
+        Element::new("list", AXOLOTL).child(Element::new("device", AXOLOTL).attr("id", "12345"));
+    let r = publish(
+        &mut alice,
+        DEVICELIST,
+        "current",
+        list,
+        &[("pubsub#access_model", "open")],
+    )
+    .await;
     assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
     // OMEMO: whoever wants to write to alice fetches her devices.
     let got = items(&mut mallory, &jid("alice"), DEVICELIST).await;
@@ -237,8 +283,20 @@ async fn an_omemo_device_list_is_open_to_strangers_and_options_are_preconditions
         .and_then(|d| d.get_attr("id"));
     assert_eq!(device, Some("12345"));
     // Nobody but the owner publishes.
-    let r = publish(&mut mallory, DEVICELIST, "x", Element::new("list", AXOLOTL), &[]).await;
-    assert_eq!(r.get_attr("type"), Some("result"), "mallory's own node: {}", show(&r));
+    let r = publish(
+        &mut mallory,
+        DEVICELIST,
+        "x",
+        Element::new("list", AXOLOTL),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        r.get_attr("type"),
+        Some("result"),
+        "mallory's own node: {}",
+        show(&r)
+    );
     let iq = mallory.make_iq(
         "set",
         Some(&jid("alice")),
@@ -252,10 +310,25 @@ async fn an_omemo_device_list_is_open_to_strangers_and_options_are_preconditions
     assert_eq!(error_parts(&r).0, "forbidden");
 
     // publish-options that the node does not meet (XEP-0060 §7.1.5).
-    let r = publish(&mut alice, DEVICELIST, "current", Element::new("list", AXOLOTL), &[("pubsub#access_model", "presence")]).await;
-    assert_eq!(error_parts(&r), ("conflict".into(), Some("precondition-not-met".into())));
+    let r = publish(
+        &mut alice,
+        DEVICELIST,
+        "current",
+        Element::new("list", AXOLOTL),
+        &[("pubsub#access_model", "presence")],
+    )
+    .await;
+    assert_eq!(
+        error_parts(&r),
+        ("conflict".into(), Some("precondition-not-met".into()))
+    );
     // Reconfigured, then the same publish goes through.
-    let iq = alice.make_iq("get", None, Element::new("pubsub", OWNER).child(Element::new("configure", OWNER).attr("node", DEVICELIST)));
+    let iq = alice.make_iq(
+        "get",
+        None,
+        Element::new("pubsub", OWNER)
+            .child(Element::new("configure", OWNER).attr("node", DEVICELIST)),
+    );
     let r = alice.iq(iq).await.unwrap();
     let form = r
         .get_child("pubsub", OWNER)
@@ -269,20 +342,45 @@ async fn an_omemo_device_list_is_open_to_strangers_and_options_are_preconditions
         Some("http://jabber.org/protocol/pubsub#node_config"),
         vec![Field::new("pubsub#access_model", "list-single").value("presence")],
     );
-    let iq = alice.make_iq("set", None, Element::new("pubsub", OWNER).child(Element::new("configure", OWNER).attr("node", DEVICELIST).child(x)));
+    let iq = alice.make_iq(
+        "set",
+        None,
+        Element::new("pubsub", OWNER).child(
+            Element::new("configure", OWNER)
+                .attr("node", DEVICELIST)
+                .child(x),
+        ),
+    );
     let r = alice.iq(iq).await.unwrap();
     assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
-    let r = publish(&mut alice, DEVICELIST, "current", Element::new("list", AXOLOTL), &[("pubsub#access_model", "presence")]).await;
+    let r = publish(
+        &mut alice,
+        DEVICELIST,
+        "current",
+        Element::new("list", AXOLOTL),
+        &[("pubsub#access_model", "presence")],
+    )
+    .await;
     assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
     let refused = items(&mut mallory, &jid("alice"), DEVICELIST).await;
     assert_eq!(error_parts(&refused).0, "not-authorized");
 
     // Deleting the node: gone for everyone, the owner's session told.
-    let iq = alice.make_iq("set", None, Element::new("pubsub", OWNER).child(Element::new("delete", OWNER).attr("node", DEVICELIST)));
+    let iq = alice.make_iq(
+        "set",
+        None,
+        Element::new("pubsub", OWNER).child(Element::new("delete", OWNER).attr("node", DEVICELIST)),
+    );
     let r = alice.iq(iq).await.unwrap();
     assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
     let ev = alice
-        .recv_until(|e| e.get_child("event", EVENT).is_some_and(|ev| ev.has_child("delete", EVENT)), WAIT)
+        .recv_until(
+            |e| {
+                e.get_child("event", EVENT)
+                    .is_some_and(|ev| ev.has_child("delete", EVENT))
+            },
+            WAIT,
+        )
         .await
         .unwrap();
     assert!(ev.get_child("event", EVENT).is_some());
@@ -304,23 +402,37 @@ async fn bookmarks_are_private_to_the_owner_and_keep_many_items() {
         ("pubsub#max_items", "max"),
         ("pubsub#send_last_published_item", "never"),
     ];
-    for room in ["a@conference.localhost", "b@conference.localhost", "c@conference.localhost"] {
+    for room in [
+        "a@conference.localhost",
+        "b@conference.localhost",
+        "c@conference.localhost",
+    ] {
         let conf = Element::new("conference", BOOKMARKS)
             .attr("name", room)
             .attr("autojoin", "true");
         let r = publish(&mut alice, BOOKMARKS, room, conf, &opts).await;
         assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
         let ev = event(&mut alice2, BOOKMARKS).await;
-        assert_eq!(ev.get_child("item", EVENT).and_then(|i| i.get_attr("id")), Some(room));
+        assert_eq!(
+            ev.get_child("item", EVENT).and_then(|i| i.get_attr("id")),
+            Some(room)
+        );
     }
     assert_eq!(
         items_of(&mut alice, "alice", BOOKMARKS).await,
-        ["a@conference.localhost", "b@conference.localhost", "c@conference.localhost"]
+        [
+            "a@conference.localhost",
+            "b@conference.localhost",
+            "c@conference.localhost"
+        ]
     );
     // A contact, even one subscribed to alice's presence, sees none of it.
     carol.expect_none(no_event(BOOKMARKS), QUIET).await.unwrap();
     let r = items(&mut carol, &jid("alice"), BOOKMARKS).await;
-    assert_eq!(error_parts(&r), ("not-authorized".into(), Some("closed-node".into())));
+    assert_eq!(
+        error_parts(&r),
+        ("not-authorized".into(), Some("closed-node".into()))
+    );
 }
 
 #[tokio::test]
@@ -350,11 +462,21 @@ async fn avatar_hashes_in_presence_reach_contacts_and_own_resources() {
             .attr("bytes", "12345")
             .attr("type", "image/png"),
     );
-    let r = publish(&mut alice, AVATAR_META, "111f4b3c50d7b0df729d299bc6f8e9ef9066971f", meta, &[]).await;
+    let r = publish(
+        &mut alice,
+        AVATAR_META,
+        "111f4b3c50d7b0df729d299bc6f8e9ef9066971f",
+        meta,
+        &[],
+    )
+    .await;
     assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
     for c in [&mut carol, &mut alice2] {
         let ev = event(c, AVATAR_META).await;
-        assert!(ev.get_child("item", EVENT).and_then(|i| i.get_child("metadata", AVATAR_META)).is_some());
+        assert!(ev
+            .get_child("item", EVENT)
+            .and_then(|i| i.get_child("metadata", AVATAR_META))
+            .is_some());
     }
     // XEP-0153: the vCard photo hash travels in presence, as sent.
     let p = Element::new("presence", ns::CLIENT)
@@ -362,11 +484,16 @@ async fn avatar_hashes_in_presence_reach_contacts_and_own_resources() {
     alice.send(&p).await.unwrap();
     for c in [&mut carol, &mut alice2] {
         let got = c
-            .recv_until(|e| e.name == "presence" && e.get_child("x", UPDATE).is_some(), WAIT)
+            .recv_until(
+                |e| e.name == "presence" && e.get_child("x", UPDATE).is_some(),
+                WAIT,
+            )
             .await
             .unwrap();
         assert_eq!(
-            got.get_child("x", UPDATE).and_then(|x| x.child_text("photo", UPDATE)).as_deref(),
+            got.get_child("x", UPDATE)
+                .and_then(|x| x.child_text("photo", UPDATE))
+                .as_deref(),
             Some("abc123")
         );
     }

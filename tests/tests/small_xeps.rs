@@ -36,13 +36,24 @@ fn node_with(extra: &str, users: &[&str]) -> TestNode {
 async fn entity_time_and_server_uptime() {
     let node = node_with("", &["alice"]);
     let mut alice = Client::login_bound(&node, "alice", PW, "r").await.unwrap();
-    let iq = alice.make_iq("get", Some("localhost"), Element::new("time", "urn:xmpp:time"));
+    let iq = alice.make_iq(
+        "get",
+        Some("localhost"),
+        Element::new("time", "urn:xmpp:time"),
+    );
     let r = alice.iq(iq).await.unwrap();
     let t = r.get_child("time", "urn:xmpp:time").expect("time");
-    assert_eq!(t.child_text("tzo", "urn:xmpp:time").as_deref(), Some("+00:00"));
+    assert_eq!(
+        t.child_text("tzo", "urn:xmpp:time").as_deref(),
+        Some("+00:00")
+    );
     let utc = t.child_text("utc", "urn:xmpp:time").expect("utc");
     assert!(utc.ends_with('Z') && utc.len() >= 20, "{utc}");
-    let iq = alice.make_iq("get", Some("localhost"), Element::new("query", "jabber:iq:last"));
+    let iq = alice.make_iq(
+        "get",
+        Some("localhost"),
+        Element::new("query", "jabber:iq:last"),
+    );
     let r = alice.iq(iq).await.unwrap();
     let secs: u64 = r
         .get_child("query", "jabber:iq:last")
@@ -62,7 +73,11 @@ async fn last_activity_of_a_contact_is_for_subscribers_only() {
     let mut dave = Client::login_bound(&node, "dave", PW, "r").await.unwrap();
     // Carol subscribes to alice.
     carol
-        .send(&Element::new("presence", ns::CLIENT).attr("to", "alice@localhost").attr("type", "subscribe"))
+        .send(
+            &Element::new("presence", ns::CLIENT)
+                .attr("to", "alice@localhost")
+                .attr("type", "subscribe"),
+        )
         .await
         .unwrap();
     alice
@@ -70,20 +85,28 @@ async fn last_activity_of_a_contact_is_for_subscribers_only() {
         .await
         .unwrap();
     alice
-        .send(&Element::new("presence", ns::CLIENT).attr("to", "carol@localhost").attr("type", "subscribed"))
+        .send(
+            &Element::new("presence", ns::CLIENT)
+                .attr("to", "carol@localhost")
+                .attr("type", "subscribed"),
+        )
         .await
         .unwrap();
     alice.sync().await.unwrap();
     carol.sync().await.unwrap();
     let last = |c: &mut Client| {
-        let iq = c.make_iq("get", Some("alice@localhost"), Element::new("query", "jabber:iq:last"));
-        iq
+        c.make_iq(
+            "get",
+            Some("alice@localhost"),
+            Element::new("query", "jabber:iq:last"),
+        )
     };
     // Online: zero seconds (§4).
     let iq = last(&mut carol);
     let r = carol.iq(iq).await.unwrap();
     assert_eq!(
-        r.get_child("query", "jabber:iq:last").and_then(|q| q.get_attr("seconds")),
+        r.get_child("query", "jabber:iq:last")
+            .and_then(|q| q.get_attr("seconds")),
         Some("0"),
         "{}",
         show(&r)
@@ -96,13 +119,19 @@ async fn last_activity_of_a_contact_is_for_subscribers_only() {
     alice.sync().await.unwrap();
     drop(alice);
     carol
-        .recv_until(|e| e.name == "presence" && e.get_attr("type") == Some("unavailable"), WAIT)
+        .recv_until(
+            |e| e.name == "presence" && e.get_attr("type") == Some("unavailable"),
+            WAIT,
+        )
         .await
         .unwrap();
     let iq = last(&mut carol);
     let r = carol.iq(iq).await.unwrap();
     let q = r.get_child("query", "jabber:iq:last").expect("query");
-    let secs: u64 = q.get_attr("seconds").and_then(|s| s.parse().ok()).expect("seconds");
+    let secs: u64 = q
+        .get_attr("seconds")
+        .and_then(|s| s.parse().ok())
+        .expect("seconds");
     assert!(secs < 600, "{}", show(&r));
     assert_eq!(q.text_content(), "gone fishing");
     // Not a subscriber: not told.
@@ -133,7 +162,11 @@ ttl_secs = 3600
 ";
     let node = node_with(extra, &["alice"]);
     let mut alice = Client::login_bound(&node, "alice", PW, "r").await.unwrap();
-    let iq = alice.make_iq("get", Some("localhost"), Element::new("services", "urn:xmpp:extdisco:2"));
+    let iq = alice.make_iq(
+        "get",
+        Some("localhost"),
+        Element::new("services", "urn:xmpp:extdisco:2"),
+    );
     let r = alice.iq(iq).await.unwrap();
     let services: Vec<&Element> = r
         .get_child("services", "urn:xmpp:extdisco:2")
@@ -160,14 +193,21 @@ ttl_secs = 3600
         .map_or(0, |s| s.elements().count());
     assert_eq!(n, 1, "{}", show(&r));
 
-    let iq = alice.make_iq("get", Some("localhost"), Element::new("query", ns::DISCO_INFO));
+    let iq = alice.make_iq(
+        "get",
+        Some("localhost"),
+        Element::new("query", ns::DISCO_INFO),
+    );
     let r = alice.iq(iq).await.unwrap();
     let form = r
         .get_child("query", ns::DISCO_INFO)
         .and_then(|q| q.get_child("x", forms::NS))
         .and_then(forms::Submitted::read)
         .expect("a serverinfo form");
-    assert_eq!(form.form_type(), Some("http://jabber.org/network/serverinfo"));
+    assert_eq!(
+        form.form_type(),
+        Some("http://jabber.org/network/serverinfo")
+    );
     assert_eq!(form.values("abuse-addresses"), ["mailto:abuse@localhost"]);
     assert_eq!(
         form.values("support-addresses"),
@@ -179,10 +219,14 @@ async fn run_command(c: &mut Client, node: &str, fields: Vec<Field>) -> Element 
     let iq = c.make_iq(
         "set",
         Some("localhost"),
-        Element::new("command", COMMANDS).attr("node", node).attr("action", "execute"),
+        Element::new("command", COMMANDS)
+            .attr("node", node)
+            .attr("action", "execute"),
     );
     let step1 = c.iq(iq).await.unwrap();
-    let cmd = step1.get_child("command", COMMANDS).unwrap_or_else(|| panic!("{}", show(&step1)));
+    let cmd = step1
+        .get_child("command", COMMANDS)
+        .unwrap_or_else(|| panic!("{}", show(&step1)));
     assert_eq!(cmd.get_attr("status"), Some("executing"));
     let sessionid = cmd.get_attr("sessionid").expect("sessionid").to_owned();
     assert!(cmd.get_child("x", forms::NS).is_some(), "a form to fill");
@@ -192,13 +236,19 @@ async fn run_command(c: &mut Client, node: &str, fields: Vec<Field>) -> Element 
         Element::new("command", COMMANDS)
             .attr("node", node)
             .attr("sessionid", sessionid)
-            .child(forms::build("submit", Some("http://jabber.org/protocol/admin"), fields)),
+            .child(forms::build(
+                "submit",
+                Some("http://jabber.org/protocol/admin"),
+                fields,
+            )),
     );
     c.iq(iq).await.unwrap()
 }
 
 fn field(var: &str, values: &[&str]) -> Field {
-    values.iter().fold(Field::new(var, "text-single"), |f, v| f.value(*v))
+    values
+        .iter()
+        .fold(Field::new(var, "text-single"), |f, v| f.value(*v))
 }
 
 #[tokio::test]
@@ -220,10 +270,17 @@ async fn administrators_manage_accounts_and_announce_with_ad_hoc_commands() {
         .get_child("query", ns::DISCO_ITEMS)
         .map(|q| q.elements().filter_map(|i| i.get_attr("node")).collect())
         .unwrap_or_default();
-    assert!(nodes.contains(&"http://jabber.org/protocol/admin#add-user"), "{nodes:?}");
+    assert!(
+        nodes.contains(&"http://jabber.org/protocol/admin#add-user"),
+        "{nodes:?}"
+    );
     let iq = list(&mut bob);
     let r = bob.iq(iq).await.unwrap();
-    assert_eq!(r.get_child("query", ns::DISCO_ITEMS).map(|q| q.elements().count()), Some(0));
+    assert_eq!(
+        r.get_child("query", ns::DISCO_ITEMS)
+            .map(|q| q.elements().count()),
+        Some(0)
+    );
 
     let add = "http://jabber.org/protocol/admin#add-user";
     let r = run_command(
@@ -237,31 +294,45 @@ async fn administrators_manage_accounts_and_announce_with_ad_hoc_commands() {
     )
     .await;
     assert_eq!(
-        r.get_child("command", COMMANDS).and_then(|c| c.get_attr("status")),
+        r.get_child("command", COMMANDS)
+            .and_then(|c| c.get_attr("status")),
         Some("completed"),
         "{}",
         show(&r)
     );
-    Client::login_bound(&node, "carol", "pw-one", "r").await.expect("carol logs in");
+    Client::login_bound(&node, "carol", "pw-one", "r")
+        .await
+        .expect("carol logs in");
 
     let r = run_command(
         &mut admin,
         "http://jabber.org/protocol/admin#change-user-password",
-        vec![field("accountjid", &["carol@localhost"]), field("password", &["pw-two"])],
+        vec![
+            field("accountjid", &["carol@localhost"]),
+            field("password", &["pw-two"]),
+        ],
     )
     .await;
     assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
-    Client::login_bound(&node, "carol", "pw-two", "r").await.expect("new password");
+    Client::login_bound(&node, "carol", "pw-two", "r")
+        .await
+        .expect("new password");
 
     let r = run_command(
         &mut admin,
         "http://jabber.org/protocol/admin#announce",
-        vec![field("subject", &["Maintenance"]), field("announcement", &["back at six"])],
+        vec![
+            field("subject", &["Maintenance"]),
+            field("announcement", &["back at six"]),
+        ],
     )
     .await;
     assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
     let m = bob
-        .recv_until(|e| e.name == "message" && e.get_attr("type") == Some("headline"), WAIT)
+        .recv_until(
+            |e| e.name == "message" && e.get_attr("type") == Some("headline"),
+            WAIT,
+        )
         .await
         .unwrap();
     assert_eq!(body(&m).as_deref(), Some("back at six"));
@@ -273,13 +344,17 @@ async fn administrators_manage_accounts_and_announce_with_ad_hoc_commands() {
     )
     .await;
     assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
-    assert!(Client::login_bound(&node, "carol", "pw-two", "r").await.is_err());
+    assert!(Client::login_bound(&node, "carol", "pw-two", "r")
+        .await
+        .is_err());
 
     // Not an administrator.
     let iq = bob.make_iq(
         "set",
         Some("localhost"),
-        Element::new("command", COMMANDS).attr("node", add).attr("action", "execute"),
+        Element::new("command", COMMANDS)
+            .attr("node", add)
+            .attr("action", "execute"),
     );
     let r = bob.iq(iq).await.unwrap();
     assert_eq!(condition(&r), "forbidden");

@@ -32,6 +32,9 @@ impl Caps {
     }
 }
 
+/// A form's fields: `var` and its values.
+type Fields = Vec<(String, Vec<String>)>;
+
 /// XEP-0115 §5.1: the string hashed into `ver`, from a disco#info `<query/>`.
 pub fn input(query: &Element) -> String {
     let mut ids: Vec<String> = query
@@ -55,13 +58,13 @@ pub fn input(query: &Element) -> String {
         s.push_str(f);
         s.push('<');
     }
-    let mut extended: Vec<(String, Vec<(String, Vec<String>)>)> = query
+    let mut extended: Vec<(String, Fields)> = query
         .elements()
         .filter(|e| e.is("x", forms::NS))
         .filter_map(Submitted::read)
         .filter_map(|f| {
             let ty = f.form_type()?.to_owned();
-            let mut fields: Vec<(String, Vec<String>)> = f
+            let mut fields: Fields = f
                 .fields
                 .into_iter()
                 .filter(|(v, _)| v != "FORM_TYPE")
@@ -149,10 +152,11 @@ mod tests {
                 .attr("type", "pc")
         };
         let field = |var: &str, values: &[&str]| {
-            values.iter().fold(
-                Element::new("field", forms::NS).attr("var", var),
-                |f, v| f.child(Element::new("value", forms::NS).text(*v)),
-            )
+            values
+                .iter()
+                .fold(Element::new("field", forms::NS).attr("var", var), |f, v| {
+                    f.child(Element::new("value", forms::NS).text(*v))
+                })
         };
         let q = Element::new("query", DISCO_INFO)
             .child(id("en", "Psi 0.11"))

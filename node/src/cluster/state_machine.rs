@@ -50,7 +50,9 @@ pub enum Command {
         credentials: Vec<ScramCredentials>,
     },
     /// Remove the account and everything stored for it.
-    DeleteAccount { user: String },
+    DeleteAccount {
+        user: String,
+    },
     /// Queue a message (already stamped with `<delay/>`) for an offline
     /// user; refused when the queue holds `max` messages (XEP-0160).
     StoreOffline {
@@ -59,7 +61,9 @@ pub enum Command {
         max: u32,
     },
     /// Remove and return the user's queued messages, oldest first.
-    TakeOffline { user: String },
+    TakeOffline {
+        user: String,
+    },
     /// Add or update a roster item's name and groups (RFC 6121 §2.4).
     RosterSet {
         user: String,
@@ -71,7 +75,10 @@ pub enum Command {
     },
     /// Remove a roster item (RFC 6121 §2.5). The caller sends the
     /// unsubscribe/unsubscribed the old state calls for.
-    RosterRemove { user: String, contact: String },
+    RosterRemove {
+        user: String,
+        contact: String,
+    },
     /// One side of a subscription stanza (RFC 6121 §3). `stanza` is the
     /// inbound `subscribe` to keep for redelivery while it is pending.
     Subscription {
@@ -101,9 +108,15 @@ pub enum Command {
         max: u32,
     },
     /// XEP-0191: remove JIDs from the blocklist (all when empty).
-    Unblock { user: String, jids: Vec<String> },
+    Unblock {
+        user: String,
+        jids: Vec<String>,
+    },
     /// XEP-0054: replace (or with `None`, remove) the user's vCard.
-    SetVcard { user: String, vcard: Option<String> },
+    SetVcard {
+        user: String,
+        vcard: Option<String>,
+    },
     /// XEP-0049: store one private XML element under its namespace.
     SetPrivate {
         user: String,
@@ -113,7 +126,10 @@ pub enum Command {
     /// The session table: `jid` (a full JID) is bound on `node`. An entry
     /// already there loses (RFC 6120 §7.7.2.2, the new session wins) and its
     /// own node closes it with `<conflict/>`.
-    BindSession { jid: String, entry: SessionEntry },
+    BindSession {
+        jid: String,
+        entry: SessionEntry,
+    },
     /// Availability and priority of a bound session (RFC 6121 §4), applied
     /// only while the table still names that session.
     SessionPresence {
@@ -133,9 +149,14 @@ pub enum Command {
     },
     /// `node` (re)started as `incarnation`: sessions of its earlier lives
     /// are gone.
-    NodeUp { node: u64, incarnation: u64 },
+    NodeUp {
+        node: u64,
+        incarnation: u64,
+    },
     /// The leader found `node` unreachable past the grace period.
-    NodeDown { node: u64 },
+    NodeDown {
+        node: u64,
+    },
     /// Independent commands that arrived together, in one log entry (group
     /// commit): each is applied on its own, in order, and has an outcome
     /// of its own; a refusal refuses only that one.
@@ -152,7 +173,10 @@ pub enum Command {
     /// The client has the user's stored messages before sequence `upto`
     /// (delivered and flushed, or acknowledged under XEP-0198): remove
     /// them. Messages leave storage only this way (at-least-once).
-    AckOffline { user: String, upto: u64 },
+    AckOffline {
+        user: String,
+        upto: u64,
+    },
     /// `command` applied under the proposing node's budgets (its
     /// configuration), which every replica then enforces alike. Commands
     /// outside one (old log entries) apply without these budgets.
@@ -163,7 +187,10 @@ pub enum Command {
     /// A cluster secret (the dialback secret, XEP-0185), set by whichever
     /// node proposes it first; later proposals leave it as it is, so every
     /// node signs and verifies with the same one.
-    InitSecret { name: String, value: Vec<u8> },
+    InitSecret {
+        name: String,
+        value: Vec<u8>,
+    },
     /// XEP-0313: archive one message for each of `owners` (its sender
     /// and/or its local recipient), each as its preferences and
     /// `policy.default` decide. `ts` is the proposer's clock (microseconds
@@ -176,7 +203,10 @@ pub enum Command {
         policy: ArchivePolicy,
     },
     /// XEP-0313 §6: replace a user's archiving preferences.
-    SetArchivePrefs { user: String, prefs: ArchivePrefs },
+    SetArchivePrefs {
+        user: String,
+        prefs: ArchivePrefs,
+    },
     /// PEP (XEP-0163): publish an item (replacing one with the same id),
     /// creating the node on first use with the defaults and `options`; on
     /// an existing node, `options` are preconditions (XEP-0060 §7.1.5).
@@ -204,8 +234,20 @@ pub enum Command {
         config: PepConfig,
         limits: PepLimits,
     },
-    PepDelete { owner: String, node: String },
-    PepPurge { owner: String, node: String },
+    PepDelete {
+        owner: String,
+        node: String,
+    },
+    PepPurge {
+        owner: String,
+        node: String,
+    },
+    /// Several messages' `Archive`s in one entry (the archive's own group
+    /// commit: see `modules::mam`), each with its own outcome.
+    ArchiveBatch {
+        items: Vec<ArchiveItem>,
+        policy: ArchivePolicy,
+    },
     /// XEP-0012: when `user` was last online (seconds since the epoch), and
     /// the status text they left with.
     SetLastActivity {
@@ -228,6 +270,14 @@ pub struct PepOptions {
 pub struct PepLimits {
     pub max_nodes: u64,
     pub max_items: u64,
+}
+
+/// One message of an [`Command::ArchiveBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveItem {
+    pub ts: u64,
+    pub stanza: String,
+    pub owners: Vec<ArchiveOwner>,
 }
 
 /// One archive a message goes into.
@@ -383,6 +433,8 @@ pub enum Response {
     /// `Command::Archive`: the id in each owner's archive, in order
     /// (`None`: not archived there, by preference or for want of an account).
     Archived(Vec<Option<u64>>),
+    /// `Command::ArchiveBatch`: each message's ids, in order.
+    ArchivedBatch(Vec<Vec<Option<u64>>>),
 }
 
 /// Why a write did not take effect: a deterministic refusal (part of the
@@ -1063,6 +1115,17 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             }
             Ok(Response::Archived(ids))
         }
+        Command::ArchiveBatch { items, policy } => {
+            let mut all = Vec::with_capacity(items.len());
+            for item in items {
+                let mut ids = Vec::with_capacity(item.owners.len());
+                for owner in item.owners {
+                    ids.push(archive_one(tx, item.ts, &item.stanza, owner, policy)?);
+                }
+                all.push(ids);
+            }
+            Ok(Response::ArchivedBatch(all))
+        }
         Command::SetArchivePrefs { user, prefs } => {
             if tx.get(&keys::account(&user))?.is_none() {
                 return Err(Refusal::NoSuchAccount(user).into());
@@ -1088,9 +1151,18 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                     if let Some(o) = options {
                         let c = n.config;
                         let unmet = [
-                            ("pubsub#access_model", o.access.is_some_and(|a| a != c.access)),
-                            ("pubsub#persist_items", o.persist.is_some_and(|p| p != c.persist)),
-                            ("pubsub#max_items", o.max_items.is_some_and(|m| m != c.max_items)),
+                            (
+                                "pubsub#access_model",
+                                o.access.is_some_and(|a| a != c.access),
+                            ),
+                            (
+                                "pubsub#persist_items",
+                                o.persist.is_some_and(|p| p != c.persist),
+                            ),
+                            (
+                                "pubsub#max_items",
+                                o.max_items.is_some_and(|m| m != c.max_items),
+                            ),
                         ];
                         if let Some((field, _)) = unmet.iter().find(|(_, u)| *u) {
                             return Err(Refusal::PepPrecondition((*field).into()).into());
@@ -1770,6 +1842,107 @@ mod tests {
             s.offline_page(&user, 10).expect("page"),
             vec![(5, "<n/>".into())]
         );
+    }
+
+    #[test]
+    fn archive_ids_grow_per_user_and_the_cap_drops_the_oldest() {
+        let (_d, s) = store();
+        for (i, u) in ["a@x", "b@x"].iter().enumerate() {
+            apply(
+                &s,
+                i as u64 + 1,
+                Command::CreateAccount {
+                    user: (*u).into(),
+                    credentials: creds("pw"),
+                },
+            )
+            .expect("account");
+        }
+        let owner = |user: &str, with: &str| ArchiveOwner {
+            user: user.into(),
+            with: with.into(),
+            peer: format!("{with}/r"),
+        };
+        let policy = ArchivePolicy {
+            default: ArchiveDefault::Always,
+            max_messages: 3,
+            retention_micros: 0,
+        };
+        // Two messages in one batch with the same clock reading, and one
+        // with a clock that went back: ids still grow, one past the last.
+        let items = vec![
+            ArchiveItem {
+                ts: 1_000,
+                stanza: "<m1/>".into(),
+                owners: vec![owner("a@x", "b@x"), owner("b@x", "a@x")],
+            },
+            ArchiveItem {
+                ts: 1_000,
+                stanza: "<m2/>".into(),
+                owners: vec![owner("a@x", "b@x"), owner("nobody@x", "a@x")],
+            },
+        ];
+        let r = apply(&s, 3, Command::ArchiveBatch { items, policy }).expect("archive");
+        assert_eq!(
+            r,
+            Response::ArchivedBatch(vec![
+                vec![Some(1_000), Some(1_000)],
+                vec![Some(1_001), None]
+            ])
+        );
+        for (i, ts) in [(4, 500), (5, 2_000)] {
+            let r = apply(
+                &s,
+                i,
+                Command::Archive {
+                    ts,
+                    stanza: format!("<m{i}/>"),
+                    owners: vec![owner("a@x", "c@y")],
+                    policy,
+                },
+            )
+            .expect("archive");
+            let want = if ts == 500 { 1_002 } else { 2_000 };
+            assert_eq!(r, Response::Archived(vec![Some(want)]));
+        }
+        // Four archived for a@x, cap three: the oldest went.
+        let ids: Vec<u64> = s
+            .archive_range("a@x", None, 0, u64::MAX, false)
+            .map(|r| r.expect("read").0)
+            .collect();
+        assert_eq!(ids, [1_001, 1_002, 2_000]);
+        assert_eq!(s.archive_meta("a@x").expect("meta").count, 3);
+        let newest_first: Vec<u64> = s
+            .archive_range("a@x", Some("c@y"), 0, u64::MAX, true)
+            .map(|r| r.expect("read").0)
+            .collect();
+        assert_eq!(newest_first, [2_000, 1_002]);
+        // Preferences: b@x archives nothing from a@x any more.
+        apply(
+            &s,
+            6,
+            Command::SetArchivePrefs {
+                user: "b@x".into(),
+                prefs: ArchivePrefs {
+                    default: ArchiveDefault::Always,
+                    always: vec![],
+                    never: vec!["a@x".into()],
+                },
+            },
+        )
+        .expect("prefs");
+        let r = apply(
+            &s,
+            7,
+            Command::Archive {
+                ts: 3_000,
+                stanza: "<m/>".into(),
+                owners: vec![owner("b@x", "a@x")],
+                policy,
+            },
+        )
+        .expect("archive");
+        assert_eq!(r, Response::Archived(vec![None]));
     }
 
     #[test]

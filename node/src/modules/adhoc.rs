@@ -26,38 +26,50 @@ pub struct Adhoc;
 /// The commands: node, name.
 const COMMANDS: &[(&str, &str)] = &[
     ("http://jabber.org/protocol/admin#add-user", "Add a user"),
-    ("http://jabber.org/protocol/admin#delete-user", "Delete users"),
+    (
+        "http://jabber.org/protocol/admin#delete-user",
+        "Delete users",
+    ),
     (
         "http://jabber.org/protocol/admin#change-user-password",
         "Change a user's password",
     ),
-    ("http://jabber.org/protocol/admin#announce", "Send an announcement to online users"),
+    (
+        "http://jabber.org/protocol/admin#announce",
+        "Send an announcement to online users",
+    ),
 ];
 
 fn is_admin(server: &Server, who: &BareJid) -> bool {
     let me = who.to_string();
-    server.config.auth.admins.iter().any(|a| *a == me)
+    server.config.auth.admins.contains(&me)
 }
 
 fn form_for(node: &str) -> Option<Vec<Field>> {
     let f = |var: &str, kind: &'static str, label: &str| Field::new(var, kind).label(label);
-    Some(match node.strip_prefix("http://jabber.org/protocol/admin#")? {
-        "add-user" => vec![
-            f("accountjid", "jid-single", "The Jabber ID for the account to be added"),
-            f("password", "text-private", "The password for this account"),
-            f("password-verify", "text-private", "Retype password"),
-        ],
-        "delete-user" => vec![f("accountjids", "jid-multi", "The Jabber ID(s) to delete")],
-        "change-user-password" => vec![
-            f("accountjid", "jid-single", "The Jabber ID for this account"),
-            f("password", "text-private", "The password for this account"),
-        ],
-        "announce" => vec![
-            f("subject", "text-single", "Subject"),
-            f("announcement", "text-multi", "Announcement"),
-        ],
-        _ => return None,
-    })
+    Some(
+        match node.strip_prefix("http://jabber.org/protocol/admin#")? {
+            "add-user" => vec![
+                f(
+                    "accountjid",
+                    "jid-single",
+                    "The Jabber ID for the account to be added",
+                ),
+                f("password", "text-private", "The password for this account"),
+                f("password-verify", "text-private", "Retype password"),
+            ],
+            "delete-user" => vec![f("accountjids", "jid-multi", "The Jabber ID(s) to delete")],
+            "change-user-password" => vec![
+                f("accountjid", "jid-single", "The Jabber ID for this account"),
+                f("password", "text-private", "The password for this account"),
+            ],
+            "announce" => vec![
+                f("subject", "text-single", "Subject"),
+                f("announcement", "text-multi", "Announcement"),
+            ],
+            _ => return None,
+        },
+    )
 }
 
 fn command(node: &str, sessionid: &str, status: &str) -> Element {
@@ -87,7 +99,12 @@ impl Module for Adhoc {
         &[NS]
     }
 
-    fn disco_items(&self, server: &Server, from: &xmpp::jid::FullJid, node: &str) -> Option<Vec<Element>> {
+    fn disco_items(
+        &self,
+        server: &Server,
+        from: &xmpp::jid::FullJid,
+        node: &str,
+    ) -> Option<Vec<Element>> {
         if node != NS {
             return None;
         }
@@ -125,10 +142,18 @@ async fn execute(server: &Server, req: &IqRequest<'_>) -> Result<Element, Elemen
     }
     let node = req.payload.get_attr("node").unwrap_or("").to_owned();
     let Some(fields) = form_for(&node) else {
-        return Err(iq_error(iq, StanzaError::ItemNotFound, Some("no such command")));
+        return Err(iq_error(
+            iq,
+            StanzaError::ItemNotFound,
+            Some("no such command"),
+        ));
     };
     if !is_admin(server, req.from.bare()) {
-        return Err(iq_error(iq, StanzaError::Forbidden, Some("for server administrators")));
+        return Err(iq_error(
+            iq,
+            StanzaError::Forbidden,
+            Some("for server administrators"),
+        ));
     }
     let action = req.payload.get_attr("action").unwrap_or("execute");
     let sessionid = req
@@ -146,21 +171,31 @@ async fn execute(server: &Server, req: &IqRequest<'_>) -> Result<Element, Elemen
         .and_then(Submitted::read);
     let Some(form) = submitted else {
         // Step one: the form to fill in.
-        let title = COMMANDS.iter().find(|(n, _)| *n == node).map_or("", |(_, t)| t);
+        let title = COMMANDS
+            .iter()
+            .find(|(n, _)| *n == node)
+            .map_or("", |(_, t)| t);
         let x = forms::build("form", Some(ADMIN), fields)
             .child(Element::new("title", forms::NS).text(title));
         return Ok(iq_result(iq).child(
             command(&node, &sessionid, "executing")
-                .child(Element::new("actions", NS).attr("execute", "complete").child(Element::new("complete", NS)))
+                .child(
+                    Element::new("actions", NS)
+                        .attr("execute", "complete")
+                        .child(Element::new("complete", NS)),
+                )
                 .child(x),
         ));
     };
     let bad = |text: &str| iq_error(iq, StanzaError::BadRequest, Some(text));
     let account = |var: &str| -> Result<BareJid, Element> {
-        let v = form.value(var).ok_or_else(|| bad(&format!("{var} is required")))?;
+        let v = form
+            .value(var)
+            .ok_or_else(|| bad(&format!("{var} is required")))?;
         accounts::parse_user(server, v).map_err(|e| bad(&e.to_string()))
     };
-    let failed = |e: accounts::AccountError| iq_error(iq, StanzaError::NotAcceptable, Some(&e.to_string()));
+    let failed =
+        |e: accounts::AccountError| iq_error(iq, StanzaError::NotAcceptable, Some(&e.to_string()));
     match node.rsplit('#').next().unwrap_or("") {
         "add-user" => {
             let user = account("accountjid")?;
@@ -178,13 +213,28 @@ async fn execute(server: &Server, req: &IqRequest<'_>) -> Result<Element, Elemen
                 accounts::delete(server, &user).await.map_err(failed)?;
                 done.push(user.to_string());
             }
-            Ok(completed(req, &node, &sessionid, &format!("deleted: {}", done.join(", "))))
+            Ok(completed(
+                req,
+                &node,
+                &sessionid,
+                &format!("deleted: {}", done.join(", ")),
+            ))
         }
         "change-user-password" => {
             let user = account("accountjid")?;
-            let pw = form.value("password").filter(|p| !p.is_empty()).ok_or_else(|| bad("password is required"))?;
-            accounts::set_password(server, &user, pw).await.map_err(failed)?;
-            Ok(completed(req, &node, &sessionid, &format!("password of {user} changed")))
+            let pw = form
+                .value("password")
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| bad("password is required"))?;
+            accounts::set_password(server, &user, pw)
+                .await
+                .map_err(failed)?;
+            Ok(completed(
+                req,
+                &node,
+                &sessionid,
+                &format!("password of {user} changed"),
+            ))
         }
         "announce" => {
             let text = form.values("announcement").join("\n");
@@ -206,7 +256,12 @@ async fn execute(server: &Server, req: &IqRequest<'_>) -> Result<Element, Elemen
                 m = m.child(Element::new("body", ns::CLIENT).text(text.as_str()));
                 crate::router::route(server, m).await;
             }
-            Ok(completed(req, &node, &sessionid, &format!("sent to {n} online users")))
+            Ok(completed(
+                req,
+                &node,
+                &sessionid,
+                &format!("sent to {n} online users"),
+            ))
         }
         _ => Err(iq_error(iq, StanzaError::ItemNotFound, None)),
     }

@@ -29,7 +29,9 @@ fn contact_addresses(c: &crate::config::Contact) -> Option<Element> {
         .filter(|(_, l)| !l.is_empty())
         .map(|(var, l)| {
             l.iter()
-                .fold(xmpp::forms::Field::new(var, "list-multi"), |f, v| f.value(v.as_str()))
+                .fold(xmpp::forms::Field::new(var, "list-multi"), |f, v| {
+                    f.value(v.as_str())
+                })
         })
         .collect();
     Some(xmpp::forms::build(
@@ -89,12 +91,10 @@ impl Module for Disco {
                     })
                     .flatten();
                     return match items {
-                        Some(items) => iq_result(req.iq).child(
-                            items.into_iter().fold(
-                                Element::new("query", ns::DISCO_ITEMS).attr("node", node),
-                                Element::child,
-                            ),
-                        ),
+                        Some(items) => iq_result(req.iq).child(items.into_iter().fold(
+                            Element::new("query", ns::DISCO_ITEMS).attr("node", node),
+                            Element::child,
+                        )),
                         None => error_reply(req.iq, StanzaError::ItemNotFound, None)
                             .unwrap_or_else(|| iq_result(req.iq)),
                     };

@@ -103,7 +103,11 @@ mod tests {
             secret: Some("north".into()),
             ttl_secs: 3600,
         };
-        let e = service(&s, "alice@example.com", UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        let e = service(
+            &s,
+            "alice@example.com",
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        );
         assert_eq!(e.get_attr("username"), Some("1700003600:alice@example.com"));
         // base64(HMAC-SHA1("north", "1700003600:alice@example.com")),
         // computed independently with Python's hmac module.

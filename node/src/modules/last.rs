@@ -78,7 +78,9 @@ impl Module for Last {
             let user = match &req.target {
                 // §5: the server's own uptime.
                 IqTarget::Server(_) => {
-                    return Some(iq_result(req.iq).child(seconds(server.started.elapsed().as_secs())))
+                    return Some(
+                        iq_result(req.iq).child(seconds(server.started.elapsed().as_secs())),
+                    )
                 }
                 IqTarget::Account(u) => u,
             };

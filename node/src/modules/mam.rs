@@ -23,7 +23,7 @@ use xmpp::stanza::{iq_result, MessageType};
 
 use super::{iq_error, BoxFuture, IqRequest, IqTarget, Module};
 use crate::cluster::state_machine::{
-    ApplyError, ArchiveOwner, ArchivePolicy, Command, Refusal, Response,
+    ApplyError, ArchiveItem, ArchiveOwner, ArchivePolicy, Command, Refusal, Response,
 };
 use crate::modules::offline::utc_stamp;
 use crate::store::{ArchiveDefault, ArchivePrefs, Archived};
@@ -38,7 +38,74 @@ const NS_FORWARD: &str = "urn:xmpp:forward:0";
 const NS_DELAY: &str = "urn:xmpp:delay";
 const NS_HINTS: &str = "urn:xmpp:hints";
 
-pub struct Mam;
+#[derive(Default)]
+pub struct Mam {
+    batcher: std::sync::OnceLock<Batcher>,
+}
+
+/// What one message asks of the archive, and where its ids go.
+type Job = (
+    ArchiveItem,
+    tokio::sync::oneshot::Sender<Result<Vec<Option<u64>>, String>>,
+);
+
+/// The archive's group commit: messages waiting to be archived share one
+/// replicated write. The first waits `mam.batch_ms` for company; while a
+/// write is in flight, the next batch gathers on its own.
+struct Batcher {
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+}
+
+impl Batcher {
+    fn start(server: &Server) -> Batcher {
+        let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+        // Weak: the server owns this module, the task must not own the server.
+        let me = server.arc().map(|s| Arc::downgrade(&s));
+        let linger = Duration::from_millis(server.config.mam.batch_ms);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let Some(server) = me.as_ref().and_then(std::sync::Weak::upgrade) else {
+                    return;
+                };
+                let mut batch = vec![first];
+                let until = tokio::time::Instant::now() + linger;
+                while batch.len() < MAX_BATCH {
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(Some(j)) => batch.push(j),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                let (items, dones): (Vec<ArchiveItem>, Vec<_>) = batch.into_iter().unzip();
+                let cmd = Command::ArchiveBatch {
+                    items,
+                    policy: policy(&server),
+                };
+                match server.cluster.write(cmd).await {
+                    Ok(Response::ArchivedBatch(all)) if all.len() == dones.len() => {
+                        for (done, ids) in dones.into_iter().zip(all) {
+                            let _ = done.send(Ok(ids));
+                        }
+                    }
+                    Ok(other) => {
+                        for done in dones {
+                            let _ = done.send(Err(format!("unexpected answer {other:?}")));
+                        }
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        for done in dones {
+                            let _ = done.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Batcher { jobs }
+    }
+}
+
+/// Most messages in one archive write.
+const MAX_BATCH: usize = 256;
 
 /// XEP-0313 §5.1.1 with the hints of XEP-0334: messages a person reads
 /// (a body, or an end-to-end encrypted payload in place of one), unless
@@ -76,11 +143,8 @@ fn parse_id(s: &str) -> Option<u64> {
 
 /// XEP-0082 DateTime to microseconds since the epoch.
 fn parse_time(s: &str) -> Option<u64> {
-    let t = time::OffsetDateTime::parse(
-        s.trim(),
-        &time::format_description::well_known::Rfc3339,
-    )
-    .ok()?;
+    let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+        .ok()?;
     u64::try_from(t.unix_timestamp_nanos() / 1000).ok()
 }
 
@@ -134,7 +198,7 @@ impl Module for Mam {
         from: &'a Jid,
         to: &'a Jid,
     ) -> BoxFuture<'a, ()> {
-        Box::pin(archive(server, message, from, to))
+        Box::pin(archive(self, server, message, from, to))
     }
 
     fn handle_iq<'a>(
@@ -166,7 +230,7 @@ impl Module for Mam {
 }
 
 /// Stamps and archives a message about to be routed.
-async fn archive(server: &Server, message: &mut Element, from: &Jid, to: &Jid) {
+async fn archive(mam: &Mam, server: &Server, message: &mut Element, from: &Jid, to: &Jid) {
     let local_to = server.config.is_local_domain(to.domain()) && to.node().is_some();
     let to_bare = to.bare().clone();
     if local_to {
@@ -206,14 +270,18 @@ async fn archive(server: &Server, message: &mut Element, from: &Jid, to: &Jid) {
     if owners.is_empty() {
         return;
     }
-    let cmd = Command::Archive {
+    let item = ArchiveItem {
         ts: now_micros(),
         stanza: message.to_string_in(""),
         owners,
-        policy: policy(server),
     };
-    match server.cluster.write(cmd).await {
-        Ok(Response::Archived(ids)) => {
+    let (done, ids) = tokio::sync::oneshot::channel();
+    let batcher = mam.batcher.get_or_init(|| Batcher::start(server));
+    if batcher.jobs.send((item, done)).is_err() {
+        return tracing::warn!("message not archived: the archive writer stopped");
+    }
+    match ids.await {
+        Ok(Ok(ids)) => {
             if let Some(id) = recipient_at.and_then(|i| ids.get(i).copied().flatten()) {
                 message.children.push(Node::Element(
                     Element::new("stanza-id", NS_SID)
@@ -222,11 +290,11 @@ async fn archive(server: &Server, message: &mut Element, from: &Jid, to: &Jid) {
                 ));
             }
         }
-        Ok(_) => {}
         // The message still goes out (it is the conversation that matters
         // now); it is only missing from the archive, and says so by
         // carrying no stanza id.
-        Err(e) => tracing::warn!(error = %e, "message not archived"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "message not archived"),
+        Err(_) => tracing::warn!("message not archived: the archive writer stopped"),
     }
 }
 
@@ -257,14 +325,7 @@ fn read_query(server: &Server, user: &str, req: &IqRequest<'_>) -> Result<Query,
         max: server.config.mam.default_page,
         filtered: false,
     };
-    let exists = |id: u64| {
-        server
-            .store()
-            .archived(user, id)
-            .ok()
-            .flatten()
-            .is_some()
-    };
+    let exists = |id: u64| server.store().archived(user, id).ok().flatten().is_some();
     let not_found = |what: &str| {
         iq_error(
             req.iq,
@@ -453,8 +514,7 @@ fn query_form(req: &IqRequest<'_>) -> Element {
         Field::new("before-id", "text-single"),
         Field::new("ids", "list-multi"),
     ];
-    iq_result(req.iq)
-        .child(Element::new("query", NS).child(forms::build("form", Some(NS), fields)))
+    iq_result(req.iq).child(Element::new("query", NS).child(forms::build("form", Some(NS), fields)))
 }
 
 /// XEP-0313 §8.1 (`#extended`): the first and last messages of the archive.
@@ -570,7 +630,9 @@ mod tests {
 
     #[test]
     fn what_is_archived() {
-        assert!(archivable(&msg("<message type='chat'><body>hi</body></message>")));
+        assert!(archivable(&msg(
+            "<message type='chat'><body>hi</body></message>"
+        )));
         assert!(archivable(&msg("<message><body>hi</body></message>")));
         assert!(!archivable(&msg(
             "<message type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>"
@@ -584,9 +646,15 @@ mod tests {
         assert!(!archivable(&msg(
             "<message type='chat'><body>hi</body><no-store xmlns='urn:xmpp:hints'/></message>"
         )));
-        assert!(!archivable(&msg("<message type='headline'><body>hi</body></message>")));
-        assert!(!archivable(&msg("<message type='groupchat'><body>hi</body></message>")));
-        assert!(!archivable(&msg("<message type='error'><body>hi</body></message>")));
+        assert!(!archivable(&msg(
+            "<message type='headline'><body>hi</body></message>"
+        )));
+        assert!(!archivable(&msg(
+            "<message type='groupchat'><body>hi</body></message>"
+        )));
+        assert!(!archivable(&msg(
+            "<message type='error'><body>hi</body></message>"
+        )));
     }
 
     #[test]
@@ -597,11 +665,18 @@ mod tests {
             Some(1_275_861_600_500_000)
         );
         assert_eq!(parse_time("yesterday"), None);
-        for id in [1_795_640_458_000_001, 1_795_640_458_123_456, 1_795_640_458_999_999] {
+        for id in [
+            1_795_640_458_000_001,
+            1_795_640_458_123_456,
+            1_795_640_458_999_999,
+        ] {
             assert_eq!(parse_time(&stamp(id)), Some(id), "{}", stamp(id));
         }
         assert_eq!(stamp(1_275_861_600_500_000), "2010-06-06T22:00:00.500000Z");
-        assert_eq!(parse_id(&id_text(1_275_861_600_500_001)), Some(1_275_861_600_500_001));
+        assert_eq!(
+            parse_id(&id_text(1_275_861_600_500_001)),
+            Some(1_275_861_600_500_001)
+        );
         assert_eq!(parse_id("x"), None);
     }
 }

@@ -6,9 +6,9 @@
 //!
 //! A new XEP is a new file here plus one line in [`all`].
 
+mod adhoc;
 pub(crate) mod blocking;
 pub(crate) mod carbons;
-mod adhoc;
 mod disco;
 mod extdisco;
 mod last;
@@ -246,7 +246,7 @@ pub fn all(config: &crate::config::Config) -> Vec<Box<dyn Module>> {
         modules.push(Box::new(extdisco::ExtDisco));
     }
     if config.mam.enabled {
-        modules.push(Box::new(mam::Mam));
+        modules.push(Box::new(mam::Mam::default()));
     }
     if config.pep.enabled {
         modules.push(Box::new(pep::Pep::default()));

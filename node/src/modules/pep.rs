@@ -316,7 +316,11 @@ fn run(server: &Server, pep: &Pep, features: &HashSet<String>, then: Then) {
             if !wants(&node) || !may_read(server, owner, n.config.access, reader) {
                 continue;
             }
-            if let Some(item) = store.pep_items(&o, &node, 1).ok().and_then(|v| v.into_iter().next()) {
+            if let Some(item) = store
+                .pep_items(&o, &node, 1)
+                .ok()
+                .and_then(|v| v.into_iter().next())
+            {
                 let inner = event_xml(&node, &PepEvent::Published(item));
                 send_xml(server, to, notification(&o, &to.to_string(), &inner));
             }
@@ -346,7 +350,14 @@ fn run(server: &Server, pep: &Pep, features: &HashSet<String>, then: Then) {
 
 /// A change to one of `owner`'s nodes: notifications to the interested
 /// sessions this node serves.
-fn notify(server: &Server, pep: &Pep, owner: &str, node: &str, access: PepAccess, event: &PepEvent) {
+fn notify(
+    server: &Server,
+    pep: &Pep,
+    owner: &str,
+    node: &str,
+    access: PepAccess,
+    event: &PepEvent,
+) {
     let Ok(owner_jid) = BareJid::parse(owner) else {
         return;
     };
@@ -355,9 +366,10 @@ fn notify(server: &Server, pep: &Pep, owner: &str, node: &str, access: PepAccess
         for r in server.sessions.resources(user) {
             if r.available && pep.wants(r.presence.as_deref(), node) {
                 let full = format!("{user}/{}", r.resource);
-                let _ = r.tx.send(crate::sessions::Outbound::Xml(Arc::from(notification(
-                    owner, &full, &inner,
-                ))));
+                let _ =
+                    r.tx.send(crate::sessions::Outbound::Xml(Arc::from(notification(
+                        owner, &full, &inner,
+                    ))));
             }
         }
     };
@@ -396,7 +408,12 @@ fn limits(server: &Server) -> PepLimits {
 }
 
 /// A pubsub error: a stanza error plus a pubsub-specific condition.
-fn pubsub_error(iq: &Element, condition: StanzaError, specific: Option<&str>, text: Option<&str>) -> Element {
+fn pubsub_error(
+    iq: &Element,
+    condition: StanzaError,
+    specific: Option<&str>,
+    text: Option<&str>,
+) -> Element {
     let mut reply = iq_error(iq, condition, text);
     if let (Some(name), Some(err)) = (specific, reply.get_child_mut("error", &iq.ns)) {
         err.children
@@ -416,7 +433,9 @@ fn refused(iq: &Element, e: ApplyError) -> Element {
                 iq,
                 StanzaError::Conflict,
                 Some("precondition-not-met"),
-                Some(&format!("the node's {field} differs from the publish-options")),
+                Some(&format!(
+                    "the node's {field} differs from the publish-options"
+                )),
             ),
             Refusal::TooManyPepNodes { max, .. } => iq_error(
                 iq,
@@ -488,8 +507,7 @@ fn config_form(c: &PepConfig) -> Element {
         Some(NODE_CONFIG),
         vec![
             Field::new("pubsub#access_model", "list-single").value(c.access.as_str()),
-            Field::new("pubsub#persist_items", "boolean")
-                .value(if c.persist { "1" } else { "0" }),
+            Field::new("pubsub#persist_items", "boolean").value(if c.persist { "1" } else { "0" }),
             Field::new("pubsub#max_items", "text-single").value(c.max_items.text()),
             Field::new("pubsub#send_last_published_item", "list-single")
                 .value("on_sub_and_presence"),
@@ -555,7 +573,10 @@ impl Module for Pep {
         initial: bool,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let presence = server.sessions.get(session).and_then(|r| r.presence.clone());
+            let presence = server
+                .sessions
+                .get(session)
+                .and_then(|r| r.presence.clone());
             let caps = presence
                 .as_deref()
                 .and_then(|p| xmpp::xml::parse_element(p, ns::CLIENT).ok())
@@ -632,11 +653,19 @@ async fn handle(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element
     let iq = req.iq;
     let p = req.payload;
     let o = owner.to_string();
-    let first = p.elements().next().ok_or_else(|| iq_error(iq, StanzaError::BadRequest, None))?;
+    let first = p
+        .elements()
+        .next()
+        .ok_or_else(|| iq_error(iq, StanzaError::BadRequest, None))?;
     let node = first.get_attr("node").unwrap_or("").to_owned();
     let needs_node = || {
         if node.is_empty() {
-            Err(pubsub_error(iq, StanzaError::BadRequest, Some("nodeid-required"), None))
+            Err(pubsub_error(
+                iq,
+                StanzaError::BadRequest,
+                Some("nodeid-required"),
+                None,
+            ))
         } else {
             Ok(())
         }
@@ -648,20 +677,29 @@ async fn handle(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element
             Err(iq_error(iq, StanzaError::Forbidden, None))
         }
     };
-    let write = |cmd: Command| async move {
-        server.cluster.write(cmd).await.map_err(|e| refused(iq, e))
-    };
+    let write =
+        |cmd: Command| async move { server.cluster.write(cmd).await.map_err(|e| refused(iq, e)) };
     match (p.ns.as_str(), first.name.as_str(), req.is_set()) {
         (NS, "publish", true) => {
             owner_only()?;
             needs_node()?;
             let items: Vec<&Element> = first.elements().filter(|e| e.is("item", NS)).collect();
             let [item] = items.as_slice() else {
-                return Err(pubsub_error(iq, StanzaError::BadRequest, Some("invalid-payload"), Some("publish one item")));
+                return Err(pubsub_error(
+                    iq,
+                    StanzaError::BadRequest,
+                    Some("invalid-payload"),
+                    Some("publish one item"),
+                ));
             };
             let payloads: Vec<&Element> = item.elements().collect();
             let [payload] = payloads.as_slice() else {
-                return Err(pubsub_error(iq, StanzaError::BadRequest, Some("invalid-payload"), Some("an item carries one payload element")));
+                return Err(pubsub_error(
+                    iq,
+                    StanzaError::BadRequest,
+                    Some("invalid-payload"),
+                    Some("an item carries one payload element"),
+                ));
             };
             let payload = payload.to_string_in("");
             if payload.len() > server.config.pep.max_item_bytes {
@@ -669,7 +707,10 @@ async fn handle(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element
                     iq,
                     StanzaError::NotAcceptable,
                     Some("payload-too-big"),
-                    Some(&format!("items are limited to {} bytes", server.config.pep.max_item_bytes)),
+                    Some(&format!(
+                        "items are limited to {} bytes",
+                        server.config.pep.max_item_bytes
+                    )),
                 ));
             }
             let options = match p
@@ -679,10 +720,19 @@ async fn handle(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element
             {
                 Some(form) => {
                     if form.form_type().is_some_and(|t| t != PUBLISH_OPTIONS) {
-                        return Err(iq_error(iq, StanzaError::BadRequest, Some("publish-options need FORM_TYPE pubsub#publish-options")));
+                        return Err(iq_error(
+                            iq,
+                            StanzaError::BadRequest,
+                            Some("publish-options need FORM_TYPE pubsub#publish-options"),
+                        ));
                     }
                     Some(read_options(&form).map_err(|m| {
-                        pubsub_error(iq, StanzaError::Conflict, Some("precondition-not-met"), Some(&m))
+                        pubsub_error(
+                            iq,
+                            StanzaError::Conflict,
+                            Some("precondition-not-met"),
+                            Some(&m),
+                        )
                     })?)
                 }
                 None => None,
@@ -720,7 +770,12 @@ async fn handle(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element
                 .filter_map(|e| e.get_attr("id").map(str::to_owned))
                 .collect();
             if ids.is_empty() {
-                return Err(pubsub_error(iq, StanzaError::BadRequest, Some("item-required"), None));
+                return Err(pubsub_error(
+                    iq,
+                    StanzaError::BadRequest,
+                    Some("item-required"),
+                    None,
+                ));
             }
             write(Command::PepRetract {
                 owner: o,
@@ -744,7 +799,12 @@ async fn handle(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element
                     PepAccess::Presence => "presence-subscription-required",
                     _ => "closed-node",
                 };
-                return Err(pubsub_error(iq, StanzaError::NotAuthorized, Some(specific), None));
+                return Err(pubsub_error(
+                    iq,
+                    StanzaError::NotAuthorized,
+                    Some(specific),
+                    None,
+                ));
             }
             let asked: Vec<&str> = first
                 .elements()
@@ -770,9 +830,8 @@ async fn handle(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element
             }
             let mut list = Element::new("items", NS).attr("node", node.as_str());
             for i in items {
-                let payload = xmpp::xml::parse_element(&i.payload, "").map_err(|_| {
-                    iq_error(iq, StanzaError::InternalServerError, None)
-                })?;
+                let payload = xmpp::xml::parse_element(&i.payload, "")
+                    .map_err(|_| iq_error(iq, StanzaError::InternalServerError, None))?;
                 list = list.child(Element::new("item", NS).attr("id", i.id).child(payload));
             }
             Ok(iq_result(iq).child(Element::new("pubsub", NS).child(list)))
@@ -862,7 +921,12 @@ async fn handle(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element
             write(Command::PepPurge { owner: o, node }).await?;
             Ok(iq_result(iq))
         }
-        _ => Err(pubsub_error(iq, StanzaError::FeatureNotImplemented, Some("unsupported"), None)),
+        _ => Err(pubsub_error(
+            iq,
+            StanzaError::FeatureNotImplemented,
+            Some("unsupported"),
+            None,
+        )),
     }
 }
 

@@ -39,6 +39,9 @@ struct Args {
     max: usize,
 }
 
+/// A kind of query: its name, the `with` filter and the RSM children.
+type Kind<'a> = (&'a str, Option<&'a str>, Vec<(&'a str, &'a str)>);
+
 /// One query; returns (result ids, count) once the IQ result is in.
 async fn query(
     c: &mut Client,
@@ -116,11 +119,19 @@ async fn main() -> anyhow::Result<()> {
         middle = Some(last);
     }
     let middle = middle.context("an empty archive")?;
-    let kinds: [(&str, Option<&str>, Vec<(&str, &str)>); 4] = [
+    let kinds: [Kind; 4] = [
         ("newest page", None, vec![("max", &max), ("before", "")]),
         ("oldest page", None, vec![("max", &max)]),
-        ("page after a middle id", None, vec![("max", &max), ("after", &middle)]),
-        ("newest page with one correspondent", Some(&a.with), vec![("max", &max), ("before", "")]),
+        (
+            "page after a middle id",
+            None,
+            vec![("max", &max), ("after", &middle)],
+        ),
+        (
+            "newest page with one correspondent",
+            Some(&a.with),
+            vec![("max", &max), ("before", "")],
+        ),
     ];
     for (name, with, rsm) in kinds {
         let mut ms = Vec::with_capacity(a.rounds);

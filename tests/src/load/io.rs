@@ -270,18 +270,14 @@ impl AsyncWrite for Io {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Raw(s) => Pin::new(s).poll_flush(cx),
-            Io::Ws(w) => Pin::new(&mut w.ws)
-                .poll_flush(cx)
-                .map_err(io::Error::other),
+            Io::Ws(w) => Pin::new(&mut w.ws).poll_flush(cx).map_err(io::Error::other),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Raw(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Ws(w) => Pin::new(&mut w.ws)
-                .poll_close(cx)
-                .map_err(io::Error::other),
+            Io::Ws(w) => Pin::new(&mut w.ws).poll_close(cx).map_err(io::Error::other),
         }
     }
 }

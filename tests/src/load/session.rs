@@ -287,7 +287,12 @@ impl Session {
                 let secure = matches!(raw, Raw::Tls(_));
                 let connect = WsIo::connect(raw, n.domain, &t.ws_path, secure);
                 match tokio::time::timeout(t.step_timeout, connect).await {
-                    Err(_) => return Err(LoginError::Timeout(t.step_timeout, "the WebSocket handshake")),
+                    Err(_) => {
+                        return Err(LoginError::Timeout(
+                            t.step_timeout,
+                            "the WebSocket handshake",
+                        ))
+                    }
                     Ok(Err(e)) => return Err(LoginError::Protocol(e.to_string())),
                     Ok(Ok(ws)) => Io::Ws(Box::new(ws)),
                 }
