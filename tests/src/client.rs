@@ -831,6 +831,11 @@ pub fn message(to: &str, body: &str) -> Element {
         .child(Element::new("body", ns::CLIENT).text(body))
 }
 
+/// A stanza as text, for assertion messages.
+pub fn show(e: &Element) -> String {
+    e.to_string_in(ns::CLIENT)
+}
+
 /// The `<body/>` text of a message.
 pub fn body(m: &Element) -> Option<String> {
     m.child_text("body", &m.ns)

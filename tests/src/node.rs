@@ -386,6 +386,15 @@ impl TestNode {
     }
 
     /// Creates `user@<domain>` with this password.
+    /// A fresh node of `localhost` with these accounts, all with `password`.
+    pub fn with_users(users: &[&str], password: &str) -> anyhow::Result<TestNode> {
+        let node = TestNode::start()?;
+        for u in users {
+            node.adduser(u, password)?;
+        }
+        Ok(node)
+    }
+
     pub fn adduser(&self, user: &str, password: &str) -> anyhow::Result<()> {
         let jid = format!("{user}@{}", self.domain);
         self.clusterctl(&["adduser", &jid, "--password", password])

@@ -4,7 +4,7 @@
 //! and time, resumed from an id, preferences honoured, offline messages
 //! archived too, and only the server names its own stanza ids.
 
-use tests::client::{body, message, Client, QUIET, WAIT};
+use tests::client::{body, message, show, Client, QUIET, WAIT};
 use tests::node::TestNode;
 use xmpp::element::Element;
 use xmpp::forms::{self, Field};
@@ -18,19 +18,11 @@ const FORWARD: &str = "urn:xmpp:forward:0";
 const DELAY: &str = "urn:xmpp:delay";
 
 fn node_with(users: &[&str]) -> TestNode {
-    let node = TestNode::start().expect("node starts");
-    for u in users {
-        node.adduser(u, PW).expect("adduser");
-    }
-    node
+    TestNode::with_users(users, PW).expect("node starts")
 }
 
 fn jid(user: &str) -> String {
     format!("{user}@localhost")
-}
-
-fn show(e: &Element) -> String {
-    e.to_string_in(ns::CLIENT)
 }
 
 async fn online(node: &TestNode, user: &str) -> Client {

@@ -4,7 +4,7 @@
 //! (XEP-0115), the last item at login, retraction, node configuration and
 //! deletion, and vCard avatar hashes in presence (XEP-0153).
 
-use tests::client::{Client, QUIET, WAIT};
+use tests::client::{show, Client, QUIET, WAIT};
 use tests::node::TestNode;
 use xmpp::element::Element;
 use xmpp::forms::{self, Field};
@@ -22,19 +22,11 @@ const BOOKMARKS: &str = "urn:xmpp:bookmarks:1";
 const AVATAR_META: &str = "urn:xmpp:avatar:metadata";
 
 fn node_with(users: &[&str]) -> TestNode {
-    let node = TestNode::start().expect("node starts");
-    for u in users {
-        node.adduser(u, PW).expect("adduser");
-    }
-    node
+    TestNode::with_users(users, PW).expect("node starts")
 }
 
 fn jid(user: &str) -> String {
     format!("{user}@localhost")
-}
-
-fn show(e: &Element) -> String {
-    e.to_string_in(ns::CLIENT)
 }
 
 /// Logs in and sends presence with caps for `notify` (see
