@@ -247,6 +247,7 @@ pub struct Config {
     pub http: Http,
     pub mam: Mam,
     pub pep: Pep,
+    pub muc: Muc,
     /// Contact addresses published in the server's disco#info (XEP-0157).
     pub contact: Contact,
     /// STUN and TURN servers offered to clients for calls (XEP-0215).
@@ -329,6 +330,41 @@ impl Default for Mam {
             max_page: 250,
             batch_ms: 1,
         }
+    }
+}
+
+/// Group chat (XEP-0045): a `SUBDOMAIN.<vhost>` service per virtual host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Muc {
+    pub enabled: bool,
+    /// The service of `example.com` is `conference.example.com`.
+    pub subdomain: String,
+    /// Occupants a new room allows (its owner may change it up to this).
+    pub max_occupants: u32,
+    /// Messages a newcomer gets by default (a room's owner may change it).
+    pub history: u32,
+    /// Most history messages anyone gets on joining, whatever is asked.
+    pub max_history: u32,
+}
+
+impl Default for Muc {
+    fn default() -> Self {
+        Muc {
+            enabled: true,
+            subdomain: "conference".into(),
+            max_occupants: 200,
+            history: 20,
+            max_history: 200,
+        }
+    }
+}
+
+impl Muc {
+    /// The virtual host whose service `domain` is, if it is one.
+    pub fn host_of<'a>(&self, domain: &'a str, config: &Config) -> Option<&'a str> {
+        let (sub, host) = domain.split_once('.')?;
+        (self.enabled && sub == self.subdomain && config.is_local_domain(host)).then_some(host)
     }
 }
 
@@ -758,6 +794,7 @@ impl Default for Config {
             http: Http::default(),
             mam: Mam::default(),
             pep: Pep::default(),
+            muc: Muc::default(),
             contact: Contact::default(),
             extdisco: Vec::new(),
         }
@@ -1309,6 +1346,7 @@ impl Config {
             ("mam.default_page", self.mam.default_page as u64),
             ("mam.max_page", self.mam.max_page as u64),
             ("pep.max_nodes", self.pep.max_nodes),
+            ("muc.max_occupants", u64::from(self.muc.max_occupants)),
             ("pep.max_items", self.pep.max_items),
             ("pep.max_item_bytes", self.pep.max_item_bytes as u64),
         ] {

@@ -66,6 +66,15 @@ pub(crate) mod keys {
     pub const ARCHIVE_META: &[u8] = b"mm:";
     /// `mp:<user>` -> [`super::ArchivePrefs`].
     pub const ARCHIVE_PREFS: &[u8] = b"mp:";
+    /// Group chat (XEP-0045): `mr:<room>` -> [`super::Room`].
+    pub const ROOM: &[u8] = b"mr:";
+    /// `mf:<room>\0<bare jid>` -> [`super::Affiliation`].
+    pub const ROOM_AFFILIATION: &[u8] = b"mf:";
+    /// `mo:<room>\0<nick>` -> [`super::Occupant`]: who is in the room now.
+    pub const OCCUPANT: &[u8] = b"mo:";
+    /// `mj:<real full jid>\0<room>` -> nick: the rooms a session is in, so
+    /// a session that ends leaves them all.
+    pub const OCCUPANT_OF: &[u8] = b"mj:";
     /// `la:<user>` -> (seconds since the epoch, status): the last logout.
     pub const LAST_ACTIVITY: &[u8] = b"la:";
     /// PEP (XEP-0163): `pn:<owner>\0<node>` -> [`super::PepNode`].
@@ -355,6 +364,135 @@ pub struct PepItem {
     pub id: String,
     /// The payload element, serialised with its namespace.
     pub payload: String,
+}
+
+/// A room's settings (XEP-0045 §10.2, the `muc#roomconfig` fields we honour).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomConfig {
+    pub name: String,
+    pub description: String,
+    /// Kept when the last occupant leaves.
+    pub persistent: bool,
+    /// Listed in the service's disco#items.
+    pub public: bool,
+    pub members_only: bool,
+    /// Only moderators and participants speak; newcomers are visitors.
+    pub moderated: bool,
+    pub password: Option<String>,
+    pub max_occupants: u32,
+    /// Everyone sees occupants' real JIDs (otherwise moderators only).
+    pub whois_anyone: bool,
+    /// Messages sent to a newcomer by default.
+    pub history: u32,
+    pub allow_invites: bool,
+    pub allow_pm: bool,
+    /// Occupants may change the subject (otherwise moderators only).
+    pub change_subject: bool,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        RoomConfig {
+            name: String::new(),
+            description: String::new(),
+            persistent: false,
+            public: true,
+            members_only: false,
+            moderated: false,
+            password: None,
+            max_occupants: 200,
+            whois_anyone: false,
+            history: 20,
+            allow_invites: true,
+            allow_pm: true,
+            change_subject: false,
+        }
+    }
+}
+
+/// A room: its settings and subject.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Room {
+    pub config: RoomConfig,
+    /// (nick of whoever set it, text).
+    pub subject: Option<(String, String)>,
+}
+
+/// A long-lived relation to a room (XEP-0045 §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+pub enum Affiliation {
+    Outcast,
+    #[default]
+    None,
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Affiliation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Affiliation::Owner => "owner",
+            Affiliation::Admin => "admin",
+            Affiliation::Member => "member",
+            Affiliation::None => "none",
+            Affiliation::Outcast => "outcast",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Affiliation> {
+        Some(match s {
+            "owner" => Affiliation::Owner,
+            "admin" => Affiliation::Admin,
+            "member" => Affiliation::Member,
+            "none" => Affiliation::None,
+            "outcast" => Affiliation::Outcast,
+            _ => return None,
+        })
+    }
+}
+
+/// A role in the room while present (XEP-0045 §5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    None,
+    Visitor,
+    Participant,
+    Moderator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Moderator => "moderator",
+            Role::Participant => "participant",
+            Role::Visitor => "visitor",
+            Role::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "moderator" => Role::Moderator,
+            "participant" => Role::Participant,
+            "visitor" => Role::Visitor,
+            "none" => Role::None,
+            _ => return None,
+        })
+    }
+}
+
+/// Someone in a room now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Occupant {
+    /// The session's full JID.
+    pub real: String,
+    pub role: Role,
+    pub affiliation: Affiliation,
+    /// XEP-0421: stable per room and bare JID, opaque.
+    pub occupant_id: String,
+    /// The last presence's children (show, status, caps), as sent.
+    pub presence: String,
 }
 
 /// One contact in a user's roster (RFC 6121 §2.1.2).
@@ -813,6 +951,60 @@ impl Store {
                 )
             }
         }
+    }
+
+    pub fn room(&self, room: &str) -> Result<Option<Room>, StoreError> {
+        match self.get(&[keys::ROOM, room.as_bytes()].concat())? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every room of a service domain (`@domain` suffix), with its settings.
+    pub fn rooms(&self, domain: &str) -> Result<Vec<(String, Room)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.scan_prefix(keys::ROOM) {
+            let (k, v) = kv?;
+            let jid = rest_of_key(&k, keys::ROOM.len());
+            if jid.rsplit_once('@').is_some_and(|(_, d)| d == domain) {
+                out.push((jid, postcard::from_bytes(&v)?));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn occupants(&self, room: &str) -> Result<Vec<(String, Occupant)>, StoreError> {
+        let prefix = keys::user_prefix(keys::OCCUPANT, room);
+        self.scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((rest_of_key(&k, prefix.len()), postcard::from_bytes(&v)?))
+            })
+            .collect()
+    }
+
+    pub fn affiliation(&self, room: &str, jid: &str) -> Result<Affiliation, StoreError> {
+        match self.get(&keys::user_key(keys::ROOM_AFFILIATION, room, jid))? {
+            Some(b) => Ok(postcard::from_bytes(&b)?),
+            None => Ok(Affiliation::None),
+        }
+    }
+
+    pub fn affiliations(&self, room: &str) -> Result<Vec<(String, Affiliation)>, StoreError> {
+        let prefix = keys::user_prefix(keys::ROOM_AFFILIATION, room);
+        self.scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((rest_of_key(&k, prefix.len()), postcard::from_bytes(&v)?))
+            })
+            .collect()
+    }
+
+    /// The nick `real` (a full JID) has in `room`, if it is there.
+    pub fn nick_of(&self, room: &str, real: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .get(&keys::user_key(keys::OCCUPANT_OF, real, room))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
     /// When `user` was last online, and their status text then (XEP-0012).

@@ -636,3 +636,83 @@ async fn archives_and_pep_are_the_same_on_every_node() {
         .and_then(|i| i.child_text("nick", NICK));
     assert_eq!(nick.as_deref(), Some("Alice"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn occupants_on_different_nodes_are_in_one_room() {
+    const MUC: &str = "http://jabber.org/protocol/muc";
+    const ROOM: &str = "ops@conference.localhost";
+    let nodes = three("");
+    for u in ["alice", "bob", "carol"] {
+        nodes[0].adduser(u, PW).expect("user");
+    }
+    let join = |nick: &str| {
+        Element::new("presence", ns::CLIENT)
+            .attr("to", format!("{ROOM}/{nick}"))
+            .child(Element::new("x", MUC))
+    };
+    let is_self = |e: &Element| {
+        e.name == "presence"
+            && e.get_child("x", "http://jabber.org/protocol/muc#user")
+                .is_some_and(|x| x.elements().any(|s| s.get_attr("code") == Some("110")))
+    };
+    let mut alice = Client::login_bound(&nodes[0], "alice", PW, "a")
+        .await
+        .expect("alice");
+    alice.send(&join("Alice")).await.expect("join");
+    alice
+        .recv_until(is_self, WAIT)
+        .await
+        .expect("alice in the room");
+    let mut bob = Client::login_bound(&nodes[1], "bob", PW, "b")
+        .await
+        .expect("bob");
+    bob.send(&join("Bob")).await.expect("join");
+    bob.recv_until(is_self, WAIT)
+        .await
+        .expect("bob in the room");
+    // Each sees the other, though their sessions are on different nodes.
+    alice
+        .recv_until(|e| e.get_attr("from") == Some(&format!("{ROOM}/Bob")), WAIT)
+        .await
+        .expect("alice sees bob join");
+    let say = |text: &str| {
+        Element::new("message", ns::CLIENT)
+            .attr("to", ROOM)
+            .attr("type", "groupchat")
+            .child(Element::new("body", ns::CLIENT).text(text))
+    };
+    alice.send(&say("from node 1")).await.expect("say");
+    bob.send(&say("from node 2")).await.expect("say");
+    // Both get both, in the same order (the log's).
+    let mut orders = Vec::new();
+    for c in [&mut alice, &mut bob] {
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let m = c
+                .recv_until(
+                    |e| e.get_attr("type") == Some("groupchat") && body(e).is_some(),
+                    WAIT,
+                )
+                .await
+                .expect("a room message");
+            got.push(body(&m).unwrap_or_default());
+        }
+        orders.push(got);
+    }
+    assert_eq!(orders[0], orders[1]);
+    // A third node's user joins and gets the history from its replica.
+    let mut carol = Client::login_bound(&nodes[2], "carol", PW, "c")
+        .await
+        .expect("carol");
+    carol.send(&join("Carol")).await.expect("join");
+    carol
+        .recv_until(is_self, WAIT)
+        .await
+        .expect("carol in the room");
+    for want in &orders[0] {
+        carol
+            .recv_until(|e| body(e).as_deref() == Some(want.as_str()), WAIT)
+            .await
+            .expect("history on node 3");
+    }
+}

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use xmpp::roster::{SubKind, Transition};
 use xmpp::sasl::ScramCredentials;
 
+pub mod muc;
+
 use crate::store::{
     keys, Account, ArchiveDefault, ArchiveMeta, ArchivePrefs, Archived, Batch, MaxItems,
     OfflineMeta, PepAccess, PepConfig, PepItem, PepNode, RosterItem, Store, StoreError,
@@ -248,6 +250,8 @@ pub enum Command {
         items: Vec<ArchiveItem>,
         policy: ArchivePolicy,
     },
+    /// Group chat (XEP-0045), see [`muc`].
+    Muc(muc::MucCommand),
     /// XEP-0012: when `user` was last online (seconds since the epoch), and
     /// the status text they left with.
     SetLastActivity {
@@ -375,6 +379,12 @@ pub enum Effect {
     SessionReplaced { jid: String, old: SessionEntry },
     /// These sessions are gone because their node died or restarted.
     SessionsGone(Vec<(String, SessionEntry)>),
+    /// Something happened in a room: each node tells the occupants whose
+    /// sessions it serves.
+    Muc {
+        room: String,
+        event: Box<muc::MucEvent>,
+    },
     /// A PEP node changed: each node notifies the interested sessions it
     /// serves (and the remote contacts it has seen).
     Pep {
@@ -485,6 +495,9 @@ pub enum Refusal {
     PepPrecondition(String),
     #[error("{owner} has {max} PEP nodes already")]
     TooManyPepNodes { owner: String, max: u64 },
+    /// A room refused: the stanza error condition to answer with, and why.
+    #[error("{text}")]
+    Muc { condition: String, text: String },
 }
 
 /// The outcome of one applied command, as every replica computes it.
@@ -564,22 +577,36 @@ fn archive_one(
     if !wanted {
         return Ok(None);
     }
+    append_archive(tx, &user, ts, owner.with, owner.peer, stanza, policy).map(Some)
+}
+
+/// Appends to `user`'s archive (a user's or a room's) and applies its cap
+/// and retention; the new id.
+fn append_archive(
+    tx: &mut Tx<'_>,
+    user: &str,
+    ts: u64,
+    with: String,
+    peer: String,
+    stanza: &str,
+    policy: ArchivePolicy,
+) -> Result<u64, ApplyError> {
     let meta_key = [keys::ARCHIVE_META, user.as_bytes()].concat();
     let mut meta: ArchiveMeta = match tx.get(&meta_key)? {
         Some(b) => postcard::from_bytes(&b).map_err(StoreError::from)?,
         None => ArchiveMeta::default(),
     };
     let id = ts.max(meta.last.saturating_add(1));
+    tx.put(keys::archive_with(user, &with, id), Vec::new());
     let entry = encode(&Archived {
-        with: owner.with.clone(),
-        peer: owner.peer,
+        with,
+        peer,
         stanza: stanza.to_owned(),
     });
     meta.last = id;
     meta.count += 1;
     meta.bytes += entry.len() as u64;
-    tx.put(keys::archive_with(&user, &owner.with, id), Vec::new());
-    tx.put(keys::archive(&user, id), entry);
+    tx.put(keys::archive(user, id), entry);
     // The cap and the retention period, oldest first; a bounded number per
     // message, so one append never turns into a long sweep (the expired
     // rest is hidden from queries and goes with the following messages).
@@ -587,7 +614,7 @@ fn archive_one(
         0 => 0,
         r => ts.saturating_sub(r),
     };
-    let prefix = keys::user_prefix(keys::ARCHIVE, &user);
+    let prefix = keys::user_prefix(keys::ARCHIVE, user);
     for _ in 0..16 {
         let over = policy.max_messages > 0 && meta.count > policy.max_messages;
         if !over && expired_before == 0 {
@@ -601,13 +628,13 @@ fn archive_one(
             break;
         }
         let gone: Archived = postcard::from_bytes(&v).map_err(StoreError::from)?;
-        tx.delete(keys::archive_with(&user, &gone.with, oldest));
+        tx.delete(keys::archive_with(user, &gone.with, oldest));
         tx.delete(k);
         meta.count -= 1;
         meta.bytes = meta.bytes.saturating_sub(v.len() as u64);
     }
     tx.put(meta_key, encode(&meta));
-    Ok(Some(id))
+    Ok(id)
 }
 
 /// What one private element counts against its owner's budget: key and
@@ -688,6 +715,10 @@ impl<'a> Tx<'a> {
             if gone(&entry) {
                 let jid = keys::session_jid(&k);
                 self.set_session(&jid, None);
+                muc::session_gone(self, &jid).map_err(|e| match e {
+                    ApplyError::Store(e) => e,
+                    other => StoreError::Fault(other.to_string()),
+                })?;
                 removed.push((jid, entry));
             }
         }
@@ -1296,6 +1327,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             });
             Ok(Response::Done)
         }
+        Command::Muc(cmd) => muc::apply(tx, cmd),
         Command::SetLastActivity { user, secs, status } => {
             if tx.get(&keys::account(&user))?.is_some() {
                 tx.put(
@@ -1633,6 +1665,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             if let Some(e) = tx.session(&jid)? {
                 if (e.node, e.incarnation, e.sid) == (node, incarnation, sid) {
                     tx.set_session(&jid, None);
+                    muc::session_gone(tx, &jid)?;
                 }
             }
             Ok(Response::Done)

@@ -100,6 +100,16 @@ impl Module for Disco {
                     };
                 }
                 let mut query = Element::new("query", req.payload.ns.clone());
+                // The server's items: its components (XEP-0030 §4).
+                if req.payload.ns == ns::DISCO_ITEMS {
+                    if let IqTarget::Server(_) = &req.target {
+                        for m in server.modules.iter() {
+                            for item in m.disco_items(server, req.from, "").unwrap_or_default() {
+                                query = query.child(item);
+                            }
+                        }
+                    }
+                }
                 if req.payload.ns == ns::DISCO_INFO {
                     match &req.target {
                         IqTarget::Server(_) => {

@@ -418,7 +418,13 @@ fn read_query(server: &Server, user: &str, req: &IqRequest<'_>) -> Result<Query,
 /// An archive query (XEP-0313 §4): the results as messages to the
 /// requesting resource, then the IQ result with `<fin/>`.
 fn query(server: &Server, req: &IqRequest<'_>) -> Result<Element, Element> {
-    let user = req.from.bare().to_string();
+    query_archive(server, req, &req.from.bare().to_string())
+}
+
+/// A query of `user`'s archive (an account's, or a room's: XEP-0313 §5 on
+/// a room JID), answered to the requesting resource.
+pub fn query_archive(server: &Server, req: &IqRequest<'_>, user: &str) -> Result<Element, Element> {
+    let user = user.to_owned();
     let q = read_query(server, &user, req)?;
     let store = server.store();
     let internal = |e: crate::store::StoreError| {

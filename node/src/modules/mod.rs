@@ -13,6 +13,7 @@ mod disco;
 mod extdisco;
 mod last;
 pub(crate) mod mam;
+pub(crate) mod muc;
 pub(crate) mod offline;
 pub(crate) mod pep;
 mod ping;
@@ -174,6 +175,23 @@ pub trait Module: Send + Sync {
         None
     }
 
+    /// Whether this module is the component serving `domain` (XEP-0045's
+    /// `conference.<vhost>`): the router hands it every stanza for it.
+    fn owns_domain(&self, _server: &Server, _domain: &str) -> bool {
+        false
+    }
+
+    /// A stanza for a domain this module owns, with its true sender.
+    fn handle_component<'a>(
+        &'a self,
+        _server: &'a Server,
+        _stanza: Element,
+        _from: Jid,
+        _to: Jid,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
     /// Hook: an IQ result or error addressed to the server or an account.
     /// `true` when it answered a request of this module's.
     fn on_iq_response(&self, _server: &Server, _iq: &Element) -> bool {
@@ -250,6 +268,9 @@ pub fn all(config: &crate::config::Config) -> Vec<Box<dyn Module>> {
     }
     if config.pep.enabled {
         modules.push(Box::new(pep::Pep::default()));
+    }
+    if config.muc.enabled {
+        modules.push(Box::new(muc::Muc::default()));
     }
     modules
 }

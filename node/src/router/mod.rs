@@ -124,6 +124,17 @@ async fn route_with(server: &Server, mut stanza: Element, pass: Pass) {
         }
     }
     if !server.config.is_local_domain(to.domain()) {
+        // A component of ours (group chat): the module that owns it.
+        if let Some(m) = server
+            .modules
+            .iter()
+            .find(|m| m.owns_domain(server, to.domain()))
+        {
+            if let Some(from) = stanza.get_attr("from").and_then(|f| Jid::parse(f).ok()) {
+                m.handle_component(server, stanza, from, to).await;
+            }
+            return;
+        }
         // Another domain: over s2s (DESIGN.md, "The life of a stanza").
         let remote = to.domain().to_owned();
         return crate::federation::route_remote(server, stanza, &remote);
