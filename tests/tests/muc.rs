@@ -488,3 +488,107 @@ async fn members_only_passwords_kicks_and_bans() {
     let iq = alice.make_iq("get", Some(club), Element::new("query", ns::DISCO_INFO));
     assert_eq!(condition(&alice.iq(iq).await.unwrap()), "item-not-found");
 }
+
+#[tokio::test]
+async fn messages_are_retracted_by_their_author_or_a_moderator() {
+    const RETRACT: &str = "urn:xmpp:message-retract:1";
+    const MODERATE: &str = "urn:xmpp:message-moderate:1";
+    let node = TestNode::with_users(&["alice", "bob", "carol"], PW).unwrap();
+    let mut alice = Client::login_bound(&node, "alice", PW, "a").await.unwrap();
+    let mut bob = Client::login_bound(&node, "bob", PW, "b").await.unwrap();
+    let mut carol = Client::login_bound(&node, "carol", PW, "c").await.unwrap();
+    let room = "talk@conference.localhost";
+    join(&mut alice, room, "Alice").await;
+    join(&mut bob, room, "Bob").await;
+    join(&mut carol, room, "Carol").await;
+    let mut ids = Vec::new();
+    for text in ["spam", "typo", "fine"] {
+        groupchat(&mut bob, room, text).await;
+        let m = recv_groupchat(&mut alice, text).await;
+        recv_groupchat(&mut carol, text).await;
+        let sid = m
+            .get_child("stanza-id", "urn:xmpp:sid:0")
+            .and_then(|s| s.get_attr("id"))
+            .expect("id");
+        ids.push(sid.to_owned());
+    }
+    // A moderator (the owner) retracts "spam": everyone is told who did.
+    let moderate = Element::new("moderate", MODERATE)
+        .attr("id", ids[0].as_str())
+        .child(Element::new("retract", RETRACT))
+        .child(Element::new("reason", MODERATE).text("spam"));
+    let iq = alice.make_iq("set", Some(room), moderate);
+    let r = alice.iq(iq).await.unwrap();
+    assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
+    for c in [&mut bob, &mut carol] {
+        let m = c
+            .recv_until(
+                |e| {
+                    e.get_child("retract", RETRACT)
+                        .is_some_and(|r| r.get_attr("id") == Some(ids[0].as_str()))
+                },
+                WAIT,
+            )
+            .await
+            .unwrap();
+        let by = m
+            .get_child("retract", RETRACT)
+            .and_then(|r| r.get_child("moderated", MODERATE))
+            .and_then(|md| md.get_attr("by"));
+        assert_eq!(by, Some(format!("{room}/Alice").as_str()), "{}", show(&m));
+    }
+    // A participant cannot moderate; nor retract someone else's message.
+    let moderate = Element::new("moderate", MODERATE)
+        .attr("id", ids[2].as_str())
+        .child(Element::new("retract", RETRACT));
+    let iq = carol.make_iq("set", Some(room), moderate);
+    assert_eq!(condition(&carol.iq(iq).await.unwrap()), "forbidden");
+    let not_mine = Element::new("message", ns::CLIENT)
+        .attr("to", room)
+        .attr("type", "groupchat")
+        .child(Element::new("retract", RETRACT).attr("id", ids[2].as_str()));
+    carol.send(&not_mine).await.unwrap();
+    let err = carol
+        .recv_until(|e| e.get_attr("type") == Some("error"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(condition(&err), "forbidden");
+    // The author takes back "typo" (XEP-0424).
+    let mine = Element::new("message", ns::CLIENT)
+        .attr("to", room)
+        .attr("type", "groupchat")
+        .child(Element::new("retract", RETRACT).attr("id", ids[1].as_str()));
+    bob.send(&mine).await.unwrap();
+    alice
+        .recv_until(
+            |e| {
+                e.get_child("retract", RETRACT)
+                    .is_some_and(|r| r.get_attr("id") == Some(ids[1].as_str()))
+            },
+            WAIT,
+        )
+        .await
+        .unwrap();
+    // The archive keeps tombstones where the two were.
+    let iq = carol.make_iq(
+        "set",
+        Some(room),
+        Element::new("query", MAM).attr("queryid", "q"),
+    );
+    let fin = carol.iq(iq).await.unwrap();
+    assert_eq!(fin.get_attr("type"), Some("result"), "{}", show(&fin));
+    let inner: Vec<Element> = carol
+        .take_pending()
+        .into_iter()
+        .filter_map(|m| {
+            m.get_child("result", MAM)
+                .and_then(|r| r.get_child("forwarded", "urn:xmpp:forward:0"))
+                .and_then(|f| f.get_child("message", ns::CLIENT))
+                .cloned()
+        })
+        .collect();
+    assert_eq!(inner.len(), 3, "{inner:?}");
+    assert!(inner[0].get_child("retracted", RETRACT).is_some() && body(&inner[0]).is_none());
+    assert!(inner[1].get_child("retracted", RETRACT).is_some() && body(&inner[1]).is_none());
+    assert_eq!(body(&inner[2]).as_deref(), Some("fine"));
+}

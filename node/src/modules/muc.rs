@@ -38,6 +38,8 @@ pub const NS_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
 const NS_OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
 const NS_SID: &str = "urn:xmpp:sid:0";
 const NS_DELAY: &str = "urn:xmpp:delay";
+const NS_RETRACT: &str = "urn:xmpp:message-retract:1";
+const NS_MODERATE: &str = "urn:xmpp:message-moderate:1";
 const ROOMCONFIG: &str = "http://jabber.org/protocol/muc#roomconfig";
 const ROOMINFO: &str = "http://jabber.org/protocol/muc#roominfo";
 
@@ -816,6 +818,33 @@ impl Muc {
             );
         }
         let nick = store.nick_of(&room, &real).ok().flatten()?;
+        // XEP-0424: the author takes back one of their messages.
+        if let Some(r) = m.get_child("retract", NS_RETRACT) {
+            let Some(id) = r.get_attr("id").and_then(|i| i.parse::<u64>().ok()) else {
+                return error_to(
+                    m,
+                    StanzaError::ItemNotFound,
+                    Some("retract names a stanza id of this room"),
+                );
+            };
+            let from_nick = format!("{room}/{nick}");
+            let announce = format!(
+                "<message from='{}' type='groupchat'><retract xmlns='{NS_RETRACT}' id='{id}'/><body>This person attempted to retract a previous message, but it's unsupported by your client.</body><fallback xmlns='urn:xmpp:fallback:0' for='{NS_RETRACT}'/></message>",
+                escape(&from_nick)
+            );
+            let cmd = MucCommand::Retract {
+                room: room.clone(),
+                by: real,
+                id,
+                moderated: false,
+                tombstone: tombstone(&from_nick, None),
+                announce,
+            };
+            return match server.cluster.write(Command::Muc(cmd)).await {
+                Ok(_) => None,
+                Err(e) => refused(m, e),
+            };
+        }
         let subject = m.child_text("subject", ns::CLIENT);
         let archive = super::mam::archivable(&with_type_chat(m)) || m.has_child("body", ns::CLIENT);
         let mut stored = Element::new("message", ns::CLIENT)
@@ -999,6 +1028,8 @@ impl Muc {
                     super::mam::NS,
                     NS_SID,
                     NS_OCCUPANT_ID,
+                    NS_MODERATE,
+                    NS_RETRACT,
                     pick(c.persistent, "muc_persistent", "muc_temporary"),
                     pick(c.public, "muc_public", "muc_hidden"),
                     pick(c.members_only, "muc_membersonly", "muc_open"),
@@ -1142,6 +1173,51 @@ impl Muc {
                 }
                 Some(iq_result(iq).child(q))
             }
+            (NS_MODERATE, "moderate", "set") => {
+                // XEP-0425: a moderator retracts someone's message.
+                let Some(id) = payload.get_attr("id").and_then(|i| i.parse::<u64>().ok()) else {
+                    return error_to(
+                        iq,
+                        StanzaError::ItemNotFound,
+                        Some("moderate names a stanza id of this room"),
+                    );
+                };
+                if !payload.has_child("retract", NS_RETRACT) {
+                    return error_to(
+                        iq,
+                        StanzaError::BadRequest,
+                        Some("only <retract/> is supported"),
+                    );
+                }
+                let reason = payload.child_text("reason", NS_MODERATE);
+                let my_nick = store
+                    .nick_of(&room, &from.to_string())
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                let by = format!("{room}/{my_nick}");
+                let mut retract = format!(
+                    "<retract xmlns='{NS_RETRACT}' id='{id}'><moderated xmlns='{NS_MODERATE}' by='{}'/>",
+                    escape(&by)
+                );
+                if let Some(r) = &reason {
+                    retract.push_str(&format!("<reason>{}</reason>", escape(r)));
+                }
+                retract.push_str("</retract>");
+                let announce = format!(
+                    "<message from='{}' type='groupchat'>{retract}</message>",
+                    escape(&room)
+                );
+                write(MucCommand::Retract {
+                    room: room.clone(),
+                    by: from.to_string(),
+                    id,
+                    moderated: true,
+                    tombstone: tombstone(&room, Some(&by)),
+                    announce,
+                })
+                .await
+            }
             (super::mam::NS, "query", "set") => {
                 // §XEP-0313 on rooms: as private as the room (members-only
                 // rooms to members, others to anyone who could join).
@@ -1165,6 +1241,18 @@ impl Muc {
             _ => error_to(iq, StanzaError::ServiceUnavailable, None),
         }
     }
+}
+
+/// What the archive keeps of a retracted message (XEP-0424 §5.1).
+fn tombstone(from: &str, moderated_by: Option<&str>) -> String {
+    let stamp = utc_stamp(SystemTime::now());
+    let moderated = moderated_by
+        .map(|b| format!("<moderated xmlns='{NS_MODERATE}' by='{}'/>", escape(b)))
+        .unwrap_or_default();
+    format!(
+        "<message xmlns='jabber:client' from='{}' type='groupchat'><retracted xmlns='{NS_RETRACT}' stamp='{stamp}'>{moderated}</retracted></message>",
+        escape(from)
+    )
 }
 
 /// A copy typed `chat`, to ask [`super::mam::archivable`] about a

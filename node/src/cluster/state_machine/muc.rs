@@ -74,6 +74,18 @@ pub enum MucCommand {
         reason: Option<String>,
         alternate: Option<String>,
     },
+    /// Retract an archived room message (XEP-0424 by its author, XEP-0425
+    /// by a moderator): the archive keeps `tombstone` in its place, and
+    /// everyone present gets `announce` (a groupchat message from `from`).
+    Retract {
+        room: String,
+        /// The asker's full JID.
+        by: String,
+        id: u64,
+        moderated: bool,
+        tombstone: String,
+        announce: String,
+    },
 }
 
 /// Someone in the room, as the recipients list of an event names them.
@@ -445,6 +457,58 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
                     },
                 );
             }
+            Ok(Response::Done)
+        }
+        MucCommand::Retract {
+            room,
+            by,
+            id,
+            moderated,
+            tombstone,
+            announce,
+        } => {
+            if tx.room(&room)?.is_none() {
+                return Err(refuse("item-not-found", "no such room"));
+            }
+            let to = tx.present(&room)?;
+            let me = to
+                .iter()
+                .find(|(_, o)| o.real == by)
+                .map(|(n, o)| (n.clone(), o.clone()));
+            let Some((nick, occupant)) = me else {
+                return Err(refuse("not-acceptable", "you are not in this room"));
+            };
+            let key = keys::archive(&room, id);
+            let Some(raw) = tx.get(&key)? else {
+                return Err(refuse(
+                    "item-not-found",
+                    "no such message in the room's archive",
+                ));
+            };
+            let mut archived: crate::store::Archived =
+                postcard::from_bytes(&raw).map_err(StoreError::from)?;
+            if moderated {
+                if occupant.role != Role::Moderator {
+                    return Err(refuse(
+                        "forbidden",
+                        "only moderators retract others' messages",
+                    ));
+                }
+            } else if archived.with != bare(&by) {
+                return Err(refuse("forbidden", "only its author retracts a message"));
+            }
+            archived.stanza = tombstone;
+            tx.put(key, encode(&archived));
+            tx.muc(
+                &room,
+                MucEvent::Message {
+                    nick,
+                    occupant,
+                    id: None,
+                    body: announce,
+                    to,
+                },
+            );
             Ok(Response::Done)
         }
         MucCommand::Destroy {
