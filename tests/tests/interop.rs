@@ -448,3 +448,108 @@ fn slixmpp_plugins_archive_pep_avatars_bookmarks_and_time() {
         .unwrap_or_else(|| panic!("no TIME line\n{report}"));
     assert!(time.starts_with("20") && time.ends_with('Z'), "{time}");
 }
+
+/// slixmpp's `xep_0045` plugin creating, configuring and chatting in a
+/// room that a client of ours joins too (`tests/interop/muc.py`).
+#[tokio::test]
+async fn slixmpp_muc_plugin_and_our_client_share_a_room() {
+    use tests::client::{body, Client, WAIT};
+    use xmpp::element::Element;
+    use xmpp::stanza::ns;
+    const ROOM: &str = "interop@conference.localhost";
+    let node = TestNode::start().expect("node starts");
+    for u in ["alice", "bob", "rusty"] {
+        node.adduser(u, "secret").expect("adduser");
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/muc.py");
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(python())
+        .arg(script)
+        .arg(node.c2s.ip().to_string())
+        .arg(node.c2s.port().to_string())
+        .arg(&node.domain)
+        .arg("secret")
+        .arg(ROOM)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr.reopen().unwrap())
+        .spawn()
+        .expect("cannot run muc.py");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let report = |seen: &[String]| {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}\n--- node log ---\n{}",
+            seen.join("\n"),
+            std::fs::read_to_string(stderr.path()).unwrap_or_default(),
+            node.log()
+        )
+    };
+    let wait_for = |prefix: &str, seen: &mut Vec<String>| -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) => {
+                    seen.push(l.clone());
+                    if l.starts_with("ERROR") {
+                        panic!("muc.py failed\n{}", report(seen));
+                    }
+                    if l.starts_with(prefix) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no {prefix} line\n{}", report(seen)),
+            }
+        }
+    };
+    let created = wait_for("CREATED", &mut seen);
+    assert!(
+        created.contains("110") && created.contains("201"),
+        "{created}"
+    );
+    assert_eq!(wait_for("CONFIGURED", &mut seen), "CONFIGURED Interop Room");
+    wait_for("READY", &mut seen);
+
+    let mut rusty = Client::login_bound(&node, "rusty", "secret", "r")
+        .await
+        .unwrap();
+    let join = Element::new("presence", ns::CLIENT)
+        .attr("to", format!("{ROOM}/Rusty"))
+        .child(Element::new("x", "http://jabber.org/protocol/muc"));
+    rusty.send(&join).await.unwrap();
+    rusty
+        .recv_until(
+            |e| e.get_attr("from") == Some(&format!("{ROOM}/Alice")),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    let say = Element::new("message", ns::CLIENT)
+        .attr("to", ROOM)
+        .attr("type", "groupchat")
+        .child(Element::new("body", ns::CLIENT).text("from rust"));
+    rusty.send(&say).await.unwrap();
+    assert_eq!(wait_for("HEARD", &mut seen), "HEARD Rusty from rust");
+    assert_eq!(wait_for("HISTORY", &mut seen), "HISTORY from rust");
+    rusty
+        .recv_until(|e| body(e).as_deref() == Some("from slixmpp alice"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_for("BOB-HEARD", &mut seen),
+        "BOB-HEARD Alice from slixmpp alice"
+    );
+    assert_eq!(wait_for("SUBJECT", &mut seen), "SUBJECT interop works");
+    wait_for("DONE", &mut seen);
+    let _ = child.wait();
+}
