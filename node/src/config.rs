@@ -346,6 +346,12 @@ pub struct Muc {
     pub history: u32,
     /// Most history messages anyone gets on joining, whatever is asked.
     pub max_history: u32,
+    /// Rooms one user may own; creating one more is refused.
+    pub max_rooms_per_user: u32,
+    /// Room messages one occupant may send per second, sustained, and in
+    /// a burst; beyond, `resource-constraint` (the message is not sent).
+    pub messages_per_second: f64,
+    pub message_burst: f64,
 }
 
 impl Default for Muc {
@@ -356,6 +362,9 @@ impl Default for Muc {
             max_occupants: 200,
             history: 20,
             max_history: 200,
+            max_rooms_per_user: 100,
+            messages_per_second: 5.0,
+            message_burst: 20.0,
         }
     }
 }
@@ -1347,6 +1356,10 @@ impl Config {
             ("mam.max_page", self.mam.max_page as u64),
             ("pep.max_nodes", self.pep.max_nodes),
             ("muc.max_occupants", u64::from(self.muc.max_occupants)),
+            (
+                "muc.max_rooms_per_user",
+                u64::from(self.muc.max_rooms_per_user),
+            ),
             ("pep.max_items", self.pep.max_items),
             ("pep.max_item_bytes", self.pep.max_item_bytes as u64),
         ] {
@@ -1356,6 +1369,13 @@ impl Config {
                     message: "must be at least 1".into(),
                 });
             }
+        }
+        if !(self.muc.messages_per_second > 0.0 && self.muc.message_burst >= 1.0) {
+            return Err(ConfigError::Invalid {
+                origin: origin("muc.messages_per_second"),
+                message: "muc.messages_per_second must be above 0 and muc.message_burst at least 1"
+                    .into(),
+            });
         }
         if self.mam.max_page < self.mam.default_page {
             return Err(ConfigError::Invalid {

@@ -75,6 +75,8 @@ pub(crate) mod keys {
     /// `mj:<real full jid>\0<room>` -> nick: the rooms a session is in, so
     /// a session that ends leaves them all.
     pub const OCCUPANT_OF: &[u8] = b"mj:";
+    /// `mu:<owner bare jid>\0<room>` -> nothing: the rooms a user owns.
+    pub const ROOMS_OWNED: &[u8] = b"mu:";
     /// `la:<user>` -> (seconds since the epoch, status): the last logout.
     pub const LAST_ACTIVITY: &[u8] = b"la:";
     /// PEP (XEP-0163): `pn:<owner>\0<node>` -> [`super::PepNode`].

@@ -592,3 +592,34 @@ async fn messages_are_retracted_by_their_author_or_a_moderator() {
     assert!(inner[1].get_child("retracted", RETRACT).is_some() && body(&inner[1]).is_none());
     assert_eq!(body(&inner[2]).as_deref(), Some("fine"));
 }
+
+#[tokio::test]
+async fn rooms_per_user_and_message_rate_are_limited() {
+    let node = TestNode::start_with(tests::node::NodeOptions {
+        extra_config:
+            "[muc]\nmax_rooms_per_user = 1\nmessages_per_second = 0.5\nmessage_burst = 2\n".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    node.adduser("alice", PW).unwrap();
+    let mut alice = Client::login_bound(&node, "alice", PW, "a").await.unwrap();
+    join(&mut alice, "one@conference.localhost", "A").await;
+    let e = join_with(
+        &mut alice,
+        "two@conference.localhost",
+        "A",
+        Element::new("x", MUC),
+    )
+    .await;
+    assert_eq!(e.err().as_deref(), Some("not-allowed"));
+    for text in ["1", "2", "3"] {
+        groupchat(&mut alice, "one@conference.localhost", text).await;
+    }
+    recv_groupchat(&mut alice, "1").await;
+    recv_groupchat(&mut alice, "2").await;
+    let err = alice
+        .recv_until(|e| e.get_attr("type") == Some("error"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(condition(&err), "resource-constraint");
+}

@@ -56,6 +56,32 @@ pub struct Muc {
     /// History requests of joins this node proposed, by (room, real JID),
     /// taken when the join's event comes back.
     history: Mutex<HashMap<(String, String), HistoryAsk>>,
+    /// Each occupant's message budget here: (tokens, last refill).
+    budgets: Mutex<HashMap<(String, String), (f64, std::time::Instant)>>,
+}
+
+impl Muc {
+    /// Takes one message from `real`'s budget in `room`; `false` when spent.
+    fn spend(&self, server: &Server, room: &str, real: &str) -> bool {
+        let m = &server.config.muc;
+        let now = std::time::Instant::now();
+        let mut b = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() > 100_000 {
+            // Forget idle entries rather than grow without bound.
+            b.retain(|_, (t, at)| *t < m.message_burst || now.duration_since(*at).as_secs() < 60);
+        }
+        let (tokens, at) = b
+            .entry((room.to_owned(), real.to_owned()))
+            .or_insert((m.message_burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * m.messages_per_second)
+            .min(m.message_burst);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
 }
 
 fn now_micros() -> u64 {
@@ -751,6 +777,7 @@ impl Muc {
                         history: m.history.min(m.max_history),
                         ..RoomConfig::default()
                     },
+                    max_rooms: m.max_rooms_per_user,
                 }
             }
             _ => return None,
@@ -818,6 +845,13 @@ impl Muc {
             );
         }
         let nick = store.nick_of(&room, &real).ok().flatten()?;
+        if !self.spend(server, &room, &real) {
+            return error_to(
+                m,
+                StanzaError::ResourceConstraint,
+                Some("you are sending too fast to this room; wait a moment"),
+            );
+        }
         // XEP-0424: the author takes back one of their messages.
         if let Some(r) = m.get_child("retract", NS_RETRACT) {
             let Some(id) = r.get_attr("id").and_then(|i| i.parse::<u64>().ok()) else {

@@ -30,6 +30,8 @@ pub enum MucCommand {
         password: Option<String>,
         occupant_id: String,
         defaults: RoomConfig,
+        /// Rooms a user may own: creating one more is refused.
+        max_rooms: u32,
     },
     Leave {
         room: String,
@@ -178,6 +180,12 @@ impl Tx<'_> {
     }
 
     fn set_affiliation(&mut self, room: &str, jid: &str, a: Affiliation) {
+        let owned = keys::user_key(keys::ROOMS_OWNED, jid, room);
+        if a == Affiliation::Owner {
+            self.put(owned, Vec::new());
+        } else {
+            self.delete(owned);
+        }
         let key = keys::user_key(keys::ROOM_AFFILIATION, room, jid);
         if a == Affiliation::None {
             self.delete(key);
@@ -226,6 +234,11 @@ impl Tx<'_> {
 
     fn delete_room(&mut self, room: &str) -> Result<(), StoreError> {
         self.delete(room_key(room));
+        let prefix = keys::user_prefix(keys::ROOM_AFFILIATION, room);
+        for (k, _) in self.scan(&prefix)? {
+            let jid = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            self.delete(keys::user_key(keys::ROOMS_OWNED, &jid, room));
+        }
         for prefix in [keys::ROOM_AFFILIATION, keys::OCCUPANT] {
             self.delete_user_prefix(prefix, room)?;
         }
@@ -260,16 +273,28 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
             password,
             occupant_id,
             defaults,
-        } => join(
-            tx,
-            room,
-            nick,
-            real,
-            presence,
-            password,
-            occupant_id,
-            defaults,
-        ),
+            max_rooms,
+        } => {
+            if tx.room(&room)?.is_none() {
+                let owned = tx.scan(&keys::user_prefix(keys::ROOMS_OWNED, bare(&real)))?;
+                if owned.len() >= max_rooms as usize {
+                    return Err(refuse(
+                        "not-allowed",
+                        format!("you own {} rooms already, the most allowed", owned.len()),
+                    ));
+                }
+            }
+            join(
+                tx,
+                room,
+                nick,
+                real,
+                presence,
+                password,
+                occupant_id,
+                defaults,
+            )
+        }
         MucCommand::Leave {
             room,
             real,
