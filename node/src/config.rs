@@ -1522,6 +1522,12 @@ impl Config {
     pub fn is_local_domain(&self, domain: &str) -> bool {
         self.vhosts.iter().any(|v| v.name == domain)
     }
+
+    /// A domain this server answers for over s2s: a virtual host, or a
+    /// component of one (the group chat service).
+    pub fn serves_domain(&self, domain: &str) -> bool {
+        self.is_local_domain(domain) || self.muc.host_of(domain, self).is_some()
+    }
 }
 
 /// serde speaks Rust types; operators read "a whole number".

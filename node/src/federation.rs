@@ -27,7 +27,7 @@ impl s2s::Host for NodeHost {
     fn is_local(&self, domain: &str) -> bool {
         self.0
             .upgrade()
-            .is_some_and(|s| s.config.is_local_domain(domain))
+            .is_some_and(|s| s.config.serves_domain(domain))
     }
 
     fn deliver(&self, stanza: Element) -> s2s::BoxFuture<'_, ()> {
@@ -174,10 +174,10 @@ pub fn route_remote(server: &Server, stanza: Element, remote: &str) {
         .get_attr("from")
         .and_then(|f| Jid::parse(f).ok())
         .map(|j| j.domain().to_owned())
-        .filter(|d| server.config.is_local_domain(d));
+        .filter(|d| server.config.serves_domain(d));
     match local {
         Some(local) => fed.send(&local, remote, stanza),
-        // Only our own users' stanzas leave for other domains.
+        // Only our own users' and components' stanzas leave for other domains.
         None => tracing::debug!(%remote, "stanza from another domain to another domain dropped"),
     }
 }

@@ -503,3 +503,85 @@ async fn a_certificate_policy_refuses_a_self_signed_peer() {
         Some("remote-server-not-found")
     );
 }
+
+/// A user of another server joins a room of ours (XEP-0045 over s2s):
+/// the room's traffic to b.test leaves from conference.a.test, which
+/// b.test verifies by dialback like any other domain of ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_of_another_server_joins_our_room() {
+    const ROOM: &str = "garden@conference.a.test";
+    let mut a = node("a.test");
+    let mut b = node("b.test");
+    a.append_config(&route("b.test", b.s2s)).expect("config a");
+    b.append_config(&format!(
+        "[s2s.routes]\n\"a.test\" = [\"{0}\"]\n\"conference.a.test\" = [\"{0}\"]\n",
+        a.s2s
+    ))
+    .expect("config b");
+    a.start_again().expect("a starts");
+    b.start_again().expect("b starts");
+    a.adduser("alice", PW).expect("alice");
+    b.adduser("bob", PW).expect("bob");
+    let is_self = |e: &Element| {
+        e.name == "presence"
+            && e.get_child("x", "http://jabber.org/protocol/muc#user")
+                .is_some_and(|x| x.elements().any(|s| s.get_attr("code") == Some("110")))
+    };
+    let join = |nick: &str| {
+        Element::new("presence", ns::CLIENT)
+            .attr("to", format!("{ROOM}/{nick}"))
+            .child(Element::new("x", "http://jabber.org/protocol/muc"))
+    };
+    let say = |text: &str| {
+        Element::new("message", ns::CLIENT)
+            .attr("to", ROOM)
+            .attr("type", "groupchat")
+            .child(Element::new("body", ns::CLIENT).text(text))
+    };
+    let mut alice = Client::login_bound(&a, "alice", PW, "home")
+        .await
+        .expect("alice");
+    alice.send(&join("Alice")).await.expect("join");
+    alice
+        .recv_until(is_self, FED_WAIT)
+        .await
+        .expect("alice joined");
+    let mut bob = Client::login_bound(&b, "bob", PW, "work")
+        .await
+        .expect("bob");
+    bob.send(&join("Bob")).await.expect("join");
+    bob.recv_until(is_self, FED_WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("bob joins over s2s: {e}\n{}\n{}", a.log(), b.log()));
+    alice
+        .recv_until(
+            |e| e.get_attr("from") == Some(&format!("{ROOM}/Bob")),
+            FED_WAIT,
+        )
+        .await
+        .expect("alice sees bob");
+    bob.send(&say("hi from b.test")).await.expect("say");
+    for c in [&mut alice, &mut bob] {
+        c.recv_until(|e| body(e).as_deref() == Some("hi from b.test"), FED_WAIT)
+            .await
+            .expect("both get bob's message");
+    }
+    alice.send(&say("welcome")).await.expect("say");
+    bob.recv_until(|e| body(e).as_deref() == Some("welcome"), FED_WAIT)
+        .await
+        .expect("bob gets alice's message over s2s");
+    let leave = Element::new("presence", ns::CLIENT)
+        .attr("to", format!("{ROOM}/Bob"))
+        .attr("type", "unavailable");
+    bob.send(&leave).await.expect("leave");
+    alice
+        .recv_until(
+            |e| {
+                e.get_attr("from") == Some(&format!("{ROOM}/Bob"))
+                    && e.get_attr("type") == Some("unavailable")
+            },
+            FED_WAIT,
+        )
+        .await
+        .expect("alice sees bob leave");
+}

@@ -206,19 +206,36 @@ fn message_for(stored: &str, to: &str, room_jid: &str, id: Option<u64>) -> Strin
     s
 }
 
-/// Sends to `real` if its session is on this node.
+/// Sends to the occupant `real`: here if its session is on this node; over
+/// s2s if it is another server's user and this node leads the cluster
+/// (one node sends each event to other domains).
 fn to_local(server: &Server, real: &str, xml: String) {
-    if let Ok(full) = FullJid::parse(real) {
-        if let Some(r) = server.sessions.get(&full) {
-            let _ = r.tx.send(Outbound::Xml(Arc::from(xml)));
+    let Ok(full) = FullJid::parse(real) else {
+        return;
+    };
+    if let Some(r) = server.sessions.get(&full) {
+        let _ = r.tx.send(Outbound::Xml(Arc::from(xml)));
+    } else if is_remote_we_send_to(server, &full) {
+        if let Ok(e) = xmpp::xml::parse_element(&xml, ns::CLIENT) {
+            crate::federation::route_remote(server, e, full.domain());
         }
     }
 }
 
+fn is_remote_we_send_to(server: &Server, full: &FullJid) -> bool {
+    !server.config.is_local_domain(full.domain())
+        && server
+            .cluster
+            .leader()
+            .is_some_and(|(id, _)| id == server.cluster.id)
+}
+
+/// Whether this node delivers to `real` (its session is here, or it is
+/// another server's user and this node sends to other domains).
 fn is_local_session(server: &Server, real: &str) -> bool {
     FullJid::parse(real)
         .ok()
-        .is_some_and(|f| server.sessions.get(&f).is_some())
+        .is_some_and(|f| server.sessions.get(&f).is_some() || is_remote_we_send_to(server, &f))
 }
 
 impl Muc {
@@ -688,18 +705,8 @@ impl Module for Muc {
         to: Jid,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            // Only sessions of our own users, for now (rooms over s2s: later).
+            // A session's full JID: ours, or another server's user.
             let Jid::Full(from) = from else { return };
-            if !server.config.is_local_domain(from.domain()) {
-                if let Some(e) = error_to(
-                    &stanza,
-                    StanzaError::NotAllowed,
-                    Some("rooms here are for this server's users"),
-                ) {
-                    crate::router::deliver_reply(server, e);
-                }
-                return;
-            }
             let reply = match stanza.name.as_str() {
                 "presence" => self.presence(server, &stanza, &from, &to).await,
                 "message" => self.message(server, &stanza, &from, &to).await,

@@ -42,16 +42,25 @@ async fn main() -> anyhow::Result<()> {
     let room = format!("bench@conference.{}", a.domain);
     let mut clients = Vec::new();
     for i in 1..=a.occupants {
-        let mut c = Client::login_at(a.server, &a.domain, &format!("user{i}"), &format!("pw{i}"), "b")
-            .await
-            .with_context(|| format!("user{i} logs in"))?;
+        let mut c = Client::login_at(
+            a.server,
+            &a.domain,
+            &format!("user{i}"),
+            &format!("pw{i}"),
+            "b",
+        )
+        .await
+        .with_context(|| format!("user{i} logs in"))?;
         let join = Element::new("presence", ns::CLIENT)
             .attr("to", format!("{room}/u{i}"))
             .child(Element::new("x", "http://jabber.org/protocol/muc"));
         c.send(&join).await?;
-        c.recv_until(|e| e.name == "message" && e.get_child("subject", ns::CLIENT).is_some(), Duration::from_secs(30))
-            .await
-            .with_context(|| format!("user{i} joins"))?;
+        c.recv_until(
+            |e| e.name == "message" && e.get_child("subject", ns::CLIENT).is_some(),
+            Duration::from_secs(30),
+        )
+        .await
+        .with_context(|| format!("user{i} joins"))?;
         clients.push(c);
     }
     eprintln!("{} occupants in {room}", clients.len());
@@ -64,7 +73,10 @@ async fn main() -> anyhow::Result<()> {
             let mut got = Vec::with_capacity(n);
             while got.len() < n {
                 let m = c
-                    .recv_until(|e| e.get_attr("type") == Some("groupchat") && body(e).is_some(), Duration::from_secs(60))
+                    .recv_until(
+                        |e| e.get_attr("type") == Some("groupchat") && body(e).is_some(),
+                        Duration::from_secs(60),
+                    )
                     .await?;
                 let i: usize = body(&m).unwrap_or_default().parse().unwrap_or(usize::MAX);
                 got.push((i, Instant::now()));
@@ -106,10 +118,23 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     lat.sort_by(f64::total_cmp);
     let at = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
-    println!("occupants {}, messages {}, copies delivered {copies} in {wall:.1} s ({:.0}/s)", a.occupants, a.messages, copies as f64 / wall);
-    println!("last copy of a message after: p50 {:.2} ms, p99 {:.2} ms", at(0.5), at(0.99));
+    println!(
+        "occupants {}, messages {}, copies delivered {copies} in {wall:.1} s ({:.0}/s)",
+        a.occupants,
+        a.messages,
+        copies as f64 / wall
+    );
+    println!(
+        "last copy of a message after: p50 {:.2} ms, p99 {:.2} ms",
+        at(0.5),
+        at(0.99)
+    );
     if let (Some(b), Some(e)) = (before, after) {
-        println!("server CPU per delivered copy: {:.4} ms ({:.2} s in all)", (e.cpu_s - b.cpu_s) * 1000.0 / copies as f64, e.cpu_s - b.cpu_s);
+        println!(
+            "server CPU per delivered copy: {:.4} ms ({:.2} s in all)",
+            (e.cpu_s - b.cpu_s) * 1000.0 / copies as f64,
+            e.cpu_s - b.cpu_s
+        );
     }
     Ok(())
 }
