@@ -623,3 +623,44 @@ async fn rooms_per_user_and_message_rate_are_limited() {
         .unwrap();
     assert_eq!(condition(&err), "resource-constraint");
 }
+
+#[tokio::test]
+async fn an_emptied_temporary_room_and_a_deleted_owner_leave_nothing_behind() {
+    let node = TestNode::with_users(&["alice", "bob"], PW).unwrap();
+    let mut alice = Client::login_bound(&node, "alice", PW, "a").await.unwrap();
+    let room = "pop-up@conference.localhost";
+    join(&mut alice, room, "A").await;
+    groupchat(&mut alice, room, "before").await;
+    recv_groupchat(&mut alice, "before").await;
+    alice
+        .send(
+            &Element::new("presence", ns::CLIENT)
+                .attr("to", format!("{room}/A"))
+                .attr("type", "unavailable"),
+        )
+        .await
+        .unwrap();
+    alice
+        .recv_until(|e| e.get_attr("type") == Some("unavailable"), WAIT)
+        .await
+        .unwrap();
+    // Gone with its last occupant: joining makes it anew, with no history.
+    let me = join(&mut alice, room, "A").await;
+    assert!(codes(&me).contains(&"201".into()), "{}", show(&me));
+    subject(&mut alice).await;
+    assert!(alice.take_pending().iter().all(|e| body(e).is_none()));
+
+    // A persistent room outlives its owner's account, but a new account
+    // of the same name does not own it.
+    let keep = "keep@conference.localhost";
+    join(&mut alice, keep, "A").await;
+    let r = configure(&mut alice, keep, &[("muc#roomconfig_persistentroom", "1")]).await;
+    assert_eq!(r.get_attr("type"), Some("result"), "{}", show(&r));
+    drop(alice);
+    node.clusterctl(&["deluser", "alice@localhost"])
+        .expect("deluser");
+    node.adduser("alice", PW).expect("again");
+    let mut again = Client::login_bound(&node, "alice", PW, "a").await.unwrap();
+    let iq = again.make_iq("get", Some(keep), Element::new("query", OWNER));
+    assert_eq!(condition(&again.iq(iq).await.unwrap()), "forbidden");
+}

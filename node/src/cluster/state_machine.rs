@@ -1092,6 +1092,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             tx.delete([keys::ARCHIVE_META, user.as_bytes()].concat());
             tx.delete([keys::ARCHIVE_PREFS, user.as_bytes()].concat());
             tx.delete([keys::LAST_ACTIVITY, user.as_bytes()].concat());
+            muc::account_deleted(tx, &user)?;
             for prefix in [
                 keys::PEP_NODE,
                 keys::PEP_ITEM,

@@ -239,7 +239,15 @@ impl Tx<'_> {
             let jid = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
             self.delete(keys::user_key(keys::ROOMS_OWNED, &jid, room));
         }
-        for prefix in [keys::ROOM_AFFILIATION, keys::OCCUPANT] {
+        // The room's archive goes with it: a room made again under the
+        // same name starts with no history.
+        self.delete([keys::ARCHIVE_META, room.as_bytes()].concat());
+        for prefix in [
+            keys::ROOM_AFFILIATION,
+            keys::OCCUPANT,
+            keys::ARCHIVE,
+            keys::ARCHIVE_WITH,
+        ] {
             self.delete_user_prefix(prefix, room)?;
         }
         Ok(())
@@ -715,6 +723,18 @@ fn leave(
     );
     if let Some(r) = tx.room(room)? {
         tx.maybe_close(room, &r)?;
+    }
+    Ok(())
+}
+
+/// A deleted account owns its rooms no more: a name registered again
+/// inherits no room.
+pub(super) fn account_deleted(tx: &mut Tx<'_>, user: &str) -> Result<(), StoreError> {
+    let prefix = keys::user_prefix(keys::ROOMS_OWNED, user);
+    for (k, _) in tx.scan(&prefix)? {
+        let room = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        tx.delete(keys::user_key(keys::ROOM_AFFILIATION, &room, user));
+        tx.delete(k);
     }
     Ok(())
 }
