@@ -11,7 +11,6 @@
 # exchange for the deep archive (each is archived for both, so user1's
 # archive holds that many). Prints Markdown.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 USERS=200
 RATE=2000
 SECS=10
@@ -26,63 +25,22 @@ while [ $# -gt 0 ]; do
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-cd "$ROOT"
-cargo build --release -q -p node -p tests --bins
-BIN=$ROOT/target/release
-TMP=$(mktemp -d)
 IP=127.0.33.1
-NODE=
-cleanup() { [ -n "$NODE" ] && kill "$NODE" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-config() { # data dir, mam enabled
-    cat <<TOML
-node_id = 1
-data_dir = "$1"
-[[vhosts]]
-name = "bench.test"
-[listen]
-c2s = "$IP:5222"
-c2s_tls = "$IP:5223"
-s2s = "$IP:5269"
-http = "$IP:5280"
-https = "$IP:5281"
-grpc = "$IP:5290"
-[cluster]
-addr = "$IP:5291"
-[limits]
-stanzas_per_second = 1000000
-stanza_burst = 1000000
-max_unauthenticated = 100000
-max_unauthenticated_per_address = 100000
-[mam]
-enabled = $2
-max_messages_per_user = 1000000
-[log]
-level = "warn"
-TOML
-}
 start() { # name, mam enabled
     mkdir -p "$TMP/$1"
-    config "$TMP/$1" "$2" >"$TMP/$1.toml"
-    "$BIN/xmpp-node" --config "$TMP/$1.toml" 2>>"$TMP/$1.log" &
-    NODE=$!
-    for _ in $(seq 150); do
-        "$BIN/clusterctl" --node "$IP:5290" status >/dev/null 2>&1 && return 0
-        sleep 0.2
-    done
-    echo "the node did not come up: $(tail -5 "$TMP/$1.log")" >&2
-    exit 1
+    node_config "$TMP/$1" "[mam]
+enabled = $2
+max_messages_per_user = 1000000" >"$TMP/$1.toml"
+    start_node "$TMP/$1.toml" "$TMP/$1.log"
 }
-stop() { kill "$NODE"; wait "$NODE" 2>/dev/null || true; NODE=; }
+stop() { stop_node; }
 chat() { # users, rate, secs -> "delivered_per_s p50 p99 lost cpu_s_per_1000 sent"
     "$BIN/xmpp-load" chat --server "$IP:5222" --domain bench.test --accounts "$TMP/accounts.txt" \
         --mechanism scram-sha-1 --users "$1" --rate "$2" --duration "$3" \
         --arrival-rate 0 --concurrency 50 --server-pid "$NODE" --json --quiet |
         /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["chat"]; print("%.0f %.2f %.2f %d %.4f %d" % (r["delivered_per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["lost"], r.get("server_cpu_s_per_1000_messages") or 0, r["sent"]))'
-}
-archive_bytes() { # data dir: bytes of the state database after a clean stop
-    du -sb "$1/state" 2>/dev/null | cut -f1 || du -sb "$1" | cut -f1
 }
 
 "$BIN/xmpp-load" accounts --users "$USERS" --domain bench.test >"$TMP/accounts.txt"

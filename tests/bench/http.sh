@@ -10,7 +10,6 @@
 # CPU pinning (the node and xmpp-load share this machine's cores): read
 # the rows against each other. Prints a Markdown table.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 USERS=200
 RATE=2000
 SECS=10
@@ -25,54 +24,15 @@ while [ $# -gt 0 ]; do
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-cd "$ROOT"
-cargo build --release -q -p node -p tests --bins
-BIN=$ROOT/target/release
-TMP=$(mktemp -d)
 IP=127.0.32.1
-NODE=
-cleanup() { [ -n "$NODE" ] && kill "$NODE" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
-
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 mkdir -p "$TMP/data"
-cat >"$TMP/node.toml" <<TOML
-node_id = 1
-data_dir = "$TMP/data"
-[[vhosts]]
-name = "bench.test"
-[listen]
-c2s = "$IP:5222"
-c2s_tls = "$IP:5223"
-s2s = "$IP:5269"
-http = "$IP:5280"
-https = "$IP:5281"
-grpc = "$IP:5290"
-[cluster]
-addr = "$IP:5291"
-[mam]
 # Without the archive, like Prosody's and ejabberd's Debian defaults and
 # the figures in the README; tests/bench/archive.sh measures its cost.
-enabled = false
-[limits]
-stanzas_per_second = 1000000
-stanza_burst = 1000000
-max_unauthenticated = 100000
-max_unauthenticated_per_address = 100000
-[log]
-level = "warn"
-TOML
-
-start() {
-    "$BIN/xmpp-node" --config "$TMP/node.toml" 2>>"$TMP/node.log" &
-    NODE=$!
-    for _ in $(seq 150); do
-        "$BIN/clusterctl" --node "$IP:5290" status >/dev/null 2>&1 && return 0
-        sleep 0.2
-    done
-    echo "the node did not come up: $(tail -5 "$TMP/node.log")" >&2
-    exit 1
-}
-stop() { kill "$NODE"; wait "$NODE" 2>/dev/null || true; NODE=; }
+node_config "$TMP/data" "[mam]
+enabled = false" >"$TMP/node.toml"
+start() { start_node "$TMP/node.toml" "$TMP/node.log"; }
+stop() { stop_node; }
 
 N=$((USERS > HOLD ? USERS : HOLD))
 "$BIN/xmpp-load" accounts --users "$N" --domain bench.test >"$TMP/accounts.txt"

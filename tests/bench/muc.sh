@@ -6,7 +6,6 @@
 #
 #   tests/bench/muc.sh [--occupants N] [--messages M] [--rate R]
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OCC=100
 MSGS=2000
 RATE=50
@@ -19,47 +18,14 @@ while [ $# -gt 0 ]; do
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-cd "$ROOT"
-cargo build --release -q -p node -p tests --bins
-BIN=$ROOT/target/release
-TMP=$(mktemp -d)
 IP=127.0.35.1
-NODE=
-cleanup() { [ -n "$NODE" ] && kill "$NODE" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 mkdir -p "$TMP/data"
-cat >"$TMP/node.toml" <<TOML
-node_id = 1
-data_dir = "$TMP/data"
-[[vhosts]]
-name = "bench.test"
-[listen]
-c2s = "$IP:5222"
-c2s_tls = "$IP:5223"
-s2s = "$IP:5269"
-http = "$IP:5280"
-https = "$IP:5281"
-grpc = "$IP:5290"
-[cluster]
-addr = "$IP:5291"
-[limits]
-stanzas_per_second = 1000000
-stanza_burst = 1000000
-max_unauthenticated = 100000
-max_unauthenticated_per_address = 100000
-[muc]
+node_config "$TMP/data" "[muc]
 max_occupants = 100000
 messages_per_second = 1000000
-message_burst = 1000000
-[log]
-level = "warn"
-TOML
-"$BIN/xmpp-node" --config "$TMP/node.toml" 2>"$TMP/node.log" &
-NODE=$!
-for _ in $(seq 150); do
-    "$BIN/clusterctl" --node "$IP:5290" status >/dev/null 2>&1 && break
-    sleep 0.2
-done
+message_burst = 1000000" >"$TMP/node.toml"
+start_node "$TMP/node.toml" "$TMP/node.log"
 "$BIN/xmpp-load" accounts --users "$OCC" --domain bench.test >"$TMP/accounts.txt"
 "$BIN/clusterctl" --node "$IP:5290" import-users "$TMP/accounts.txt" >/dev/null
 echo "($(date -u +%F), $OCC occupants, $MSGS messages at $RATE/s)"

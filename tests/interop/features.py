@@ -26,7 +26,6 @@ Lines printed (stdout), one per fact established:
 
 import asyncio
 import hashlib
-import logging
 import ssl
 import sys
 
@@ -34,15 +33,12 @@ from slixmpp import ClientXMPP, JID
 from slixmpp.exceptions import IqError
 from slixmpp.xmlstream import ET
 
-TIMEOUT = 20.0
+from interop_common import TIMEOUT, out, run, until
+
 PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082")
 BOOKMARKS = "urn:xmpp:bookmarks:1"
-
-
-def out(*parts):
-    print(*parts, flush=True)
 
 
 class Client(ClientXMPP):
@@ -90,14 +86,6 @@ class Client(ClientXMPP):
         if contact not in self.client_roster:
             return None
         return self.client_roster[contact]['subscription']
-
-
-async def until(what, check):
-    deadline = asyncio.get_running_loop().time() + TIMEOUT
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def scenario(host, port, domain, pw):
@@ -168,26 +156,5 @@ async def scenario(host, port, domain, pw):
     bob.disconnect()
 
 
-def main():
-    logging.basicConfig(level=logging.DEBUG if "-d" in sys.argv else logging.WARNING,
-                        stream=sys.stderr)
-    args = [a for a in sys.argv[1:] if a != "-d"]
-    if len(args) != 4:
-        out("ERROR usage:", __doc__)
-        return 2
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(*args), 6 * TIMEOUT))
-    except asyncio.TimeoutError:
-        out("ERROR timeout")
-        return 1
-    except Exception as e:  # noqa: BLE001 - report anything to the test
-        out("ERROR", type(e).__name__, e)
-        return 1
-    out("DONE")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(scenario, 4, __doc__))

@@ -21,17 +21,12 @@ Lines printed (stdout), one per fact established:
 """
 
 import asyncio
-import logging
 import ssl
 import sys
 
 from slixmpp import ClientXMPP, JID
 
-TIMEOUT = 20.0
-
-
-def out(*parts):
-    print(*parts, flush=True)
+from interop_common import TIMEOUT, out, run, until
 
 
 class Client(ClientXMPP):
@@ -63,14 +58,6 @@ class Client(ClientXMPP):
     async def login(self):
         self.connect(self.addr)
         await asyncio.wait_for(self.online.wait(), TIMEOUT)
-
-
-async def until(what, check):
-    deadline = asyncio.get_running_loop().time() + TIMEOUT
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def scenario(host, port, domain, pw, room):
@@ -105,26 +92,5 @@ async def scenario(host, port, domain, pw, room):
     bob.disconnect()
 
 
-def main():
-    logging.basicConfig(level=logging.DEBUG if "-d" in sys.argv else logging.WARNING,
-                        stream=sys.stderr)
-    args = [a for a in sys.argv[1:] if a != "-d"]
-    if len(args) != 5:
-        out("ERROR usage:", __doc__)
-        return 2
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(*args), 6 * TIMEOUT))
-    except asyncio.TimeoutError:
-        out("ERROR timeout")
-        return 1
-    except Exception as e:  # noqa: BLE001 - report anything to the test
-        out("ERROR", type(e).__name__, e)
-        return 1
-    out("DONE")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(scenario, 5, __doc__))
