@@ -248,6 +248,7 @@ pub struct Config {
     pub mam: Mam,
     pub pep: Pep,
     pub muc: Muc,
+    pub push: Push,
     /// Contact addresses published in the server's disco#info (XEP-0157).
     pub contact: Contact,
     /// STUN and TURN servers offered to clients for calls (XEP-0215).
@@ -329,6 +330,25 @@ impl Default for Mam {
             default_page: 50,
             max_page: 250,
             batch_ms: 1,
+        }
+    }
+}
+
+/// Push notifications (XEP-0357) to the app servers clients register.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Push {
+    pub enabled: bool,
+    /// Send the message body in the summary (off: sender and count only,
+    /// so the app server and the phone vendor's push service see no text).
+    pub include_body: bool,
+}
+
+impl Default for Push {
+    fn default() -> Self {
+        Push {
+            enabled: true,
+            include_body: false,
         }
     }
 }
@@ -804,6 +824,7 @@ impl Default for Config {
             mam: Mam::default(),
             pep: Pep::default(),
             muc: Muc::default(),
+            push: Push::default(),
             contact: Contact::default(),
             extdisco: Vec::new(),
         }

@@ -77,6 +77,8 @@ pub(crate) mod keys {
     pub const OCCUPANT_OF: &[u8] = b"mj:";
     /// `mu:<owner bare jid>\0<room>` -> nothing: the rooms a user owns.
     pub const ROOMS_OWNED: &[u8] = b"mu:";
+    /// XEP-0357: `pu:<user>\0<app server jid>\0<node>` -> publish options.
+    pub const PUSH: &[u8] = b"pu:";
     /// `la:<user>` -> (seconds since the epoch, status): the last logout.
     pub const LAST_ACTIVITY: &[u8] = b"la:";
     /// PEP (XEP-0163): `pn:<owner>\0<node>` -> [`super::PepNode`].
@@ -495,6 +497,15 @@ pub struct Occupant {
     pub occupant_id: String,
     /// The last presence's children (show, status, caps), as sent.
     pub presence: String,
+}
+
+/// Where a user's client wants to be woken (XEP-0357).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushRegistration {
+    pub jid: String,
+    pub node: String,
+    /// `publish-options` fields (var, value), e.g. the app's secret.
+    pub options: Vec<(String, String)>,
 }
 
 /// One contact in a user's roster (RFC 6121 §2.1.2).
@@ -1007,6 +1018,24 @@ impl Store {
         Ok(self
             .get(&keys::user_key(keys::OCCUPANT_OF, real, room))?
             .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// `user`'s push registrations (XEP-0357): app server JID, node, and
+    /// the publish options to send along.
+    pub fn push_registrations(&self, user: &str) -> Result<Vec<PushRegistration>, StoreError> {
+        let prefix = keys::user_prefix(keys::PUSH, user);
+        self.scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let rest = rest_of_key(&k, prefix.len());
+                let (jid, node) = rest.split_once('\0').unwrap_or((rest.as_str(), ""));
+                Ok(PushRegistration {
+                    jid: jid.to_owned(),
+                    node: node.to_owned(),
+                    options: postcard::from_bytes(&v)?,
+                })
+            })
+            .collect()
     }
 
     /// When `user` was last online, and their status text then (XEP-0012).

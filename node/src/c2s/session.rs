@@ -616,6 +616,13 @@ impl Session {
         let deadline = tokio::time::Instant::now() + server.config.limits.resume_timeout();
         let mut shutdown = server.shutdown.subscribe();
         tracing::debug!(jid = %self.jid, "connection lost; waiting for resumption");
+        // Messages written to the lost connection but never acknowledged
+        // are as unread as those still to come (offline ones told already).
+        if let Some(sm) = &self.sm {
+            for x in sm.unacked.iter().filter(|x| !sm.is_from_store(x)) {
+                held(&server, &self.jid, &Outbound::Xml(x.clone()));
+            }
+        }
         loop {
             tokio::select! {
                 handoff = next_handoff(&mut self.handoff) => {
@@ -629,8 +636,10 @@ impl Session {
                     };
                 }
                 msg = self.rx.recv() => {
+                    let msg = msg?;
+                    held(&server, &self.jid, &msg);
                     let mut ignored = String::new();
-                    if self.collect(msg?, &mut ignored).is_some() {
+                    if self.collect(msg, &mut ignored).is_some() {
                         return None;
                     }
                     let full = self
@@ -739,4 +748,21 @@ async fn handle(
     }
     router::route(server, e).await;
     Ok(())
+}
+
+/// Tells the modules of each message a hibernated session takes in (push
+/// notifications wake its client).
+fn held(server: &Server, jid: &FullJid, msg: &Outbound) {
+    let each = |x: &str| {
+        if x.starts_with("<message") {
+            for m in server.modules.iter() {
+                m.on_message_held(server, jid, x);
+            }
+        }
+    };
+    match msg {
+        Outbound::Xml(x) => each(x),
+        Outbound::Batch(v) => v.iter().for_each(|x| each(x)),
+        _ => {}
+    }
 }

@@ -252,6 +252,19 @@ pub enum Command {
     },
     /// Group chat (XEP-0045), see [`muc`].
     Muc(muc::MucCommand),
+    /// XEP-0357: wake `user`'s client through this app server and node.
+    PushEnable {
+        user: String,
+        jid: String,
+        node: String,
+        options: Vec<(String, String)>,
+    },
+    /// XEP-0357: stop (one node, or every node of that app server).
+    PushDisable {
+        user: String,
+        jid: String,
+        node: Option<String>,
+    },
     /// XEP-0012: when `user` was last online (seconds since the epoch), and
     /// the status text they left with.
     SetLastActivity {
@@ -1094,6 +1107,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             tx.delete([keys::LAST_ACTIVITY, user.as_bytes()].concat());
             muc::account_deleted(tx, &user)?;
             for prefix in [
+                keys::PUSH,
                 keys::PEP_NODE,
                 keys::PEP_ITEM,
                 keys::PEP_ITEM_ID,
@@ -1329,6 +1343,37 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             Ok(Response::Done)
         }
         Command::Muc(cmd) => muc::apply(tx, cmd),
+        Command::PushEnable {
+            user,
+            jid,
+            node,
+            options,
+        } => {
+            if tx.get(&keys::account(&user))?.is_none() {
+                return Err(Refusal::NoSuchAccount(user).into());
+            }
+            let key = [
+                keys::user_prefix(keys::PUSH, &user),
+                format!("{jid}\0{node}").into_bytes(),
+            ]
+            .concat();
+            tx.put(key, encode(&options));
+            Ok(Response::Done)
+        }
+        Command::PushDisable { user, jid, node } => {
+            let prefix = [
+                keys::user_prefix(keys::PUSH, &user),
+                format!("{jid}\0").into_bytes(),
+            ]
+            .concat();
+            for (k, _) in tx.scan(&prefix)? {
+                let this = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if node.as_ref().is_none_or(|n| *n == this) {
+                    tx.delete(k);
+                }
+            }
+            Ok(Response::Done)
+        }
         Command::SetLastActivity { user, secs, status } => {
             if tx.get(&keys::account(&user))?.is_some() {
                 tx.put(

@@ -19,6 +19,7 @@ pub(crate) mod pep;
 mod ping;
 pub mod presence;
 mod private;
+mod push;
 pub mod register;
 pub mod roster;
 mod session;
@@ -175,6 +176,13 @@ pub trait Module: Send + Sync {
         None
     }
 
+    /// Hook: a message for `user` went to offline storage.
+    fn on_offline_stored(&self, _server: &Server, _user: &BareJid, _message: &Element) {}
+
+    /// Hook: a message reached a session whose connection is gone and
+    /// that waits for its client to resume (XEP-0198).
+    fn on_message_held(&self, _server: &Server, _session: &FullJid, _xml: &str) {}
+
     /// Whether this module is the component serving `domain` (XEP-0045's
     /// `conference.<vhost>`): the router hands it every stanza for it.
     fn owns_domain(&self, _server: &Server, _domain: &str) -> bool {
@@ -193,9 +201,10 @@ pub trait Module: Send + Sync {
     }
 
     /// Hook: an IQ result or error addressed to the server or an account.
-    /// `true` when it answered a request of this module's.
-    fn on_iq_response(&self, _server: &Server, _iq: &Element) -> bool {
-        false
+    /// `true` when it answered a request of this module's (and the module
+    /// has done what the answer calls for).
+    fn on_iq_response<'a>(&'a self, _server: &'a Server, _iq: &'a Element) -> BoxFuture<'a, bool> {
+        Box::pin(async { false })
     }
 
     /// Hook: an entry applied on this node had this effect (every node of
@@ -271,6 +280,9 @@ pub fn all(config: &crate::config::Config) -> Vec<Box<dyn Module>> {
     }
     if config.muc.enabled {
         modules.push(Box::new(muc::Muc::default()));
+    }
+    if config.push.enabled {
+        modules.push(Box::new(push::Push));
     }
     modules
 }

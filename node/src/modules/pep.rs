@@ -620,8 +620,10 @@ impl Module for Pep {
         }
     }
 
-    fn on_iq_response(&self, server: &Server, iq: &Element) -> bool {
-        iq.get_attr("id").is_some_and(|id| id.starts_with("caps")) && self.answered(server, iq)
+    fn on_iq_response<'a>(&'a self, server: &'a Server, iq: &'a Element) -> BoxFuture<'a, bool> {
+        let mine =
+            iq.get_attr("id").is_some_and(|id| id.starts_with("caps")) && self.answered(server, iq);
+        Box::pin(async move { mine })
     }
 
     fn on_applied(&self, server: &Server, effect: &Effect) {

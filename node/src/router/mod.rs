@@ -363,7 +363,12 @@ pub(crate) fn delivered(server: &Server, message: &Element, user: &BareJid, reso
 async fn store_offline(server: &Server, user: &BareJid, stanza: &Element) {
     for m in server.modules.iter() {
         match m.on_message_offline(server, user, stanza).await {
-            Some(Ok(())) => return,
+            Some(Ok(())) => {
+                for m in server.modules.iter() {
+                    m.on_offline_stored(server, user, stanza);
+                }
+                return;
+            }
             Some(Err(reply)) => return deliver_reply(server, reply),
             None => {}
         }
@@ -446,7 +451,7 @@ async fn route_iq(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         // Results and errors addressed to the server or an account: a
         // module may be waiting for one; nothing else is.
         for m in server.modules.iter() {
-            if m.on_iq_response(server, &stanza) {
+            if m.on_iq_response(server, &stanza).await {
                 return;
             }
         }
