@@ -129,58 +129,80 @@ fn sees_jids(room: &Room, viewer: &Occupant) -> bool {
     room.config.whois_anyone || viewer.role == Role::Moderator
 }
 
-/// An occupant's presence as `viewer` gets it (XEP-0045 §7.2.3).
-#[allow(clippy::too_many_arguments)]
-fn presence_xml(
-    room_jid: &str,
-    nick: &str,
-    o: &Occupant,
-    viewer: &Occupant,
-    room: &Room,
+/// An occupant's presence in the room, rendered for each viewer
+/// (XEP-0045 §7.2.3): the viewer's own gets 110, and real JIDs show where
+/// the room or the viewer's role allows.
+#[derive(Clone, Copy)]
+struct Shown<'a> {
+    nick: &'a str,
+    occupant: &'a Occupant,
     unavailable: bool,
-    codes: &[u16],
-    reason: Option<&str>,
-    extra_item: Option<(&str, &str)>,
-    children: &str,
-) -> String {
-    let mut s = format!(
-        "<presence from='{}/{}' to='{}'",
-        escape(room_jid),
-        escape(nick),
-        escape(&viewer.real)
-    );
-    if unavailable {
-        s.push_str(" type='unavailable'");
+    codes: &'a [u16],
+    reason: Option<&'a str>,
+    /// The new nick, on the unavailable half of a nick change (303).
+    new_nick: Option<&'a str>,
+    /// The presence's own children (show, status, caps).
+    children: &'a str,
+}
+
+impl<'a> Shown<'a> {
+    /// Available, with the occupant's last presence, no status codes.
+    fn present(nick: &'a str, occupant: &'a Occupant) -> Shown<'a> {
+        Shown {
+            nick,
+            occupant,
+            unavailable: false,
+            codes: &[],
+            reason: None,
+            new_nick: None,
+            children: &occupant.presence,
+        }
     }
-    s.push('>');
-    s.push_str(children);
-    s.push_str(&format!(
-        "<x xmlns='{NS_USER}'><item affiliation='{}' role='{}'",
-        o.affiliation.as_str(),
-        if unavailable { "none" } else { o.role.as_str() }
-    ));
-    if sees_jids(room, viewer) || o.real == viewer.real {
-        s.push_str(&format!(" jid='{}'", escape(&o.real)));
+
+    fn render(&self, room_jid: &str, room: &Room, viewer: &Occupant) -> String {
+        let o = self.occupant;
+        let mut s = format!(
+            "<presence from='{}/{}' to='{}'",
+            escape(room_jid),
+            escape(self.nick),
+            escape(&viewer.real)
+        );
+        if self.unavailable {
+            s.push_str(" type='unavailable'");
+        }
+        s.push('>');
+        s.push_str(self.children);
+        s.push_str(&format!(
+            "<x xmlns='{NS_USER}'><item affiliation='{}' role='{}'",
+            o.affiliation.as_str(),
+            if self.unavailable {
+                "none"
+            } else {
+                o.role.as_str()
+            }
+        ));
+        if sees_jids(room, viewer) || o.real == viewer.real {
+            s.push_str(&format!(" jid='{}'", escape(&o.real)));
+        }
+        if let Some(n) = self.new_nick {
+            s.push_str(&format!(" nick='{}'", escape(n)));
+        }
+        match self.reason {
+            Some(r) => s.push_str(&format!("><reason>{}</reason></item>", escape(r))),
+            None => s.push_str("/>"),
+        }
+        for c in self.codes {
+            s.push_str(&format!("<status code='{c}'/>"));
+        }
+        if o.real == viewer.real {
+            s.push_str("<status code='110'/>");
+        }
+        s.push_str(&format!(
+            "</x><occupant-id xmlns='{NS_OCCUPANT_ID}' id='{}'/></presence>",
+            escape(&o.occupant_id)
+        ));
+        s
     }
-    if let Some((attr, value)) = extra_item {
-        s.push_str(&format!(" {attr}='{}'", escape(value)));
-    }
-    match reason {
-        Some(r) => s.push_str(&format!("><reason>{}</reason></item>", escape(r))),
-        None => s.push_str("/>"),
-    }
-    let mut all: Vec<u16> = codes.to_vec();
-    if o.real == viewer.real {
-        all.push(110);
-    }
-    for c in all {
-        s.push_str(&format!("<status code='{c}'/>"));
-    }
-    s.push_str(&format!(
-        "</x><occupant-id xmlns='{NS_OCCUPANT_ID}' id='{}'/></presence>",
-        escape(&o.occupant_id)
-    ));
-    s
 }
 
 /// A room message for one recipient: `stored` is the message as archived
@@ -238,6 +260,13 @@ fn is_local_session(server: &Server, real: &str) -> bool {
         .is_some_and(|f| server.sessions.get(&f).is_some() || is_remote_we_send_to(server, &f))
 }
 
+/// The recipients of an event that this node delivers to.
+fn here<'a>(server: &'a Server, to: &'a [Present]) -> impl Iterator<Item = &'a Occupant> + 'a {
+    to.iter()
+        .map(|(_, o)| o)
+        .filter(|o| is_local_session(server, &o.real))
+}
+
 impl Muc {
     fn deliver(&self, server: &Server, room_jid: &str, event: &MucEvent) {
         let current = || {
@@ -257,7 +286,8 @@ impl Muc {
                 history_upto,
                 room,
             } => {
-                for (_, viewer) in to.iter().filter(|(_, v)| is_local_session(server, &v.real)) {
+                let shown = Shown::present(nick, occupant);
+                for viewer in here(server, to) {
                     if viewer.real == occupant.real {
                         self.welcome(
                             server,
@@ -270,19 +300,7 @@ impl Muc {
                             room,
                         );
                     } else {
-                        let xml = presence_xml(
-                            room_jid,
-                            nick,
-                            occupant,
-                            viewer,
-                            room,
-                            false,
-                            &[],
-                            None,
-                            None,
-                            &occupant.presence,
-                        );
-                        to_local(server, &viewer.real, xml);
+                        to_local(server, &viewer.real, shown.render(room_jid, room, viewer));
                     }
                 }
             }
@@ -294,20 +312,13 @@ impl Muc {
                 reason,
             } => {
                 let room = current();
-                for (_, viewer) in to {
-                    let xml = presence_xml(
-                        room_jid,
-                        nick,
-                        occupant,
-                        viewer,
-                        &room,
-                        false,
-                        codes,
-                        reason.as_deref(),
-                        None,
-                        &occupant.presence,
-                    );
-                    to_local(server, &viewer.real, xml);
+                let shown = Shown {
+                    codes,
+                    reason: reason.as_deref(),
+                    ..Shown::present(nick, occupant)
+                };
+                for viewer in here(server, to) {
+                    to_local(server, &viewer.real, shown.render(room_jid, &room, viewer));
                 }
             }
             MucEvent::NickChanged {
@@ -317,33 +328,17 @@ impl Muc {
                 to,
             } => {
                 let room = current();
-                for (_, viewer) in to {
-                    let gone = presence_xml(
-                        room_jid,
-                        old,
-                        occupant,
-                        viewer,
-                        &room,
-                        true,
-                        &[303],
-                        None,
-                        Some(("nick", new)),
-                        "",
-                    );
-                    to_local(server, &viewer.real, gone);
-                    let back = presence_xml(
-                        room_jid,
-                        new,
-                        occupant,
-                        viewer,
-                        &room,
-                        false,
-                        &[],
-                        None,
-                        None,
-                        &occupant.presence,
-                    );
-                    to_local(server, &viewer.real, back);
+                let gone = Shown {
+                    unavailable: true,
+                    codes: &[303],
+                    new_nick: Some(new),
+                    children: "",
+                    ..Shown::present(old, occupant)
+                };
+                let back = Shown::present(new, occupant);
+                for viewer in here(server, to) {
+                    to_local(server, &viewer.real, gone.render(room_jid, &room, viewer));
+                    to_local(server, &viewer.real, back.render(room_jid, &room, viewer));
                 }
             }
             MucEvent::Left {
@@ -355,35 +350,28 @@ impl Muc {
                 reason,
             } => {
                 let room = current();
-                for (_, viewer) in to {
-                    let xml = presence_xml(
-                        room_jid,
-                        nick,
-                        occupant,
-                        viewer,
-                        &room,
-                        true,
-                        codes,
-                        reason.as_deref(),
-                        None,
-                        presence,
-                    );
-                    to_local(server, &viewer.real, xml);
+                let shown = Shown {
+                    unavailable: true,
+                    codes,
+                    reason: reason.as_deref(),
+                    children: presence,
+                    ..Shown::present(nick, occupant)
+                };
+                for viewer in here(server, to) {
+                    to_local(server, &viewer.real, shown.render(room_jid, &room, viewer));
                 }
             }
             MucEvent::Message { body, id, to, .. } => {
-                for (_, viewer) in to {
-                    if is_local_session(server, &viewer.real) {
-                        to_local(
-                            server,
-                            &viewer.real,
-                            message_for(body, &viewer.real, room_jid, *id),
-                        );
-                    }
+                for viewer in here(server, to) {
+                    to_local(
+                        server,
+                        &viewer.real,
+                        message_for(body, &viewer.real, room_jid, *id),
+                    );
                 }
             }
             MucEvent::ConfigChanged { to } => {
-                for (_, viewer) in to {
+                for viewer in here(server, to) {
                     let xml = format!(
                         "<message from='{}' to='{}' type='groupchat'><x xmlns='{NS_USER}'><status code='104'/></x></message>",
                         escape(room_jid),
@@ -397,17 +385,17 @@ impl Muc {
                 alternate,
                 to,
             } => {
-                for (nick, viewer) in to {
-                    let mut destroy = String::from("<destroy");
-                    if let Some(a) = alternate {
-                        destroy.push_str(&format!(" jid='{}'", escape(a)));
+                let mut destroy = String::from("<destroy");
+                if let Some(a) = alternate {
+                    destroy.push_str(&format!(" jid='{}'", escape(a)));
+                }
+                match reason {
+                    Some(r) => {
+                        destroy.push_str(&format!("><reason>{}</reason></destroy>", escape(r)))
                     }
-                    match reason {
-                        Some(r) => {
-                            destroy.push_str(&format!("><reason>{}</reason></destroy>", escape(r)))
-                        }
-                        None => destroy.push_str("/>"),
-                    }
+                    None => destroy.push_str("/>"),
+                }
+                for (nick, viewer) in to.iter().filter(|(_, v)| is_local_session(server, &v.real)) {
                     let xml = format!(
                         "<presence from='{}/{}' to='{}' type='unavailable'><x xmlns='{NS_USER}'><item affiliation='none' role='none'/>{destroy}</x></presence>",
                         escape(room_jid),
@@ -437,18 +425,7 @@ impl Muc {
     ) {
         let mut out = Vec::new();
         for (n, o) in to.iter().filter(|(_, o)| o.real != me.real) {
-            out.push(presence_xml(
-                room_jid,
-                n,
-                o,
-                me,
-                room,
-                false,
-                &[],
-                None,
-                None,
-                &o.presence,
-            ));
+            out.push(Shown::present(n, o).render(room_jid, room, me));
         }
         let mut codes = Vec::new();
         if room.config.whois_anyone {
@@ -457,52 +434,40 @@ impl Muc {
         if created {
             codes.push(201);
         }
-        out.push(presence_xml(
-            room_jid,
-            nick,
-            me,
-            me,
-            room,
-            false,
-            &codes,
-            None,
-            None,
-            &me.presence,
-        ));
+        let mine = Shown {
+            codes: &codes,
+            ..Shown::present(nick, me)
+        };
+        out.push(mine.render(room_jid, room, me));
         let ask = self
             .history
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(room_jid.to_owned(), me.real.clone()))
             .unwrap_or_default();
+        // What was asked, within the room's history length and the
+        // service's ceiling.
         let max = ask
             .maxstanzas
             .unwrap_or(room.config.history)
-            .min(
-                room.config
-                    .history
-                    .max(1)
-                    .min(server.config.muc.max_history),
-            )
+            .min(room.config.history)
             .min(server.config.muc.max_history) as usize;
         if max > 0 && history_upto > 0 {
             let since = ask.since_micros.unwrap_or(0);
-            let mut items: Vec<(u64, String)> = server
+            // Newest first, as far as maxchars allows, then in time order.
+            let mut chars = 0u64;
+            let mut kept: Vec<(u64, String)> = Vec::new();
+            let newest = server
                 .store()
                 .archive_range(room_jid, None, since, history_upto + 1, true)
                 .filter_map(Result::ok)
-                .take(max)
-                .map(|(id, a)| (id, a.stanza))
-                .collect();
-            items.reverse();
-            let mut chars = 0u64;
-            let mut kept = Vec::new();
-            for (id, stanza) in items.into_iter().rev() {
-                chars += stanza.len() as u64;
+                .take(max);
+            for (id, a) in newest {
+                chars += a.stanza.len() as u64;
                 if ask.maxchars.is_some_and(|m| chars > m) {
                     break;
                 }
-                kept.push((id, stanza));
+                kept.push((id, a.stanza));
             }
             kept.reverse();
             for (id, stanza) in kept {

@@ -83,9 +83,11 @@ async fn route_with(server: &Server, mut stanza: Element, pass: Pass) {
             None => return,
         },
     };
-    if let Some(from) = stanza.get_attr("from").and_then(|f| Jid::parse(f).ok()) {
+    // Parsed once: every hook below is handed this one.
+    let from = stanza.get_attr("from").and_then(|f| Jid::parse(f).ok());
+    if let Some(from) = &from {
         for m in server.modules.iter() {
-            match m.check_route(server, &stanza, &from, &to) {
+            match m.check_route(server, &stanza, from, &to) {
                 RouteCheck::Pass => {}
                 RouteCheck::Drop => return,
                 RouteCheck::Refuse(condition, extra) => {
@@ -102,24 +104,20 @@ async fn route_with(server: &Server, mut stanza: Element, pass: Pass) {
             }
         }
     }
-    if kind == StanzaKind::Message && first_time {
-        if let Some(from) = stanza.get_attr("from").and_then(|f| FullJid::parse(f).ok()) {
-            if server.config.is_local_domain(from.domain()) {
+    if let (true, Some(from)) = (first_time && kind != StanzaKind::Iq, &from) {
+        if let (StanzaKind::Message, Jid::Full(full)) = (kind, from) {
+            if server.config.is_local_domain(full.domain()) {
                 for m in server.modules.iter() {
-                    m.on_message_sent(server, &from, &stanza);
+                    m.on_message_sent(server, full, &stanza);
                 }
             }
         }
-    }
-    if first_time && kind != StanzaKind::Iq {
-        if let Some(from) = stanza.get_attr("from").and_then(|f| Jid::parse(f).ok()) {
-            for m in server.modules.iter() {
-                if kind == StanzaKind::Message {
-                    m.before_message_routed(server, &mut stanza, &from, &to)
-                        .await;
-                } else {
-                    m.on_presence_routed(server, &stanza, &from, &to);
-                }
+        for m in server.modules.iter() {
+            if kind == StanzaKind::Message {
+                m.before_message_routed(server, &mut stanza, from, &to)
+                    .await;
+            } else {
+                m.on_presence_routed(server, &stanza, from, &to);
             }
         }
     }
@@ -130,7 +128,7 @@ async fn route_with(server: &Server, mut stanza: Element, pass: Pass) {
             .iter()
             .find(|m| m.owns_domain(server, to.domain()))
         {
-            if let Some(from) = stanza.get_attr("from").and_then(|f| Jid::parse(f).ok()) {
+            if let Some(from) = from {
                 m.handle_component(server, stanza, from, to).await;
             }
             return;

@@ -172,6 +172,35 @@ impl Tx<'_> {
         }
     }
 
+    /// The room, or the refusal for one that does not exist.
+    fn existing_room(&self, room: &str) -> Result<Room, ApplyError> {
+        self.room(room)?
+            .ok_or_else(|| refuse("item-not-found", "no such room"))
+    }
+
+    /// `nick` (present, as `occupant`) changed: everyone present hears it.
+    fn changed(
+        &mut self,
+        room: &str,
+        nick: String,
+        occupant: Occupant,
+        reason: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.put_occupant(room, &nick, &occupant);
+        let to = self.present(room)?;
+        self.muc(
+            room,
+            MucEvent::Changed {
+                nick,
+                occupant,
+                to,
+                codes: vec![],
+                reason,
+            },
+        );
+        Ok(())
+    }
+
     fn affiliation(&self, room: &str, jid: &str) -> Result<Affiliation, StoreError> {
         match self.get(&keys::user_key(keys::ROOM_AFFILIATION, room, jid))? {
             Some(b) => Ok(postcard::from_bytes(&b)?),
@@ -323,9 +352,7 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
             archive,
             policy,
         } => {
-            let Some(mut r) = tx.room(&room)? else {
-                return Err(refuse("item-not-found", "no such room"));
-            };
+            let mut r = tx.existing_room(&room)?;
             let Some(nick) = tx.nick_of(&room, &real)? else {
                 return Err(refuse("not-acceptable", "you are not in this room"));
             };
@@ -370,9 +397,7 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
             Ok(Response::Done)
         }
         MucCommand::Configure { room, by, config } => {
-            let Some(mut r) = tx.room(&room)? else {
-                return Err(refuse("item-not-found", "no such room"));
-            };
+            let mut r = tx.existing_room(&room)?;
             if tx.affiliation(&room, &by)? != Affiliation::Owner {
                 return Err(refuse("forbidden", "only owners configure the room"));
             }
@@ -392,9 +417,7 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
             Ok(Response::Done)
         }
         MucCommand::Affiliate { room, by, items } => {
-            let Some(r) = tx.room(&room)? else {
-                return Err(refuse("item-not-found", "no such room"));
-            };
+            let r = tx.existing_room(&room)?;
             let mine = tx.affiliation(&room, &by)?;
             for (jid, a, reason) in items {
                 let theirs = tx.affiliation(&room, &jid)?;
@@ -422,22 +445,10 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
                         leave(tx, &room, &nick, String::new(), vec![321], reason.clone())?;
                     } else {
                         o.affiliation = a;
+                        // The new affiliation's role (moderator for admins
+                        // and owners); a voice granted before is kept.
                         o.role = default_role(&r.config, a).max(o.role.min(Role::Participant));
-                        if a >= Affiliation::Admin {
-                            o.role = Role::Moderator;
-                        }
-                        tx.put_occupant(&room, &nick, &o);
-                        let to = tx.present(&room)?;
-                        tx.muc(
-                            &room,
-                            MucEvent::Changed {
-                                nick,
-                                occupant: o,
-                                to,
-                                codes: vec![],
-                                reason: reason.clone(),
-                            },
-                        );
+                        tx.changed(&room, nick, o, reason.clone())?;
                     }
                 }
             }
@@ -453,9 +464,7 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
             role,
             reason,
         } => {
-            if tx.room(&room)?.is_none() {
-                return Err(refuse("item-not-found", "no such room"));
-            }
+            tx.existing_room(&room)?;
             let present = tx.present(&room)?;
             let me = present
                 .iter()
@@ -477,18 +486,7 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
                 leave(tx, &room, &nick, String::new(), vec![307], reason)?;
             } else {
                 target.role = role;
-                tx.put_occupant(&room, &nick, &target);
-                let to = tx.present(&room)?;
-                tx.muc(
-                    &room,
-                    MucEvent::Changed {
-                        nick,
-                        occupant: target,
-                        to,
-                        codes: vec![],
-                        reason,
-                    },
-                );
+                tx.changed(&room, nick, target, reason)?;
             }
             Ok(Response::Done)
         }
@@ -500,9 +498,7 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
             tombstone,
             announce,
         } => {
-            if tx.room(&room)?.is_none() {
-                return Err(refuse("item-not-found", "no such room"));
-            }
+            tx.existing_room(&room)?;
             let to = tx.present(&room)?;
             let me = to
                 .iter()
@@ -550,9 +546,7 @@ pub(super) fn apply(tx: &mut Tx<'_>, cmd: MucCommand) -> Result<Response, ApplyE
             reason,
             alternate,
         } => {
-            if tx.room(&room)?.is_none() {
-                return Err(refuse("item-not-found", "no such room"));
-            }
+            tx.existing_room(&room)?;
             if tx.affiliation(&room, &by)? != Affiliation::Owner {
                 return Err(refuse("forbidden", "only owners destroy the room"));
             }
@@ -606,18 +600,7 @@ fn join(
         };
         o.presence = presence;
         if old == nick {
-            tx.put_occupant(&room, &nick, &o);
-            let to = tx.present(&room)?;
-            tx.muc(
-                &room,
-                MucEvent::Changed {
-                    nick,
-                    occupant: o,
-                    to,
-                    codes: vec![],
-                    reason: None,
-                },
-            );
+            tx.changed(&room, nick, o, None)?;
             return Ok(Response::Done);
         }
         if present
