@@ -101,7 +101,7 @@ impl Pep {
     /// for them first when they are not known yet.
     fn with_features(&self, server: &Server, caps: Caps, target: &FullJid, from: &str, then: Then) {
         if let Some(f) = self.features(&caps.ver) {
-            return run(server, self, &f, then);
+            return run(server, &f, then);
         }
         let mut st = self.lock();
         if let Some(id) = st.asked.get(&caps.ver).cloned() {
@@ -174,7 +174,7 @@ impl Pep {
             st.caps.insert(p.caps.ver.clone(), features.clone());
         }
         for then in p.then {
-            run(server, self, &features, then);
+            run(server, &features, then);
         }
         true
     }
@@ -307,7 +307,7 @@ fn may_read(server: &Server, owner: &BareJid, access: PepAccess, who: &BareJid) 
 }
 
 /// Once a session's features are known: the last items it should have.
-fn run(server: &Server, pep: &Pep, features: &HashSet<String>, then: Then) {
+fn run(server: &Server, features: &HashSet<String>, then: Then) {
     let wants = |node: &str| features.contains(&format!("{node}+notify"));
     let store = server.store();
     let last_items = |owner: &BareJid, to: &FullJid, reader: &BareJid| {
@@ -345,7 +345,6 @@ fn run(server: &Server, pep: &Pep, features: &HashSet<String>, then: Then) {
         }
         Then::Remote { from, owner } => last_items(&owner, &from, from.bare()),
     }
-    let _ = pep;
 }
 
 /// A change to one of `owner`'s nodes: notifications to the interested
