@@ -67,12 +67,12 @@ enum Cmd {
     /// This node's server-to-server streams: remote domain, direction,
     /// state, how the peer authenticated, TLS version, age, queued stanzas.
     S2s,
-    /// Create accounts from a file of `user@domain;password` lines.
     /// Make TLS material for mutual TLS between nodes.
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
+    /// Create accounts from a file of `user@domain;password` lines.
     ImportUsers {
         file: std::path::PathBuf,
         /// Replace the password of accounts that already exist.
