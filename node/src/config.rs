@@ -249,6 +249,7 @@ pub struct Config {
     pub pep: Pep,
     pub muc: Muc,
     pub push: Push,
+    pub upload: Upload,
     /// Contact addresses published in the server's disco#info (XEP-0157).
     pub contact: Contact,
     /// STUN and TURN servers offered to clients for calls (XEP-0215).
@@ -349,6 +350,82 @@ impl Default for Push {
         Push {
             enabled: true,
             include_body: false,
+        }
+    }
+}
+
+/// HTTP File Upload (XEP-0363): an `upload.<vhost>` service per virtual
+/// host hands out slots; files are PUT to and fetched from the HTTP
+/// listeners at `/upload/<slot>/<name>`, from any node of the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upload {
+    pub enabled: bool,
+    /// The service of `example.com` is `upload.example.com`.
+    pub subdomain: String,
+    /// Largest file, in bytes (announced in disco#info, XEP-0363 §2).
+    pub max_file_size: u64,
+    /// Bytes one user may hold: the files not yet expired plus the slots
+    /// handed out and not yet used.
+    pub quota_per_user: u64,
+    /// Files are deleted this many days after their slot was handed out
+    /// (0: kept until the account goes).
+    pub expire_days: u64,
+    /// A slot that is not used within this many seconds lapses.
+    pub slot_expire_secs: u64,
+    /// Longest one PUT may take from its first byte to its last; a slower
+    /// upload is cut off (and its slot, unused, lapses after this too).
+    pub transfer_secs: u64,
+    /// Where this node keeps files (default `<data_dir>/uploads`). A volume
+    /// every node mounts here lets every node read every file from disk;
+    /// otherwise a node fetches a file it lacks from the node that has it.
+    pub dir: Option<PathBuf>,
+    /// Base URL of the upload and download links, e.g.
+    /// `https://upload.example.com` (behind a proxy that passes
+    /// `/upload/` to the nodes). Default: `https://<vhost>:<port of
+    /// listen.https>`, or `http://<vhost>:<port of listen.http>` when HTTPS
+    /// is off.
+    pub public_url: Option<String>,
+}
+
+impl Default for Upload {
+    fn default() -> Self {
+        Upload {
+            enabled: true,
+            subdomain: "upload".into(),
+            max_file_size: 100 * 1024 * 1024,
+            quota_per_user: 1024 * 1024 * 1024,
+            expire_days: 30,
+            slot_expire_secs: 600,
+            transfer_secs: 3600,
+            dir: None,
+            public_url: None,
+        }
+    }
+}
+
+impl Upload {
+    /// The virtual host whose service `domain` is, if it is one.
+    pub fn host_of<'a>(&self, domain: &'a str, config: &Config) -> Option<&'a str> {
+        let (sub, host) = domain.split_once('.')?;
+        (self.enabled
+            && config.http.enabled
+            && sub == self.subdomain
+            && config.is_local_domain(host))
+        .then_some(host)
+    }
+
+    /// Where this node keeps the files.
+    pub fn dir(&self, data_dir: &Path) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| data_dir.join("uploads"))
+    }
+
+    /// The base of the links handed out for `vhost`, without a trailing `/`.
+    pub fn base_url(&self, vhost: &str, listen: &Listen) -> String {
+        match (&self.public_url, listen.https) {
+            (Some(u), _) => u.trim_end_matches('/').to_owned(),
+            (None, Some(https)) => format!("https://{vhost}:{}", https.port()),
+            (None, None) => format!("http://{vhost}:{}", listen.http.port()),
         }
     }
 }
@@ -698,6 +775,14 @@ pub struct Auth {
     /// (XEP-0133: add, delete and change the password of users, announce),
     /// e.g. `["admin@example.com"]`.
     pub admins: Vec<String>,
+    /// FAST (XEP-0484): issue login tokens, so a reconnecting client logs
+    /// in in one round trip without PBKDF2.
+    pub fast: bool,
+    /// Days a FAST token stays valid.
+    pub fast_token_days: u64,
+    /// A FAST login with a token older than this many hours gets a fresh
+    /// one (the old stays valid until it expires or the next rotation).
+    pub fast_rotate_hours: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -825,6 +910,7 @@ impl Default for Config {
             pep: Pep::default(),
             muc: Muc::default(),
             push: Push::default(),
+            upload: Upload::default(),
             contact: Contact::default(),
             extdisco: Vec::new(),
         }
@@ -862,6 +948,9 @@ impl Default for Auth {
             strict_channel_binding: false,
             registration_interval_secs: 600,
             admins: Vec::new(),
+            fast: true,
+            fast_token_days: 21,
+            fast_rotate_hours: 24,
         }
     }
 }
@@ -1200,6 +1289,12 @@ impl Config {
                 ),
             });
         }
+        if self.auth.fast && self.auth.fast_token_days == 0 {
+            return Err(ConfigError::Invalid {
+                origin: origin("auth.fast_token_days"),
+                message: "0 would issue tokens that are already expired; give at least 1, or set `fast = false`".into(),
+            });
+        }
         if self.limits.max_stanza_bytes < 10_000 {
             return Err(ConfigError::Invalid {
                 origin: origin("limits.max_stanza_bytes"),
@@ -1398,6 +1493,77 @@ impl Config {
                     .into(),
             });
         }
+        let u = &self.upload;
+        for (key, value) in [
+            ("upload.max_file_size", u.max_file_size),
+            ("upload.quota_per_user", u.quota_per_user),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    origin: origin(key),
+                    message: "must be at least 1 (to turn uploads off, set upload.enabled = false)"
+                        .into(),
+                });
+            }
+        }
+        if u.quota_per_user < u.max_file_size {
+            return Err(ConfigError::Invalid {
+                origin: origin("upload.quota_per_user"),
+                message: format!(
+                    "must be at least upload.max_file_size ({}), or a file of the largest size could never be stored",
+                    u.max_file_size
+                ),
+            });
+        }
+        if u.transfer_secs < 10 {
+            return Err(ConfigError::Invalid {
+                origin: origin("upload.transfer_secs"),
+                message: format!("{} is too short; make it at least 10", u.transfer_secs),
+            });
+        }
+        if u.slot_expire_secs < 10 {
+            return Err(ConfigError::Invalid {
+                origin: origin("upload.slot_expire_secs"),
+                message: format!(
+                    "{} is too short for a client to upload anything; make it at least 10",
+                    u.slot_expire_secs
+                ),
+            });
+        }
+        let label_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if !label_ok(&u.subdomain) || (self.muc.enabled && u.subdomain == self.muc.subdomain) {
+            return Err(ConfigError::Invalid {
+                origin: origin("upload.subdomain"),
+                message: format!(
+                    "`{}` must be one DNS label (letters, digits, `-`) other than muc.subdomain, e.g. \"upload\"",
+                    u.subdomain
+                ),
+            });
+        }
+        if let Some(url) = &u.public_url {
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"));
+            let host_ok = rest.is_some_and(|r| {
+                let host = r.split('/').next().unwrap_or("");
+                !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            });
+            if !host_ok || url.contains(['?', '#']) {
+                return Err(ConfigError::Invalid {
+                    origin: origin("upload.public_url"),
+                    message: format!(
+                        "`{url}` is not a base URL; use e.g. \"https://upload.example.com\" or \"https://xmpp.example.com:5281\""
+                    ),
+                });
+            }
+        }
         if self.mam.max_page < self.mam.default_page {
             return Err(ConfigError::Invalid {
                 origin: origin("mam.max_page"),
@@ -1547,7 +1713,9 @@ impl Config {
     /// A domain this server answers for over s2s: a virtual host, or a
     /// component of one (the group chat service).
     pub fn serves_domain(&self, domain: &str) -> bool {
-        self.is_local_domain(domain) || self.muc.host_of(domain, self).is_some()
+        self.is_local_domain(domain)
+            || self.muc.host_of(domain, self).is_some()
+            || self.upload.host_of(domain, self).is_some()
     }
 }
 
@@ -1809,5 +1977,36 @@ max_stanza_bytes = 65536
         c.apply_flags(&flags);
         assert_eq!(c.vhosts.len(), 2);
         assert_eq!(c.listen.c2s, addr("127.0.0.2:1"));
+    }
+
+    #[test]
+    fn upload_settings_are_checked_and_name_their_line() {
+        let msg = load_str("[upload]\nmax_file_size = \"big\"\n")
+            .expect_err("not a number")
+            .to_string();
+        assert!(msg.starts_with("/etc/xmpp/node.toml:2:"), "{msg}");
+        let msg = load_str("[upload]\nmax_file_size = 2000\nquota_per_user = 1000\n")
+            .expect_err("quota below one file")
+            .to_string();
+        assert!(
+            msg.starts_with("/etc/xmpp/node.toml:3: key `upload.quota_per_user`"),
+            "{msg}"
+        );
+        let msg = load_str("[upload]\npublic_url = \"ftp://x\"\n")
+            .expect_err("not http")
+            .to_string();
+        assert!(msg.contains("upload.public_url"), "{msg}");
+        let msg = load_str("[upload]\nsubdomain = \"conference\"\n")
+            .expect_err("the group chat service's name")
+            .to_string();
+        assert!(msg.contains("upload.subdomain"), "{msg}");
+        let c = load_str("[listen]\nhttps = \"off\"\nhttp = \"127.0.0.1:5280\"\n").expect("valid");
+        assert_eq!(
+            c.upload.base_url("example.com", &c.listen),
+            "http://example.com:5280"
+        );
+        assert_eq!(c.upload.dir(Path::new("/d")), Path::new("/d/uploads"));
+        assert_eq!(c.upload.host_of("upload.localhost", &c), Some("localhost"));
+        assert!(c.serves_domain("upload.localhost"));
     }
 }

@@ -186,6 +186,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cluster::membership::start(server.clone());
     federation::start(&server, s2s_listeners);
     http::start(&server, http_listeners);
+    modules::upload::start(&server);
 
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -236,6 +237,7 @@ async fn serve_peer(
         combiner: server.cluster.combiner.clone(),
         channels: server.cluster.channels.clone(),
         inbox,
+        upload_dir: server.config.upload.dir(&server.config.data_dir),
     };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();

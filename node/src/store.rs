@@ -79,6 +79,8 @@ pub(crate) mod keys {
     pub const ROOMS_OWNED: &[u8] = b"mu:";
     /// XEP-0357: `pu:<user>\0<app server jid>\0<node>` -> publish options.
     pub const PUSH: &[u8] = b"pu:";
+    /// FAST (XEP-0484): `ft:<user>\0<user-agent id>` -> [`super::FastTokens`].
+    pub const FAST: &[u8] = b"ft:";
     /// `la:<user>` -> (seconds since the epoch, status): the last logout.
     pub const LAST_ACTIVITY: &[u8] = b"la:";
     /// PEP (XEP-0163): `pn:<owner>\0<node>` -> [`super::PepNode`].
@@ -87,6 +89,22 @@ pub(crate) mod keys {
     pub const PEP_ITEM: &[u8] = b"pi:";
     /// `pk:<owner>\0<node>\0<item id>` -> seq: items by id.
     pub const PEP_ITEM_ID: &[u8] = b"pk:";
+    /// HTTP File Upload (XEP-0363): `uf:<slot id>` -> [`super::UploadRecord`].
+    pub const UPLOAD: &[u8] = b"uf:";
+    /// `uu:<owner bare jid>\0<slot id>` -> nothing: a user's slots and
+    /// files, for the quota.
+    pub const UPLOAD_OF: &[u8] = b"uu:";
+    /// `ux:<expiry, big-endian u64 seconds><slot id>` -> nothing: slots and
+    /// files in the order they expire, so a sweep reads only what is due.
+    pub const UPLOAD_EXPIRY: &[u8] = b"ux:";
+
+    pub fn upload(slot: &str) -> Vec<u8> {
+        [UPLOAD, slot.as_bytes()].concat()
+    }
+
+    pub fn upload_expiry(expires: u64, slot: &str) -> Vec<u8> {
+        [UPLOAD_EXPIRY, &expires.to_be_bytes(), slot.as_bytes()].concat()
+    }
 
     pub fn pep_node(owner: &str, node: &str) -> Vec<u8> {
         user_key(PEP_NODE, owner, node)
@@ -497,6 +515,48 @@ pub struct Occupant {
     pub occupant_id: String,
     /// The last presence's children (show, status, caps), as sent.
     pub presence: String,
+}
+
+/// A FAST token (XEP-0484) one client (user-agent id) of a user holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FastToken {
+    /// The secret the client proves it holds (the HMAC key).
+    pub token: String,
+    /// The HT mechanism it was issued for (e.g. `HT-SHA-256-EXPR`).
+    pub mechanism: String,
+    /// Seconds since the epoch.
+    pub issued: u64,
+    pub expiry: u64,
+}
+
+/// The tokens of one client, oldest first: the newest, and the one it
+/// replaced (valid until it expires, so a client that missed the new
+/// token's delivery still gets in once).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FastTokens {
+    pub tokens: Vec<FastToken>,
+}
+
+/// An upload slot (XEP-0363) and, once the PUT completed, its file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    /// The bare JID it was handed to.
+    pub owner: String,
+    /// As it appears in the URLs (checked, not percent-encoded).
+    pub filename: String,
+    /// Exactly the bytes the PUT must carry.
+    pub size: u64,
+    pub content_type: String,
+    /// When the slot was handed out (seconds since the epoch).
+    pub created: u64,
+    /// A PUT must begin before this (seconds).
+    pub put_by: u64,
+    /// When the slot goes if unused (`put_by` and the time a PUT that
+    /// began may take), or, once stored, when the file goes (seconds;
+    /// `u64::MAX`: never).
+    pub expires: u64,
+    /// The node whose disk took the file; `None` until the PUT completed.
+    pub stored_on: Option<u64>,
 }
 
 /// Where a user's client wants to be woken (XEP-0357).
@@ -1036,6 +1096,39 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// The FAST tokens of `user`'s client `agent` (XEP-0484).
+    pub fn fast_tokens(&self, user: &str, agent: &str) -> Result<FastTokens, StoreError> {
+        match self.get(&keys::user_key(keys::FAST, user, agent))? {
+            Some(b) => Ok(postcard::from_bytes(&b)?),
+            None => Ok(FastTokens::default()),
+        }
+    }
+
+    /// An upload slot (XEP-0363) by its id.
+    pub fn upload(&self, slot: &str) -> Result<Option<UploadRecord>, StoreError> {
+        match self.get(&keys::upload(slot))? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `max` slot ids whose expiry is at or before `now`, soonest first.
+    pub fn uploads_due(&self, now: u64, max: usize) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.scan_prefix(keys::UPLOAD_EXPIRY) {
+            let (k, _) = kv?;
+            let rest = k.get(keys::UPLOAD_EXPIRY.len()..).unwrap_or_default();
+            let Some((at, slot)) = rest.split_first_chunk::<8>() else {
+                continue;
+            };
+            if u64::from_be_bytes(*at) > now || out.len() >= max {
+                break;
+            }
+            out.push(String::from_utf8_lossy(slot).into_owned());
+        }
+        Ok(out)
     }
 
     /// When `user` was last online, and their status text then (XEP-0012).

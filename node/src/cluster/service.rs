@@ -13,7 +13,7 @@ use openraft::BasicNode;
 use proto::peer_server::Peer;
 use proto::{
     ElectReply, ElectRequest, ForwardAck, ForwardBatch, Forwarded, JoinRequest, MembershipReply,
-    RaftBytes, ReadIndexReply, ReadIndexRequest,
+    RaftBytes, ReadIndexReply, ReadIndexRequest, ReadUploadRequest, UploadChunk,
 };
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
@@ -31,6 +31,8 @@ pub struct PeerService {
     pub combiner: super::combine::Combiner,
     pub channels: Arc<Channels>,
     pub inbox: Inbox,
+    /// Where this node keeps uploaded files (XEP-0363).
+    pub upload_dir: std::path::PathBuf,
 }
 
 fn bad(e: impl std::fmt::Display) -> Status {
@@ -289,6 +291,43 @@ impl Peer for PeerService {
             Some((Ok(ForwardAck { received: total }), next))
         });
         Ok(Response::new(Box::pin(acks)))
+    }
+
+    type ReadUploadStream =
+        Pin<Box<dyn Stream<Item = Result<UploadChunk, Status>> + Send + 'static>>;
+
+    async fn read_upload(
+        &self,
+        req: Request<ReadUploadRequest>,
+    ) -> Result<Response<Self::ReadUploadStream>, Status> {
+        use futures_util::StreamExt as _;
+        let ReadUploadRequest { slot, size } = req.into_inner();
+        let Some(path) = crate::modules::upload::file_path(&self.upload_dir, &slot) else {
+            return Err(Status::invalid_argument("not an upload slot id"));
+        };
+        let file = tokio::fs::File::open(&path).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Status::not_found(format!("upload {slot} is not on this node"))
+            } else {
+                tracing::warn!(%slot, error = %e, "cannot open an upload for a peer");
+                Status::internal(format!("cannot open upload {slot}: {e}"))
+            }
+        })?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .len();
+        if len != size {
+            return Err(Status::not_found(format!(
+                "upload {slot} here has {len} bytes, not {size}"
+            )));
+        }
+        let chunks = crate::modules::upload::read_chunks(file).map(|c| {
+            c.map(|data| UploadChunk { data })
+                .map_err(|e| Status::internal(e.to_string()))
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 }
 

@@ -20,8 +20,9 @@ use xmpp::sasl::ScramCredentials;
 pub mod muc;
 
 use crate::store::{
-    keys, Account, ArchiveDefault, ArchiveMeta, ArchivePrefs, Archived, Batch, MaxItems,
-    OfflineMeta, PepAccess, PepConfig, PepItem, PepNode, RosterItem, Store, StoreError,
+    keys, Account, ArchiveDefault, ArchiveMeta, ArchivePrefs, Archived, Batch, FastToken,
+    FastTokens, MaxItems, OfflineMeta, PepAccess, PepConfig, PepItem, PepNode, RosterItem, Store,
+    StoreError,
 };
 
 /// Which side of a subscription stanza this server processes (RFC 6121 §3).
@@ -265,12 +266,48 @@ pub enum Command {
         jid: String,
         node: Option<String>,
     },
+    /// FAST (XEP-0484): a new token for `user`'s client `agent`. Tokens of
+    /// that client expired at `token.issued` are dropped, and of the rest
+    /// only the one before this is kept.
+    FastIssue {
+        user: String,
+        agent: String,
+        token: FastToken,
+    },
+    /// FAST: forget one token of a client, every token of a client
+    /// (`token` none), or every token of the user (both none).
+    FastRevoke {
+        user: String,
+        agent: Option<String>,
+        token: Option<String>,
+    },
     /// XEP-0012: when `user` was last online (seconds since the epoch), and
     /// the status text they left with.
     SetLastActivity {
         user: String,
         secs: u64,
         status: Option<String>,
+    },
+    /// XEP-0363: slot `slot` for `record.owner`'s file, refused when the
+    /// owner's files and slots not expired at `record.created`, and this
+    /// one, would hold more than `quota` bytes.
+    UploadSlot {
+        slot: String,
+        record: crate::store::UploadRecord,
+        quota: u64,
+    },
+    /// The PUT of `slot` completed on `node`, whose disk holds the file
+    /// until `expires` (seconds). Refused when the slot lapsed or was used.
+    UploadStored {
+        slot: String,
+        node: u64,
+        expires: u64,
+    },
+    /// The leader's sweep: these slots and their files go, each only if it
+    /// had expired by `now` (a slot may have been used since the sweep read).
+    UploadDelete {
+        slots: Vec<String>,
+        now: u64,
     },
 }
 
@@ -409,6 +446,9 @@ pub enum Effect {
     /// A message was stored for `user`, who may have come online on some
     /// node after the sender's node decided they were offline.
     OfflineStored { user: String },
+    /// An upload (XEP-0363) is gone: the node(s) whose disk holds the file
+    /// delete it (`node`: where it was stored, `None` for an unused slot).
+    UploadDeleted { slot: String, node: Option<u64> },
 }
 
 /// What happened to a PEP node (XEP-0060 §7.1.2, §7.2.2, §8.4, §8.5).
@@ -511,6 +551,12 @@ pub enum Refusal {
     /// A room refused: the stanza error condition to answer with, and why.
     #[error("{text}")]
     Muc { condition: String, text: String },
+    #[error("{user} has {used} bytes in uploads; the quota is {quota} bytes")]
+    UploadQuota { user: String, quota: u64, used: u64 },
+    #[error("no upload slot {0}")]
+    NoUploadSlot(String),
+    #[error("upload slot {0} is used already")]
+    UploadSlotUsed(String),
 }
 
 /// The outcome of one applied command, as every replica computes it.
@@ -654,6 +700,27 @@ fn append_archive(
 /// value, plus a fixed overhead so that many tiny elements count too.
 fn private_cost(key: &[u8], value: &[u8]) -> u64 {
     (key.len() + value.len() + 64) as u64
+}
+
+fn upload_record(
+    tx: &Tx<'_>,
+    slot: &str,
+) -> Result<Option<crate::store::UploadRecord>, StoreError> {
+    match tx.get(&keys::upload(slot))? {
+        Some(b) => Ok(Some(postcard::from_bytes(&b)?)),
+        None => Ok(None),
+    }
+}
+
+/// Forgets an upload slot and its file; every node deletes the file.
+fn delete_upload(tx: &mut Tx<'_>, slot: &str, r: &crate::store::UploadRecord) {
+    tx.delete(keys::upload(slot));
+    tx.delete(keys::upload_expiry(r.expires, slot));
+    tx.delete(keys::user_key(keys::UPLOAD_OF, &r.owner, slot));
+    tx.effects.push(Effect::UploadDeleted {
+        slot: slot.to_owned(),
+        node: r.stored_on,
+    });
 }
 
 /// Splits an apply result into the replicated outcome and a local fault.
@@ -1066,6 +1133,8 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 return Err(Refusal::NoSuchAccount(user).into());
             }
             tx.put(key, encode(&Account { credentials }));
+            // XEP-0484 §6: a new password revokes every FAST token.
+            tx.delete_user_prefix(keys::FAST, &user)?;
             Ok(Response::Done)
         }
         Command::DeleteAccount { user } => {
@@ -1106,8 +1175,16 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             tx.delete([keys::ARCHIVE_PREFS, user.as_bytes()].concat());
             tx.delete([keys::LAST_ACTIVITY, user.as_bytes()].concat());
             muc::account_deleted(tx, &user)?;
+            for (k, _) in tx.scan(&keys::user_prefix(keys::UPLOAD_OF, &user))? {
+                let slot = String::from_utf8_lossy(&k[keys::UPLOAD_OF.len() + user.len() + 1..])
+                    .into_owned();
+                if let Some(r) = upload_record(tx, &slot)? {
+                    delete_upload(tx, &slot, &r);
+                }
+            }
             for prefix in [
                 keys::PUSH,
+                keys::FAST,
                 keys::PEP_NODE,
                 keys::PEP_ITEM,
                 keys::PEP_ITEM_ID,
@@ -1370,6 +1447,106 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
                 let this = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                 if node.as_ref().is_none_or(|n| *n == this) {
                     tx.delete(k);
+                }
+            }
+            Ok(Response::Done)
+        }
+        Command::FastIssue { user, agent, token } => {
+            if tx.get(&keys::account(&user))?.is_none() {
+                return Err(Refusal::NoSuchAccount(user).into());
+            }
+            let key = keys::user_key(keys::FAST, &user, &agent);
+            let mut held: FastTokens = match tx.get(&key)? {
+                Some(b) => postcard::from_bytes(&b).map_err(StoreError::from)?,
+                None => FastTokens::default(),
+            };
+            let now = token.issued;
+            held.tokens.retain(|t| t.expiry > now);
+            if held.tokens.len() > 1 {
+                held.tokens.drain(..held.tokens.len() - 1);
+            }
+            held.tokens.push(token);
+            tx.put(key, encode(&held));
+            Ok(Response::Done)
+        }
+        Command::FastRevoke { user, agent, token } => {
+            match (agent, token) {
+                (None, _) => tx.delete_user_prefix(keys::FAST, &user)?,
+                (Some(agent), None) => tx.delete(keys::user_key(keys::FAST, &user, &agent)),
+                (Some(agent), Some(token)) => {
+                    let key = keys::user_key(keys::FAST, &user, &agent);
+                    if let Some(b) = tx.get(&key)? {
+                        let mut held: FastTokens =
+                            postcard::from_bytes(&b).map_err(StoreError::from)?;
+                        held.tokens.retain(|t| t.token != token);
+                        if held.tokens.is_empty() {
+                            tx.delete(key);
+                        } else {
+                            tx.put(key, encode(&held));
+                        }
+                    }
+                }
+            }
+            Ok(Response::Done)
+        }
+        Command::UploadSlot {
+            slot,
+            record,
+            quota,
+        } => {
+            if tx.get(&keys::account(&record.owner))?.is_none() {
+                return Err(Refusal::NoSuchAccount(record.owner).into());
+            }
+            if tx.get(&keys::upload(&slot))?.is_some() {
+                return Err(Refusal::UploadSlotUsed(slot).into());
+            }
+            let now = record.created;
+            let mine = keys::user_prefix(keys::UPLOAD_OF, &record.owner);
+            let mut used = 0u64;
+            for (k, _) in tx.scan(&mine)? {
+                let other = String::from_utf8_lossy(&k[mine.len()..]).into_owned();
+                if let Some(r) = upload_record(tx, &other)?.filter(|r| r.expires > now) {
+                    used = used.saturating_add(r.size);
+                }
+            }
+            if used.saturating_add(record.size) > quota {
+                return Err(Refusal::UploadQuota {
+                    user: record.owner,
+                    quota,
+                    used,
+                }
+                .into());
+            }
+            tx.put(keys::upload_expiry(record.expires, &slot), Vec::new());
+            tx.put(
+                keys::user_key(keys::UPLOAD_OF, &record.owner, &slot),
+                Vec::new(),
+            );
+            tx.put(keys::upload(&slot), encode(&record));
+            Ok(Response::Done)
+        }
+        Command::UploadStored {
+            slot,
+            node,
+            expires,
+        } => {
+            let Some(mut r) = upload_record(tx, &slot)? else {
+                return Err(Refusal::NoUploadSlot(slot).into());
+            };
+            if r.stored_on.is_some() {
+                return Err(Refusal::UploadSlotUsed(slot).into());
+            }
+            tx.delete(keys::upload_expiry(r.expires, &slot));
+            r.expires = expires;
+            r.stored_on = Some(node);
+            tx.put(keys::upload_expiry(expires, &slot), Vec::new());
+            tx.put(keys::upload(&slot), encode(&r));
+            Ok(Response::Done)
+        }
+        Command::UploadDelete { slots, now } => {
+            for slot in slots {
+                if let Some(r) = upload_record(tx, &slot)?.filter(|r| r.expires <= now) {
+                    delete_upload(tx, &slot, &r);
                 }
             }
             Ok(Response::Done)

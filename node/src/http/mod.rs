@@ -1,10 +1,12 @@
 //! The HTTP listeners (`listen.http`, and `listen.https` with the vhosts'
 //! certificates chosen by SNI): BOSH at `/http-bind` ([`bosh`]), WebSocket
 //! at `/xmpp-websocket` ([`ws`]), XEP-0156 discovery at
-//! `/.well-known/host-meta` and `host-meta.json`. Both transports are thin
-//! adapters over the c2s session core (`c2s::serve`).
+//! `/.well-known/host-meta` and `host-meta.json`, file upload (XEP-0363)
+//! at `/upload/` ([`upload`]). Both transports are thin adapters over the
+//! c2s session core (`c2s::serve`).
 
 pub mod bosh;
+pub mod upload;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -40,6 +42,8 @@ pub struct ConnInfo {
 pub struct Http {
     pub server: Arc<Server>,
     pub bosh: Arc<bosh::Registry>,
+    /// Uploads in progress on this node.
+    pub uploads: upload::InFlight,
 }
 
 /// The listeners, bound before anything starts so a port in use fails
@@ -72,6 +76,7 @@ pub fn start(server: &Arc<Server>, listeners: Option<Listeners>) {
     let http = Arc::new(Http {
         server: server.clone(),
         bosh: bosh::Registry::new(),
+        uploads: upload::InFlight::default(),
     });
     let router = router(http);
     tracing::info!(
@@ -96,6 +101,10 @@ fn router(http: Arc<Http>) -> Router {
             get(bosh::info).post(bosh::request).options(preflight),
         )
         .route("/xmpp-websocket", get(ws::upgrade))
+        .route(
+            "/upload/{slot}/{name}",
+            get(upload::get).put(upload::put).options(upload::preflight),
+        )
         .route("/.well-known/host-meta", get(host_meta).options(preflight))
         .route(
             "/.well-known/host-meta.json",

@@ -24,6 +24,7 @@ pub mod register;
 pub mod roster;
 mod session;
 mod time;
+pub(crate) mod upload;
 mod vcard;
 mod version;
 
@@ -283,6 +284,10 @@ pub fn all(config: &crate::config::Config) -> Vec<Box<dyn Module>> {
     }
     if config.push.enabled {
         modules.push(Box::new(push::Push));
+    }
+    // Files go up and down through the HTTP listeners.
+    if config.upload.enabled && config.http.enabled {
+        modules.push(Box::new(upload::Upload));
     }
     modules
 }
