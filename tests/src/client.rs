@@ -43,6 +43,53 @@ pub const WAIT: Duration = Duration::from_secs(5);
 /// How long to watch for something that must *not* arrive.
 pub const QUIET: Duration = Duration::from_millis(500);
 
+const SASL2: &str = "urn:xmpp:sasl:2";
+const BIND2: &str = "urn:xmpp:bind:0";
+const FAST: &str = "urn:xmpp:fast:0";
+const SM: &str = "urn:xmpp:sm:3";
+
+/// How a SASL2 login proves who it is.
+#[derive(Debug, Clone, Copy)]
+pub enum Sasl2Auth<'a> {
+    Plain(&'a str),
+    Scram(HashAlg, &'a str),
+    /// FAST (XEP-0484): an HT mechanism name and the token.
+    Fast {
+        mechanism: &'a str,
+        token: &'a str,
+    },
+}
+
+/// What a SASL2 login asks for inline.
+#[derive(Debug, Clone, Default)]
+pub struct Sasl2Options {
+    /// `<user-agent id=…/>`.
+    pub agent: Option<String>,
+    /// Bind2 (XEP-0386), with this tag.
+    pub bind: bool,
+    pub tag: Option<String>,
+    /// Enable stream management in the bind (`Some(resume)`).
+    pub sm: Option<bool>,
+    pub carbons: bool,
+    /// Resume this stream (previd, h).
+    pub resume: Option<(String, u32)>,
+    /// Ask for a FAST token for this mechanism.
+    pub request_token: Option<String>,
+    /// `<fast invalidate='true'/>`.
+    pub invalidate: bool,
+}
+
+/// A SASL2 success.
+#[derive(Debug)]
+pub struct Sasl2Outcome {
+    pub success: Element,
+    /// Messages sent that waited for an answer (one for FAST).
+    pub round_trips: u32,
+    pub authzid: String,
+    /// A FAST token issued with the success.
+    pub token: Option<String>,
+}
+
 /// How the client authenticates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mechanism {
@@ -480,6 +527,166 @@ impl Client {
         self.parser = StreamParser::new(Self::limits());
         self.open_stream().await?;
         Ok(Ok(()))
+    }
+
+    /// SASL2 (XEP-0388) with whatever `opts` asks inline (Bind2, stream
+    /// management, FAST). The outer error is a protocol or I/O problem; the
+    /// inner `Err` is the condition of the server's `<failure/>`. On
+    /// success the features that follow are in `self.features`, and a
+    /// bound JID in `self.jid`.
+    pub async fn sasl2_login(
+        &mut self,
+        user: &str,
+        auth: Sasl2Auth<'_>,
+        opts: &Sasl2Options,
+    ) -> anyhow::Result<Result<Sasl2Outcome, String>> {
+        enum Check {
+            Scram(Box<ScramClient>),
+            Fast(Vec<u8>),
+            Nothing,
+        }
+        let (mechanism, initial, mut check) = match auth {
+            Sasl2Auth::Plain(password) => (
+                "PLAIN".to_owned(),
+                plain_initial_response(None, user, password),
+                Check::Nothing,
+            ),
+            Sasl2Auth::Scram(hash, password) => {
+                let scram =
+                    ScramClient::new(hash, user, password, ClientChannelBinding::None, nonce())
+                        .map_err(|e| anyhow!("SCRAM client: {e:?}"))?;
+                (
+                    scram.mechanism().name().to_owned(),
+                    scram.client_first(),
+                    Check::Scram(Box::new(scram)),
+                )
+            }
+            Sasl2Auth::Fast { mechanism, token } => {
+                let m = xmpp::fast::HtMechanism::from_name(mechanism)
+                    .with_context(|| format!("unknown HT mechanism {mechanism}"))?;
+                let cb = match m.0 {
+                    xmpp::fast::HtBinding::Exporter => self.tls_exporter.clone(),
+                    xmpp::fast::HtBinding::EndPoint => self.tls_server_end_point.clone(),
+                    xmpp::fast::HtBinding::None => Some(Vec::new()),
+                }
+                .context("no channel-binding data for that mechanism")?;
+                let initial = xmpp::fast::client_initial(user, token.as_bytes(), &cb);
+                let responder = xmpp::fast::responder(token.as_bytes(), &cb);
+                (mechanism.to_owned(), initial, Check::Fast(responder))
+            }
+        };
+        let mut authenticate = Element::new("authenticate", SASL2)
+            .attr("mechanism", mechanism.as_str())
+            .child(Element::new("initial-response", SASL2).text(B64.encode(&initial)));
+        if let Some(agent) = &opts.agent {
+            authenticate = authenticate.child(
+                Element::new("user-agent", SASL2)
+                    .attr("id", agent.as_str())
+                    .child(Element::new("software", SASL2).text("xmpp-tests")),
+            );
+        }
+        if opts.bind {
+            let mut bind = Element::new("bind", BIND2);
+            if let Some(tag) = &opts.tag {
+                bind = bind.child(Element::new("tag", BIND2).text(tag.as_str()));
+            }
+            if let Some(resume) = opts.sm {
+                let mut en = Element::new("enable", SM);
+                if resume {
+                    en = en.attr("resume", "true");
+                }
+                bind = bind.child(en);
+            }
+            if opts.carbons {
+                bind = bind.child(Element::new("enable", "urn:xmpp:carbons:2"));
+            }
+            authenticate = authenticate.child(bind);
+        }
+        if let Some((previd, h)) = &opts.resume {
+            authenticate = authenticate.child(
+                Element::new("resume", SM)
+                    .attr("previd", previd.as_str())
+                    .attr("h", h.to_string()),
+            );
+        }
+        if let Some(m) = &opts.request_token {
+            authenticate = authenticate
+                .child(Element::new("request-token", FAST).attr("mechanism", m.as_str()));
+        }
+        if opts.invalidate {
+            authenticate =
+                authenticate.child(Element::new("fast", FAST).attr("invalidate", "true"));
+        }
+        self.send(&authenticate).await?;
+        let mut round_trips = 1;
+        let success = loop {
+            let reply = self.recv(WAIT).await.context("waiting for SASL2 answer")?;
+            if reply.is("failure", SASL2) {
+                return Ok(Err(condition(&reply).unwrap_or_default()));
+            }
+            if reply.is("success", SASL2) {
+                break reply;
+            }
+            if !reply.is("challenge", SASL2) {
+                bail!(
+                    "expected a SASL2 answer, got {}",
+                    reply.to_string_in(ns::CLIENT)
+                );
+            }
+            let Check::Scram(scram) = &mut check else {
+                bail!("a challenge for a one-message mechanism");
+            };
+            let server_first = B64.decode(reply.text_content().trim())?;
+            let client_final = scram
+                .handle_server_first(&server_first)
+                .map_err(|e| anyhow!("server-first: {e:?}"))?;
+            self.send(&Element::new("response", SASL2).text(B64.encode(client_final)))
+                .await?;
+            round_trips += 1;
+        };
+        let additional = success
+            .child_text("additional-data", SASL2)
+            .map(|d| B64.decode(d.trim()))
+            .transpose()?;
+        match (&check, additional) {
+            (Check::Scram(scram), Some(data)) => scram
+                .verify_server_final(&data)
+                .map_err(|e| anyhow!("server signature: {e:?}"))?,
+            (Check::Fast(want), Some(data)) => {
+                if &data != want {
+                    bail!("the server's FAST proof is wrong");
+                }
+            }
+            (Check::Nothing, _) => {}
+            (_, None) => bail!("no additional data to prove the server knew the secret"),
+        }
+        let authzid = success
+            .child_text("authorization-identifier", SASL2)
+            .context("no authorization-identifier")?;
+        if authzid.contains('/') {
+            self.jid = Some(authzid.clone());
+        }
+        // No stream restart (XEP-0388): the new features follow at once.
+        let features = self
+            .recv(WAIT)
+            .await
+            .context("features after SASL2 success")?;
+        if !features.is("features", ns::STREAM) {
+            bail!(
+                "expected features after success, got {}",
+                features.to_string_in(ns::CLIENT)
+            );
+        }
+        self.features = features;
+        Ok(Ok(Sasl2Outcome {
+            token: success
+                .get_child("token", FAST)
+                .and_then(|t| t.get_attr("token"))
+                .map(str::to_owned),
+            success,
+            round_trips,
+            authzid,
+        }))
     }
 
     /// RFC 6120 §7: binds a resource (or asks the server for one); returns

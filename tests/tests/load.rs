@@ -111,6 +111,43 @@ fn hold_and_login_runs_over_direct_tls_with_scram() {
 }
 
 #[test]
+fn login_runs_with_fast_tokens_after_one_password_login_each() {
+    let node = TestNode::start().unwrap();
+    import_users(&node, 5);
+    let server = node.c2s.to_string();
+    let pid = node.pid().unwrap().to_string();
+    let out = xmpp_load(&[
+        "login",
+        "--server",
+        &server,
+        "--mechanism",
+        "fast",
+        "--users",
+        "5",
+        "--arrival-rate",
+        "20",
+        "--duration",
+        "1",
+        "--server-pid",
+        &pid,
+        "--json",
+        "--quiet",
+    ]);
+    let r = json(&out);
+    assert!(out.status.success(), "{r:#}");
+    assert_eq!(r["mechanism"], "FAST", "{r:#}");
+    let login = &r["login"];
+    assert!(login["succeeded"].as_u64().unwrap_or(0) > 0, "{r:#}");
+    assert_eq!(login["failed"], 0, "{r:#}");
+    // The measured logins are FAST ones (the server logs each login's
+    // mechanism).
+    assert!(
+        node.log().contains("HT-SHA-256-NONE"),
+        "FAST logins reach the server"
+    );
+}
+
+#[test]
 fn wrong_password_fails_naming_the_authentication_failure() {
     let node = TestNode::start().unwrap();
     import_users(&node, 2);

@@ -10,10 +10,12 @@
 //! - [`jid`]: bare and full JIDs with stringprep normalisation.
 //! - [`roster`]: the presence subscription state machine (RFC 6121 §3).
 //! - [`sasl`]: SCRAM (with channel binding) and PLAIN as pure state machines.
+//! - [`fast`]: the Hashed Token mechanisms of FAST (XEP-0484).
 
 pub mod caps;
 pub mod element;
 pub mod error;
+pub mod fast;
 pub mod forms;
 pub mod jid;
 pub mod roster;

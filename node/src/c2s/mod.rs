@@ -8,6 +8,7 @@ pub mod admission;
 pub mod framing;
 pub(crate) mod io;
 mod negotiate;
+mod sasl2;
 pub mod session;
 pub mod sm;
 pub(crate) mod stream;
@@ -117,12 +118,27 @@ pub(crate) async fn serve(
     drop(admitted);
     match negotiated {
         Ok(Negotiated::Bound(bound)) => session_boxed(s, bound).await,
-        Ok(Negotiated::Resume { tx, h }) => {
+        Ok(Negotiated::Resume { tx, h, sasl2 }) => {
             // The waiting session takes the stream over (XEP-0198 §5).
-            if let Err(mpsc::error::SendError(mut handoff)) =
-                tx.send(Box::new(sm::Handoff { stream: s, h })).await
+            let inline = sasl2.is_some();
+            if let Err(mpsc::error::SendError(mut handoff)) = tx
+                .send(Box::new(sm::Handoff {
+                    stream: s,
+                    h,
+                    sasl2,
+                }))
+                .await
             {
-                let _ = Box::pin(handoff.stream.send(&sm::failed("item-not-found"))).await;
+                // Gone between the lookup and now: as unknown as expired.
+                let failed = if inline {
+                    sasl2::failure(
+                        xmpp::sasl::SaslFailure::TemporaryAuthFailure,
+                        Some("the session to resume has just ended; log in again"),
+                    )
+                } else {
+                    sm::failed("item-not-found")
+                };
+                let _ = Box::pin(handoff.stream.send(&failed)).await;
                 Box::pin(finish(&mut handoff.stream, Err(ConnError::Closed))).await;
             }
         }

@@ -14,27 +14,81 @@ use xmpp::stanza::{error_reply, iq_result, ns, IqType, StanzaKind};
 use xmpp::xml::Event;
 
 use super::io::Io;
+use super::sasl2;
 use super::stream::{ConnError, Stream};
 
 /// Mechanism refusals (not password failures) tolerated on one stream.
 const MAX_REFUSALS: u32 = 10;
 
-/// The outcome of negotiation: the bound full JID and the bind request to answer.
+/// The outcome of negotiation: the bound full JID and the request to answer.
 pub struct Bound {
     pub jid: FullJid,
-    pub bind_iq: Element,
+    pub reply: BindReply,
+}
+
+/// What asked for the binding, and so how it is answered.
+pub enum BindReply {
+    /// RFC 6120 §7: an `<iq><bind/></iq>`.
+    Iq(Element),
+    /// Bind2 inside SASL2: `<success/>` (to which `<bound/>` is added) and
+    /// what the client asked to enable with it.
+    Sasl2 {
+        success: Element,
+        bind: sasl2::BindRequest,
+    },
 }
 
 /// Runs TLS (unless already on TLS), SASL, and binding.
 pub async fn negotiate(s: &mut Stream) -> Result<Negotiated, ConnError> {
-    let user = authenticate(s).await?;
-    bind(s, user).await
+    let auth = authenticate(s).await?;
+    match auth.sasl2 {
+        None => {
+            s.open().await?;
+            bind(s, auth.user).await
+        }
+        Some((req, additional)) => sasl2_complete(s, auth.user, req, additional).await,
+    }
 }
 
 /// A negotiated stream: a new session, or one to resume (XEP-0198 §5).
 pub enum Negotiated {
     Bound(Bound),
-    Resume { tx: super::sm::HandoffTx, h: u32 },
+    Resume {
+        tx: super::sm::HandoffTx,
+        h: u32,
+        /// Resumed inside SASL2: the `<success/>` that carries `<resumed/>`.
+        sasl2: Option<Element>,
+    },
+}
+
+/// Who authenticated, and for SASL2 what they asked inline with the
+/// server's additional data.
+struct Authenticated {
+    user: BareJid,
+    sasl2: Option<(sasl2::Request, Option<Vec<u8>>)>,
+}
+
+/// Which SASL profile an exchange runs in: RFC 6120's, or XEP-0388's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Sasl1,
+    Sasl2,
+}
+
+impl Wire {
+    fn ns(self) -> &'static str {
+        match self {
+            Wire::Sasl1 => ns::SASL,
+            Wire::Sasl2 => sasl2::NS,
+        }
+    }
+
+    fn failure(self, f: SaslFailure, text: Option<&str>) -> Element {
+        match self {
+            Wire::Sasl1 => sasl_failure(f, text),
+            Wire::Sasl2 => sasl2::failure(f, text),
+        }
+    }
 }
 
 async fn next_element(s: &mut Stream) -> Result<Element, ConnError> {
@@ -85,11 +139,14 @@ fn pre_auth_features(s: &Stream) -> Element {
             return f;
         }
     }
+    let offered = mechanisms(s);
     let mut mechs = Element::new("mechanisms", ns::SASL);
-    for m in mechanisms(s) {
+    for m in &offered {
         mechs = mechs.child(Element::new("mechanism", ns::SASL).text(m.name()));
     }
     f = f.child(mechs);
+    // XEP-0388: the same mechanisms in SASL2, with Bind2 and FAST inline.
+    f = f.child(sasl2::feature(s, &offered));
     // XEP-0440: which channel-binding types this connection can do.
     let mut cb = Element::new("sasl-channel-binding", ns::SASL_CB);
     if s.cb.tls_exporter.is_some() {
@@ -117,7 +174,7 @@ fn sasl_failure(f: SaslFailure, text: Option<&str>) -> Element {
     e
 }
 
-async fn authenticate(s: &mut Stream) -> Result<BareJid, ConnError> {
+async fn authenticate(s: &mut Stream) -> Result<Authenticated, ConnError> {
     let mut failures = 0u32;
     let mut refusals = 0u32;
     let mut plus_refused = false;
@@ -150,13 +207,63 @@ async fn authenticate(s: &mut Stream) -> Result<BareJid, ConnError> {
                         .await?;
                     continue;
                 }
-                match sasl(s, &e, &mut plus_refused).await? {
-                    SaslOutcome::Success(user) => {
+                let outcome = sasl(
+                    s,
+                    Wire::Sasl1,
+                    e.get_attr("mechanism"),
+                    decode(&e),
+                    &mut plus_refused,
+                )
+                .await?;
+                match outcome {
+                    SaslOutcome::Success(user, additional) => {
+                        let mut ok = Element::new("success", ns::SASL);
+                        if let Some(d) = additional {
+                            ok = ok.text(B64.encode(d));
+                        }
+                        s.send(&ok).await?;
                         s.parser.reset();
-                        return Ok(user);
+                        return Ok(Authenticated { user, sasl2: None });
                     }
                     SaslOutcome::BadCredentials => failures += 1,
                     // Bounded too, so a client cannot loop here forever.
+                    SaslOutcome::Refused => refusals += 1,
+                }
+                if failures >= s.server.config.auth.max_attempts_per_stream
+                    || refusals > MAX_REFUSALS
+                {
+                    return Err(ConnError::stream(
+                        StreamError::PolicyViolation,
+                        "too many failed authentication attempts",
+                    ));
+                }
+            } else if e.is("authenticate", sasl2::NS) {
+                if tls_needed {
+                    s.send(&sasl2::failure(SaslFailure::EncryptionRequired, None))
+                        .await?;
+                    continue;
+                }
+                let mut req = sasl2::parse(&e);
+                // RFC 6120 §6.4.2 as in SASL1: `=` or nothing is empty.
+                let initial = match e.get_child("initial-response", sasl2::NS) {
+                    Some(i) => decode(i),
+                    None => Some(Vec::new()),
+                };
+                let mech = e.get_attr("mechanism");
+                let outcome = match mech.and_then(xmpp::fast::HtMechanism::from_name) {
+                    Some(ht) if sasl2::fast_mechanisms(s).contains(&ht) => {
+                        fast(s, ht, initial, &mut req).await?
+                    }
+                    _ => sasl(s, Wire::Sasl2, mech, initial, &mut plus_refused).await?,
+                };
+                match outcome {
+                    SaslOutcome::Success(user, additional) => {
+                        return Ok(Authenticated {
+                            user,
+                            sasl2: Some((req, additional)),
+                        })
+                    }
+                    SaslOutcome::BadCredentials => failures += 1,
                     SaslOutcome::Refused => refusals += 1,
                 }
                 if failures >= s.server.config.auth.max_attempts_per_stream
@@ -216,7 +323,8 @@ fn decode(e: &Element) -> Option<Vec<u8>> {
 
 /// How a SASL exchange ended.
 enum SaslOutcome {
-    Success(BareJid),
+    /// Authenticated, with the server's additional data (sent by the caller).
+    Success(BareJid, Option<Vec<u8>>),
     /// Wrong credentials: counts towards the per-stream and per-address limits.
     BadCredentials,
     /// A protocol-level refusal (unknown mechanism, unsupported channel
@@ -224,19 +332,21 @@ enum SaslOutcome {
     Refused,
 }
 
-/// One SASL exchange.
+/// One SASL exchange, in either profile. `initial` is the decoded
+/// initial response (`None`: it was not valid base64).
 async fn sasl(
     s: &mut Stream,
-    auth: &Element,
+    wire: Wire,
+    mechanism: Option<&str>,
+    initial: Option<Vec<u8>>,
     plus_refused: &mut bool,
 ) -> Result<SaslOutcome, ConnError> {
     let offered = mechanisms(s);
-    let Some(mech) = auth
-        .get_attr("mechanism")
+    let Some(mech) = mechanism
         .and_then(Mechanism::from_name)
         .filter(|m| offered.contains(m))
     else {
-        s.send(&sasl_failure(SaslFailure::InvalidMechanism, None))
+        s.send(&wire.failure(SaslFailure::InvalidMechanism, None))
             .await?;
         return Ok(SaslOutcome::Refused);
     };
@@ -255,8 +365,8 @@ async fn sasl(
             s.server.sasl_secret.clone(),
             s.server.config.auth.scram_iterations,
         );
-    let Some(mut input) = decode(auth) else {
-        s.send(&sasl_failure(SaslFailure::IncorrectEncoding, None))
+    let Some(mut input) = initial else {
+        s.send(&wire.failure(SaslFailure::IncorrectEncoding, None))
             .await?;
         return Ok(SaslOutcome::Refused);
     };
@@ -298,14 +408,14 @@ async fn sasl(
         };
         match step {
             Step::Challenge(data) => {
-                s.send(&Element::new("challenge", ns::SASL).text(B64.encode(data)))
+                s.send(&Element::new("challenge", wire.ns()).text(B64.encode(data)))
                     .await?;
                 let e = next_element(s).await?;
-                if e.is("abort", ns::SASL) {
-                    s.send(&sasl_failure(SaslFailure::Aborted, None)).await?;
+                if e.is("abort", wire.ns()) {
+                    s.send(&wire.failure(SaslFailure::Aborted, None)).await?;
                     return Ok(SaslOutcome::Refused);
                 }
-                if !e.is("response", ns::SASL) {
+                if !e.is("response", wire.ns()) {
                     return Err(ConnError::stream(
                         StreamError::NotAuthorized,
                         "expected a SASL <response/>",
@@ -315,7 +425,7 @@ async fn sasl(
                 match decode(&e) {
                     Some(d) => input = d,
                     None => {
-                        s.send(&sasl_failure(SaslFailure::IncorrectEncoding, None))
+                        s.send(&wire.failure(SaslFailure::IncorrectEncoding, None))
                             .await?;
                         return Ok(SaslOutcome::Refused);
                     }
@@ -329,25 +439,15 @@ async fn sasl(
                     .ok()
                     .and_then(|n| BareJid::new(Some(&n), &s.vhost).ok());
                 let Some(jid) = jid else {
-                    s.send(&sasl_failure(SaslFailure::NotAuthorized, None))
+                    s.send(&wire.failure(SaslFailure::NotAuthorized, None))
                         .await?;
                     return Ok(SaslOutcome::Refused);
                 };
-                // DESIGN.md, partitions: a node cut off from the quorum
-                // cannot bind the session, so the login fails now, plainly.
-                if !s.server.cluster.has_quorum() {
-                    let text = "this server cannot reach a majority of its cluster; try again shortly or another server address";
-                    s.send(&sasl_failure(SaslFailure::TemporaryAuthFailure, Some(text)))
-                        .await?;
+                if !quorum_or_refuse(s, wire).await? {
                     return Ok(SaslOutcome::Refused);
                 }
-                let mut ok = Element::new("success", ns::SASL);
-                if let Some(d) = additional_data {
-                    ok = ok.text(B64.encode(d));
-                }
-                s.send(&ok).await?;
                 tracing::info!(user = %jid, peer = %s.peer, mechanism = mech.name(), "authenticated");
-                return Ok(SaslOutcome::Success(jid));
+                return Ok(SaslOutcome::Success(jid, additional_data));
             }
             Step::Failure { failure, username } => {
                 if !proof_checked {
@@ -355,7 +455,7 @@ async fn sasl(
                         *plus_refused = true;
                     }
                     tracing::debug!(user = ?username, peer = %s.peer, mechanism = mech.name(), condition = failure.condition(), "SASL refused");
-                    s.send(&sasl_failure(failure, None)).await?;
+                    s.send(&wire.failure(failure, None)).await?;
                     return Ok(SaslOutcome::Refused);
                 }
                 // By the account as stored: case and width variants of
@@ -364,17 +464,160 @@ async fn sasl(
                     .as_deref()
                     .and_then(|u| nodeprep(u).ok())
                     .map(|n| format!("{n}@{}", s.vhost));
-                let delay =
-                    s.server
-                        .throttle
-                        .fail_login(s.peer.ip(), account.as_deref(), Instant::now());
-                tracing::info!(user = ?username, peer = %s.peer, mechanism = mech.name(), delay_ms = delay.as_millis() as u64, "authentication failed");
-                tokio::time::sleep_until((began + delay).into()).await;
-                s.send(&sasl_failure(failure, None)).await?;
+                failed_login(s, wire, failure, account.as_deref(), mech.name(), began).await?;
                 return Ok(SaslOutcome::BadCredentials);
             }
         }
     }
+}
+
+/// DESIGN.md, partitions: a node cut off from the quorum cannot bind the
+/// session, so the login fails now, plainly. Whether it may go on.
+async fn quorum_or_refuse(s: &mut Stream, wire: Wire) -> Result<bool, ConnError> {
+    if s.server.cluster.has_quorum() {
+        return Ok(true);
+    }
+    let text = "this server cannot reach a majority of its cluster; try again shortly or another server address";
+    s.send(&wire.failure(SaslFailure::TemporaryAuthFailure, Some(text)))
+        .await?;
+    Ok(false)
+}
+
+/// Answers wrong credentials after the delay the throttle asks for
+/// (counted per address and per account).
+async fn failed_login(
+    s: &mut Stream,
+    wire: Wire,
+    failure: SaslFailure,
+    account: Option<&str>,
+    mechanism: &str,
+    began: Instant,
+) -> Result<(), ConnError> {
+    let delay = s
+        .server
+        .throttle
+        .fail_login(s.peer.ip(), account, Instant::now());
+    tracing::info!(user = ?account, peer = %s.peer, mechanism, delay_ms = delay.as_millis() as u64, "authentication failed");
+    tokio::time::sleep_until((began + delay).into()).await;
+    s.send(&wire.failure(failure, None)).await
+}
+
+/// A FAST login (XEP-0484): one message, checked against the stored
+/// tokens of the client's user-agent id.
+async fn fast(
+    s: &mut Stream,
+    mech: xmpp::fast::HtMechanism,
+    initial: Option<Vec<u8>>,
+    req: &mut sasl2::Request,
+) -> Result<SaslOutcome, ConnError> {
+    let began = Instant::now();
+    let Some(initial) = initial else {
+        s.send(&sasl2::failure(SaslFailure::IncorrectEncoding, None))
+            .await?;
+        return Ok(SaslOutcome::Refused);
+    };
+    // A token issued through another node a moment ago is here too.
+    s.server.cluster.read_barrier().await;
+    match sasl2::fast_login(s, mech, &initial, req) {
+        sasl2::FastOutcome::Success { user, additional } => {
+            if !quorum_or_refuse(s, Wire::Sasl2).await? {
+                return Ok(SaslOutcome::Refused);
+            }
+            tracing::info!(%user, peer = %s.peer, mechanism = mech.name(), "authenticated");
+            Ok(SaslOutcome::Success(user, Some(additional)))
+        }
+        sasl2::FastOutcome::BadCredentials { account } => {
+            let f = SaslFailure::NotAuthorized;
+            failed_login(s, Wire::Sasl2, f, account.as_deref(), mech.name(), began).await?;
+            Ok(SaslOutcome::BadCredentials)
+        }
+        sasl2::FastOutcome::Refused(f, text) => {
+            s.send(&sasl2::failure(f, Some(text))).await?;
+            Ok(SaslOutcome::Refused)
+        }
+    }
+}
+
+/// After a SASL2 success: tokens, inline resumption, Bind2, or (nothing
+/// inline) `<success/>` followed by the features for RFC 6120 binding.
+async fn sasl2_complete(
+    s: &mut Stream,
+    user: BareJid,
+    mut req: sasl2::Request,
+    additional: Option<Vec<u8>>,
+) -> Result<Negotiated, ConnError> {
+    let mut tokens = Vec::new();
+    let server = s.server.clone();
+    if let Some(agent) = req.agent.clone() {
+        if req.invalidate {
+            if let Some(t) = req.used_token.take() {
+                sasl2::revoke_token(&server, &user, &agent, &t).await;
+            }
+        } else if let Some(m) = req.request_token.or(req.rotate) {
+            if let Some(t) = sasl2::issue_token(&server, &user, &agent, m).await {
+                tokens.push(t);
+            }
+        }
+    }
+    let with_tokens = |mut success: Element| {
+        for t in &tokens {
+            success = success.child(t.clone());
+        }
+        success
+    };
+    if let Some((previd, h)) = req.resume.take() {
+        let found = s.server.resumable.find(&previd, &user);
+        if let (Some(tx), Some(h)) = (found, h) {
+            let success = with_tokens(sasl2::success(additional.as_deref(), &user.to_string()));
+            return Ok(Negotiated::Resume {
+                tx,
+                h,
+                sasl2: Some(success),
+            });
+        }
+        if req.bind.is_none() {
+            // XEP-0198 §5: the client learns why, and binds anew.
+            let success = with_tokens(sasl2::success(additional.as_deref(), &user.to_string()))
+                .child(super::sm::failed("item-not-found"));
+            s.send(&success).await?;
+            return bind(s, user).await;
+        }
+    }
+    match req.bind.take() {
+        Some(bind) => {
+            let jid = sasl2::resource(s, &user, &req, &bind)?;
+            let max = s.server.config.limits.max_sessions_per_account;
+            let others = other_sessions(s, &jid);
+            if others >= max {
+                let text = format!("{user} already has {others} sessions (at most {max})");
+                s.send(&sasl2::failure(
+                    SaslFailure::TemporaryAuthFailure,
+                    Some(&text),
+                ))
+                .await?;
+                return Err(ConnError::Closed);
+            }
+            let success = with_tokens(sasl2::success(additional.as_deref(), &jid.to_string()));
+            Ok(Negotiated::Bound(Bound {
+                jid,
+                reply: BindReply::Sasl2 { success, bind },
+            }))
+        }
+        None => {
+            let success = with_tokens(sasl2::success(additional.as_deref(), &user.to_string()));
+            s.send(&success).await?;
+            bind(s, user).await
+        }
+    }
+}
+
+/// Sessions of the user other than on this resource, in the whole cluster.
+fn other_sessions(s: &Stream, jid: &FullJid) -> usize {
+    s.server.cluster.table.with_user(jid.bare(), |list| {
+        list.iter()
+            .filter(|(r, _)| r.as_str() != jid.resource())
+            .count()
+    })
 }
 
 /// The stored credentials of `username` (SASLprep'd) on `vhost`.
@@ -394,10 +637,10 @@ fn credentials_of(
         .cloned()
 }
 
-/// RFC 6120 §7: after the SASL restart, wait for the bind request.
-async fn bind(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
-    s.open().await?;
-    let features = Element::new("features", ns::STREAM)
+/// The features after authentication, for a client that binds its
+/// resource itself (RFC 6120 §7).
+fn bind_features() -> Element {
+    Element::new("features", ns::STREAM)
         .child(Element::new("bind", ns::BIND))
         // RFC 6121 is silent on it; RFC 3921 clients wait for it: offer it as optional.
         .child(Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)))
@@ -408,8 +651,17 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
         // XEP-0198: acknowledgements and resumption.
         .child(Element::new("sm", super::sm::NS))
         // XEP-0352: client state indication.
-        .child(Element::new("csi", "urn:xmpp:csi:0"));
-    s.send(&features).await?;
+        .child(Element::new("csi", "urn:xmpp:csi:0"))
+}
+
+/// RFC 6120 §7: after the SASL restart, offer binding and wait for the
+/// bind request (or a resumption).
+async fn bind(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
+    s.send(&bind_features()).await?;
+    bind_loop(s, user).await
+}
+
+async fn bind_loop(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
     loop {
         let e = next_element(s).await?;
         if e.is("resume", super::sm::NS) {
@@ -417,7 +669,7 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
                 .get_attr("previd")
                 .and_then(|id| s.server.resumable.find(id, &user));
             match (found, super::sm::h_of(&e)) {
-                (Some(tx), Some(h)) => return Ok(Negotiated::Resume { tx, h }),
+                (Some(tx), Some(h)) => return Ok(Negotiated::Resume { tx, h, sasl2: None }),
                 _ => {
                     // XEP-0198 §5: unknown or expired; the client binds anew.
                     s.send(&super::sm::failed("item-not-found")).await?;
@@ -484,11 +736,7 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
         // One account, at most so many sessions (in the whole cluster);
         // rebinding a resource that is online replaces it.
         let max = s.server.config.limits.max_sessions_per_account;
-        let others = s.server.cluster.table.with_user(&user, |list| {
-            list.iter()
-                .filter(|(r, _)| r.as_str() != jid.resource())
-                .count()
-        });
+        let others = other_sessions(s, &jid);
         if others >= max {
             let text = format!("{user} already has {others} sessions (at most {max})");
             if let Some(r) = error_reply(&e, StanzaError::ResourceConstraint, Some(&text)) {
@@ -496,7 +744,10 @@ async fn bind(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnError> {
             }
             continue;
         }
-        return Ok(Negotiated::Bound(Bound { jid, bind_iq: e }));
+        return Ok(Negotiated::Bound(Bound {
+            jid,
+            reply: BindReply::Iq(e),
+        }));
     }
 }
 

@@ -14,7 +14,7 @@ use xmpp::jid::{FullJid, Jid};
 use xmpp::stanza::{ns, MessageType, StanzaKind};
 use xmpp::xml::Event;
 
-use super::negotiate::{bind_result, Bound};
+use super::negotiate::{bind_result, BindReply, Bound};
 use super::sm::{self, Handoff, Sm};
 use super::stream::{ConnError, Stream};
 use crate::cluster::state_machine::{Command, SessionEntry};
@@ -200,11 +200,19 @@ pub async fn run(s: Stream, bound: Bound) {
     if let Err(e) = boxed(|| server.cluster.write(cmd)).await {
         tracing::warn!(jid = %bound.jid, error = %e, "cannot bind: no quorum");
         let mut s = s;
-        if let Some(reply) = xmpp::stanza::error_reply(
-            &bound.bind_iq,
-            xmpp::error::StanzaError::ResourceConstraint,
-            Some("the cluster cannot commit the binding now; try again shortly"),
-        ) {
+        let text = "the cluster cannot commit the binding now; try again shortly";
+        let reply = match &bound.reply {
+            BindReply::Iq(iq) => xmpp::stanza::error_reply(
+                iq,
+                xmpp::error::StanzaError::ResourceConstraint,
+                Some(text),
+            ),
+            BindReply::Sasl2 { .. } => Some(super::sasl2::failure(
+                xmpp::sasl::SaslFailure::TemporaryAuthFailure,
+                Some(text),
+            )),
+        };
+        if let Some(reply) = reply {
             let _ = boxed(|| s.send(&reply)).await;
         }
         boxed(|| {
@@ -246,12 +254,28 @@ pub async fn run(s: Stream, bound: Bound) {
         flushed: Vec::new(),
     };
     let mut stream = Some(s);
-    let mut result = match stream.as_mut() {
-        Some(s) => {
-            let reply = bind_result(&bound.bind_iq, &bound.jid);
+    let mut result = match (stream.as_mut(), bound.reply) {
+        (Some(s), BindReply::Iq(iq)) => {
+            let reply = bind_result(&iq, &bound.jid);
             boxed(|| s.send(&reply)).await
         }
-        None => Ok(()),
+        (Some(s), BindReply::Sasl2 { success, bind }) => {
+            // Bind2 (XEP-0386): what the client asked to enable is on
+            // before it hears it is bound.
+            let mut bound_el = Element::new("bound", super::sasl2::BIND2);
+            if let Some(resume) = bind.sm {
+                bound_el = bound_el.child(session.enable_sm(resume));
+            }
+            if bind.carbons {
+                server.sessions.set_carbons(&session.jid, true);
+            }
+            session.inactive = bind.inactive;
+            let mut out = String::new();
+            success.child(bound_el).write_to(&mut out, ns::CLIENT);
+            bound_features(session.sm.is_some()).write_to(&mut out, ns::CLIENT);
+            boxed(|| s.write_raw(&out)).await
+        }
+        (None, _) => Ok(()),
     };
     tracing::debug!(jid = %bound.jid, "session bound");
     while result.is_ok() {
@@ -281,6 +305,20 @@ pub async fn run(s: Stream, bound: Bound) {
     boxed(|| presence::session_closed(&server, &session.jid, id, &mut session.directed)).await;
     server.sessions.unbind(&session.jid, id);
     boxed(|| session.requeue()).await;
+}
+
+/// The features sent after a SASL2 success that bound the resource
+/// (XEP-0388 §2.6.1: no restart, so they follow the success at once):
+/// what can still be negotiated, without binding.
+fn bound_features(sm_enabled: bool) -> Element {
+    let mut f = Element::new("features", ns::STREAM)
+        .child(Element::new("ver", crate::modules::ROSTERVER_FEATURE))
+        .child(Element::new("sub", "urn:xmpp:features:pre-approval"))
+        .child(Element::new("csi", CSI));
+    if !sm_enabled {
+        f = f.child(Element::new("sm", sm::NS));
+    }
+    f
 }
 
 /// What the idle timer calls for.
@@ -400,8 +438,8 @@ impl Session {
                     // The client resumed on a new connection while this one
                     // still looked alive: carry on there.
                     if let Some(h) = handoff {
-                        let mut next = h.stream;
-                        match boxed(|| self.resume(&mut next, h.h)).await {
+                        let sm::Handoff { stream: mut next, h, sasl2 } = *h;
+                        match boxed(|| self.resume(&mut next, h, sasl2)).await {
                             Ok(()) => {
                                 std::mem::swap(s, &mut next);
                                 drop(next);
@@ -529,6 +567,29 @@ impl Session {
         }
     }
 
+    /// Turns stream management on (XEP-0198 §3), resumable if asked, and
+    /// returns the `<enabled/>` to send, with the resumption time in `max`.
+    fn enable_sm(&mut self, resumable: bool) -> Element {
+        let mut raw = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let sm = Sm::new(id, resumable);
+        let mut enabled = sm.enabled();
+        if resumable {
+            let (tx, rx) = mpsc::channel(1);
+            self.server
+                .resumable
+                .register(sm.id.clone(), self.jid.bare().clone(), tx.clone());
+            self.handoff = Some((tx, rx));
+            enabled.set_attr(
+                "max",
+                self.server.config.limits.resume_timeout_secs.to_string(),
+            );
+        }
+        self.sm = Some(sm);
+        enabled
+    }
+
     /// `<enable/>`, `<r/>`, `<a/>` (XEP-0198 §3, §4).
     async fn stream_management(&mut self, s: &mut Stream, e: Element) -> Result<(), ConnError> {
         match e.name.as_str() {
@@ -537,25 +598,7 @@ impl Session {
                     return s.send(&sm::failed("unexpected-request")).await;
                 }
                 let resumable = matches!(e.get_attr("resume"), Some("true" | "1"));
-                let mut raw = [0u8; 16];
-                rand::thread_rng().fill_bytes(&mut raw);
-                let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-                let sm = Sm::new(id, resumable);
-                let mut enabled = sm.enabled();
-                if resumable {
-                    let (tx, rx) = mpsc::channel(1);
-                    self.server.resumable.register(
-                        sm.id.clone(),
-                        self.jid.bare().clone(),
-                        tx.clone(),
-                    );
-                    self.handoff = Some((tx, rx));
-                    enabled.set_attr(
-                        "max",
-                        self.server.config.limits.resume_timeout_secs.to_string(),
-                    );
-                }
-                self.sm = Some(sm);
+                let enabled = self.enable_sm(resumable);
                 s.send(&enabled).await
             }
             "r" => match &self.sm {
@@ -591,7 +634,14 @@ impl Session {
 
     /// Answers a `<resume/>` on a new stream: what the client handled is
     /// dropped, the rest is sent again (XEP-0198 §5).
-    async fn resume(&mut self, s: &mut Stream, h: u32) -> Result<(), ConnError> {
+    /// Inside SASL2 (`sasl2`: its `<success/>`), `<resumed/>` goes in the
+    /// success, and the features after it.
+    async fn resume(
+        &mut self,
+        s: &mut Stream,
+        h: u32,
+        sasl2: Option<Element>,
+    ) -> Result<(), ConnError> {
         let Some(sm) = &mut self.sm else {
             return Err(ConnError::Closed);
         };
@@ -601,7 +651,14 @@ impl Session {
                 "handled-count-too-high",
             ));
         }
-        let mut out = sm.resumed();
+        let mut out = String::new();
+        match sasl2 {
+            Some(success) => {
+                success.child(sm.resumed()).write_to(&mut out, ns::CLIENT);
+                bound_features(false).write_to(&mut out, ns::CLIENT);
+            }
+            None => sm.resumed().write_to(&mut out, ns::CLIENT),
+        }
         for x in &sm.unacked {
             out.push_str(x);
         }
@@ -627,7 +684,7 @@ impl Session {
             tokio::select! {
                 handoff = next_handoff(&mut self.handoff) => {
                     let mut h = handoff?;
-                    return match self.resume(&mut h.stream, h.h).await {
+                    return match self.resume(&mut h.stream, h.h, h.sasl2.take()).await {
                         Ok(()) => Some(h.stream),
                         Err(e) => {
                             boxed(|| super::finish(&mut h.stream, Err(e))).await;

@@ -25,6 +25,9 @@ pub const NS: &str = "urn:xmpp:sm:3";
 pub struct Handoff {
     pub stream: Stream,
     pub h: u32,
+    /// Resumed inside SASL2 (XEP-0388): the `<success/>` to put
+    /// `<resumed/>` in.
+    pub sasl2: Option<Element>,
 }
 
 /// Boxed: a channel allocates its slots up front, and a `Stream` is large.
@@ -182,11 +185,10 @@ impl Sm {
         format!("<a xmlns='{NS}' h='{}'/>", self.handled)
     }
 
-    pub fn resumed(&self) -> String {
-        format!(
-            "<resumed xmlns='{NS}' h='{}' previd='{}'/>",
-            self.handled, self.id
-        )
+    pub fn resumed(&self) -> Element {
+        Element::new("resumed", NS)
+            .attr("h", self.handled.to_string())
+            .attr("previd", self.id.as_str())
     }
 }
 

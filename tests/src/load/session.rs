@@ -64,6 +64,12 @@ pub enum Mech {
     #[value(name = "scram-sha-256")]
     #[serde(rename = "SCRAM-SHA-256")]
     ScramSha256,
+    /// SASL2 (XEP-0388) with Bind2: each user's first login is
+    /// SCRAM-SHA-256 asking for a FAST token (XEP-0484), every later one
+    /// HT-SHA-256-NONE with that token, in one round trip.
+    #[value(name = "fast")]
+    #[serde(rename = "FAST")]
+    Fast,
 }
 
 impl Mech {
@@ -72,6 +78,7 @@ impl Mech {
             Mech::Plain => "PLAIN",
             Mech::ScramSha1 => "SCRAM-SHA-1",
             Mech::ScramSha256 => "SCRAM-SHA-256",
+            Mech::Fast => "HT-SHA-256-NONE",
         }
     }
 }
@@ -147,12 +154,23 @@ pub struct Target {
     pub initial_presence: bool,
     connector: tokio_rustls::TlsConnector,
     server_names: Vec<ServerName<'static>>,
+    /// `--mechanism fast`: each user's current FAST token, by user index.
+    fast_tokens: std::sync::Mutex<std::collections::HashMap<usize, String>>,
 }
 
 impl Target {
     /// The server of the `i`-th user.
     pub fn addr(&self, i: usize) -> SocketAddr {
         self.addrs[i % self.addrs.len()]
+    }
+
+    /// How many users hold a FAST token (`--mechanism fast`).
+    pub fn fast_tokens_held(&self) -> usize {
+        self.tokens().len()
+    }
+
+    fn tokens(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<usize, String>> {
+        self.fast_tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The domain of the `i`-th user.
@@ -206,6 +224,7 @@ impl Target {
             initial_presence: true,
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_names,
+            fast_tokens: Default::default(),
         })
     }
 }
@@ -299,6 +318,10 @@ impl Session {
             }
         };
         let features = n.open_stream(&mut io).await?;
+        if t.mech == Mech::Fast {
+            let jid = n.sasl2(&mut io, &features, i, account).await?;
+            return n.finish(io, jid).await;
+        }
         n.authenticate(&mut io, &features, account).await?;
         // RFC 6120 §6.4.6: a new stream after SASL success.
         let features = n.open_stream(&mut io).await?;
@@ -326,20 +349,7 @@ impl Session {
                 n.recv_iq(&mut io, "xl-sess", "the session result").await?;
             }
         }
-        // RFC 6121 §2.2 roster get, then initial presence (§4.2), pipelined:
-        // the server answers the roster get first.
-        let mut req: &[u8] =
-            b"<iq type='get' id='xl-roster'><query xmlns='jabber:iq:roster'/></iq><presence/>";
-        if !t.initial_presence {
-            req = &req[..req.len() - b"<presence/>".len()];
-        }
-        io.write_all(req).await?;
-        n.recv_iq(&mut io, "xl-roster", "the roster result").await?;
-        Ok(Session {
-            io,
-            framer: n.framer,
-            jid,
-        })
+        n.finish(io, jid).await
     }
 }
 
@@ -351,6 +361,134 @@ struct Negotiator<'a> {
 }
 
 impl Negotiator<'_> {
+    /// RFC 6121 §2.2 roster get, then initial presence (§4.2), pipelined:
+    /// the server answers the roster get first.
+    async fn finish(mut self, mut io: Io, jid: String) -> Result<Session, LoginError> {
+        let mut req: &[u8] =
+            b"<iq type='get' id='xl-roster'><query xmlns='jabber:iq:roster'/></iq><presence/>";
+        if !self.t.initial_presence {
+            req = &req[..req.len() - b"<presence/>".len()];
+        }
+        io.write_all(req).await?;
+        self.recv_iq(&mut io, "xl-roster", "the roster result")
+            .await?;
+        Ok(Session {
+            io,
+            framer: self.framer,
+            jid,
+        })
+    }
+
+    /// SASL2 with Bind2 (`--mechanism fast`): FAST with the user's token
+    /// when it has one (one round trip), else SCRAM-SHA-256 asking for a
+    /// token. Returns the bound JID.
+    async fn sasl2<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        features: &Element,
+        i: usize,
+        account: &Account,
+    ) -> Result<String, LoginError> {
+        const SASL2: &str = "urn:xmpp:sasl:2";
+        const FAST: &str = "urn:xmpp:fast:0";
+        if features.get_child("authentication", SASL2).is_none() {
+            return Err(LoginError::Protocol(
+                "the server does not offer SASL2 (XEP-0388), which --mechanism fast needs".into(),
+            ));
+        }
+        let jid = format!("{}@{}", account.user, self.domain);
+        let failed = |reply: &Element| LoginError::Auth {
+            jid: jid.clone(),
+            condition: reply
+                .elements()
+                .find(|c| c.name != "text")
+                .map(|c| c.name.clone())
+                .unwrap_or_else(|| "failure".into()),
+        };
+        let token = self.t.tokens().get(&i).cloned();
+        // The same id each time: the server gives the user's token, and its
+        // resource, back to it.
+        let inline = format!(
+            "<user-agent id='xmpp-load-{}'/><bind xmlns='urn:xmpp:bind:0'><tag>load</tag></bind>",
+            escape(&account.user)
+        );
+        let nonce = B64.encode(rand::thread_rng().gen::<[u8; 18]>());
+        let mut scram = None;
+        let first = match &token {
+            Some(token) => {
+                let initial = xmpp::fast::client_initial(&account.user, token.as_bytes(), b"");
+                format!(
+                    "<authenticate xmlns='{SASL2}' mechanism='HT-SHA-256-NONE'><initial-response>{}</initial-response>{inline}</authenticate>",
+                    B64.encode(initial)
+                )
+            }
+            None => {
+                let c = ScramClient::new(
+                    HashAlg::Sha256,
+                    &account.user,
+                    &account.password,
+                    ClientChannelBinding::None,
+                    nonce,
+                )
+                .map_err(|e| LoginError::Protocol(format!("SCRAM: {e:?}")))?;
+                let first = format!(
+                    "<authenticate xmlns='{SASL2}' mechanism='SCRAM-SHA-256'><initial-response>{}</initial-response>{inline}<request-token xmlns='{FAST}' mechanism='HT-SHA-256-NONE'/></authenticate>",
+                    B64.encode(c.client_first())
+                );
+                scram = Some(c);
+                first
+            }
+        };
+        io.write_all(first.as_bytes()).await?;
+        let mut reply = self.recv(io, "the SASL2 answer").await?;
+        if let Some(c) = &mut scram {
+            if !reply.is("challenge", SASL2) {
+                return Err(failed(&reply));
+            }
+            let server_first = B64
+                .decode(reply.text_content().trim())
+                .map_err(|_| LoginError::Protocol("challenge is not base64".into()))?;
+            let client_final = c
+                .handle_server_first(&server_first)
+                .map_err(|e| LoginError::Protocol(format!("SCRAM server-first: {e:?}")))?;
+            io.write_all(
+                format!(
+                    "<response xmlns='{SASL2}'>{}</response>",
+                    B64.encode(client_final)
+                )
+                .as_bytes(),
+            )
+            .await?;
+            reply = self.recv(io, "the SASL2 outcome").await?;
+        }
+        if !reply.is("success", SASL2) {
+            if token.is_some() {
+                // Revoked or expired: the next login gets a new one.
+                self.t.tokens().remove(&i);
+            }
+            return Err(failed(&reply));
+        }
+        if let Some(t) = reply
+            .get_child("token", FAST)
+            .and_then(|t| t.get_attr("token"))
+        {
+            self.t.tokens().insert(i, t.to_owned());
+        }
+        let bound = reply
+            .child_text("authorization-identifier", SASL2)
+            .filter(|j| j.contains('/'))
+            .ok_or_else(|| LoginError::Protocol("SASL2 success without a bound JID".into()))?;
+        // No restart (XEP-0388): the features follow the success.
+        let features = self.recv(io, "the features after SASL2").await?;
+        if !features.is("features", ns::STREAM) {
+            return Err(LoginError::Protocol(format!(
+                "expected features after SASL2 success, got {}",
+                features.to_string_in(ns::CLIENT)
+            )));
+        }
+        Ok(bound)
+    }
+
     /// Sends our stream header and reads the server's header and features.
     async fn open_stream<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
@@ -412,6 +550,11 @@ impl Negotiator<'_> {
             }
             Mech::ScramSha1 => HashAlg::Sha1,
             Mech::ScramSha256 => HashAlg::Sha256,
+            Mech::Fast => {
+                return Err(LoginError::Protocol(
+                    "FAST runs over SASL2, not this exchange".into(),
+                ))
+            }
         };
         let nonce = B64.encode(rand::thread_rng().gen::<[u8; 18]>());
         let mut scram = ScramClient::new(
