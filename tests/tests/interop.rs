@@ -553,3 +553,69 @@ async fn slixmpp_muc_plugin_and_our_client_share_a_room() {
     wait_for("DONE", &mut seen);
     let _ = child.wait();
 }
+
+/// slixmpp's `xep_0363` plugin finds our upload service, learns its size
+/// limit, uploads a file with aiohttp and gets it back byte for byte
+/// (`tests/interop/upload.py`). The links point at the plain HTTP
+/// listener (`[upload] public_url`): aiohttp would refuse the test
+/// node's self-signed certificate.
+#[test]
+fn slixmpp_uploads_a_file_and_fetches_it_back() {
+    let mut node = TestNode::create(tests::node::NodeOptions::default()).expect("node config");
+    node.append_config(&format!(
+        "[upload]\nmax_file_size = 200000\npublic_url = \"http://{}\"\n",
+        node.http
+    ))
+    .expect("upload config");
+    node.start_again().expect("node starts");
+    node.adduser("alice", "secret").expect("adduser");
+    let py = python();
+    let aiohttp = Command::new(&py)
+        .args(["-c", "import aiohttp"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        aiohttp,
+        "{} cannot import aiohttp, which slixmpp's xep_0363 needs: `apt-get install python3-aiohttp`",
+        py.display()
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/upload.py");
+    let out = Command::new(py)
+        .arg(script)
+        .arg(node.c2s.ip().to_string())
+        .arg(node.c2s.port().to_string())
+        .arg(&node.domain)
+        .arg("secret")
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run upload.py");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let report = format!(
+        "--- stdout ---\n{stdout}\n--- stderr ---\n{}\n--- node log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
+    );
+    assert!(out.status.success(), "upload.py failed\n{report}");
+    for want in [
+        "SERVICE upload.localhost",
+        "MAX 200000",
+        "TOO-BIG 200001",
+        "DOWNLOADED 150000 same application/x-interop",
+        "DONE",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == want),
+            "missing {want:?}\n{report}"
+        );
+    }
+    let url = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("URL "))
+        .unwrap_or_else(|| panic!("no URL line\n{report}"));
+    assert!(
+        url.starts_with(&format!("http://{}/upload/", node.http))
+            && url.ends_with("/interop%20test.bin"),
+        "{url}"
+    );
+}
