@@ -368,8 +368,8 @@ pub struct Upload {
     /// Bytes one user may hold: the files not yet expired plus the slots
     /// handed out and not yet used.
     pub quota_per_user: u64,
-    /// Files are deleted this many days after their slot was handed out
-    /// (0: kept until the account goes).
+    /// Files are deleted this many days after their upload (0: kept until
+    /// the account goes).
     pub expire_days: u64,
     /// A slot that is not used within this many seconds lapses.
     pub slot_expire_secs: u64,

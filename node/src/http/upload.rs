@@ -118,16 +118,14 @@ pub async fn preflight(State(http): State<Arc<Http>>, headers: HeaderMap) -> Res
 /// through another node may not have reached this one yet: when the
 /// record is missing, this node first catches up with the leader.
 async fn record(server: &Server, slot: &str, name: &str) -> Result<Option<UploadRecord>, Response> {
-    let read = |server: &Server| {
-        server.store().upload(slot).map_err(|e| {
-            tracing::warn!(%slot, error = %e, "cannot read an upload record");
-            plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the upload")
-        })
+    let failed = |e: crate::store::StoreError| {
+        tracing::warn!(%slot, error = %e, "cannot read an upload record");
+        plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the upload")
     };
-    let mut r = read(server)?;
+    let mut r = server.store().upload(slot).map_err(failed)?;
     if r.is_none() {
         server.cluster.read_barrier().await;
-        r = read(server)?;
+        r = server.store().upload(slot).map_err(failed)?;
     }
     Ok(r.filter(|r| r.filename == name))
 }
