@@ -215,28 +215,16 @@ async fn authenticate(s: &mut Stream) -> Result<Authenticated, ConnError> {
                     &mut plus_refused,
                 )
                 .await?;
-                match outcome {
-                    SaslOutcome::Success(user, additional) => {
-                        let mut ok = Element::new("success", ns::SASL);
-                        if let Some(d) = additional {
-                            ok = ok.text(B64.encode(d));
-                        }
-                        s.send(&ok).await?;
-                        s.parser.reset();
-                        return Ok(Authenticated { user, sasl2: None });
+                if let SaslOutcome::Success(user, additional) = outcome {
+                    let mut ok = Element::new("success", ns::SASL);
+                    if let Some(d) = additional {
+                        ok = ok.text(B64.encode(d));
                     }
-                    SaslOutcome::BadCredentials => failures += 1,
-                    // Bounded too, so a client cannot loop here forever.
-                    SaslOutcome::Refused => refusals += 1,
+                    s.send(&ok).await?;
+                    s.parser.reset();
+                    return Ok(Authenticated { user, sasl2: None });
                 }
-                if failures >= s.server.config.auth.max_attempts_per_stream
-                    || refusals > MAX_REFUSALS
-                {
-                    return Err(ConnError::stream(
-                        StreamError::PolicyViolation,
-                        "too many failed authentication attempts",
-                    ));
-                }
+                count_failure(s, &outcome, &mut failures, &mut refusals)?;
             } else if e.is("authenticate", sasl2::NS) {
                 if tls_needed {
                     s.send(&sasl2::failure(SaslFailure::EncryptionRequired, None))
@@ -256,24 +244,13 @@ async fn authenticate(s: &mut Stream) -> Result<Authenticated, ConnError> {
                     }
                     _ => sasl(s, Wire::Sasl2, mech, initial, &mut plus_refused).await?,
                 };
-                match outcome {
-                    SaslOutcome::Success(user, additional) => {
-                        return Ok(Authenticated {
-                            user,
-                            sasl2: Some((req, additional)),
-                        })
-                    }
-                    SaslOutcome::BadCredentials => failures += 1,
-                    SaslOutcome::Refused => refusals += 1,
+                if let SaslOutcome::Success(user, additional) = outcome {
+                    return Ok(Authenticated {
+                        user,
+                        sasl2: Some((req, additional)),
+                    });
                 }
-                if failures >= s.server.config.auth.max_attempts_per_stream
-                    || refusals > MAX_REFUSALS
-                {
-                    return Err(ConnError::stream(
-                        StreamError::PolicyViolation,
-                        "too many failed authentication attempts",
-                    ));
-                }
+                count_failure(s, &outcome, &mut failures, &mut refusals)?;
             } else if StanzaKind::of(&e) == Some(StanzaKind::Iq)
                 && e.get_child("query", ns::REGISTER).is_some()
                 && !tls_needed
@@ -296,6 +273,28 @@ async fn authenticate(s: &mut Stream) -> Result<Authenticated, ConnError> {
             }
         }
     }
+}
+
+/// Counts a failed exchange; too many close the stream (RFC 6120
+/// §6.4.5). Refusals are bounded too, so a client cannot loop forever.
+fn count_failure(
+    s: &Stream,
+    outcome: &SaslOutcome,
+    failures: &mut u32,
+    refusals: &mut u32,
+) -> Result<(), ConnError> {
+    match outcome {
+        SaslOutcome::BadCredentials => *failures += 1,
+        SaslOutcome::Refused => *refusals += 1,
+        SaslOutcome::Success(..) => {}
+    }
+    if *failures >= s.server.config.auth.max_attempts_per_stream || *refusals > MAX_REFUSALS {
+        return Err(ConnError::stream(
+            StreamError::PolicyViolation,
+            "too many failed authentication attempts",
+        ));
+    }
+    Ok(())
 }
 
 async fn upgrade(s: &mut Stream) -> Result<(), ConnError> {

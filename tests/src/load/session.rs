@@ -397,14 +397,7 @@ impl Negotiator<'_> {
             ));
         }
         let jid = format!("{}@{}", account.user, self.domain);
-        let failed = |reply: &Element| LoginError::Auth {
-            jid: jid.clone(),
-            condition: reply
-                .elements()
-                .find(|c| c.name != "text")
-                .map(|c| c.name.clone())
-                .unwrap_or_else(|| "failure".into()),
-        };
+        let failed = |reply: &Element| auth_failure(&jid, reply);
         let token = self.t.tokens().get(&i).cloned();
         // The same id each time: the server gives the user's token, and its
         // resource, back to it.
@@ -530,14 +523,7 @@ impl Negotiator<'_> {
             )));
         }
         let jid = format!("{}@{}", account.user, self.domain);
-        let auth_failed = |reply: &Element| LoginError::Auth {
-            jid: jid.clone(),
-            condition: reply
-                .elements()
-                .find(|c| c.name != "text")
-                .map(|c| c.name.clone())
-                .unwrap_or_else(|| "failure".into()),
-        };
+        let auth_failed = |reply: &Element| auth_failure(&jid, reply);
         let hash = match mech {
             Mech::Plain => {
                 let initial = plain_initial_response(None, &account.user, &account.password);
@@ -687,6 +673,18 @@ impl Negotiator<'_> {
             }
             self.framer.filled(n);
         }
+    }
+}
+
+/// A SASL `<failure/>` as the error that names its condition.
+fn auth_failure(jid: &str, reply: &Element) -> LoginError {
+    LoginError::Auth {
+        jid: jid.to_owned(),
+        condition: reply
+            .elements()
+            .find(|c| c.name != "text")
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| "failure".into()),
     }
 }
 
