@@ -258,25 +258,31 @@ async fn size_limit_quota_length_type_and_other_domains_are_refused() {
     assert_eq!(stanza_error(&reply).as_deref(), Some("forbidden"));
 }
 
-fn cluster_opts(id: u64, join: Vec<String>) -> NodeOptions {
+fn cluster_opts(id: u64, join: Vec<String>, extra: &str) -> NodeOptions {
     NodeOptions {
         node_id: id,
         join,
         cluster_config: "heartbeat_ms = 100\nelection_timeout_ms = 600\nwrite_timeout_ms = 3000\n"
             .into(),
-        extra_config: LIMITS.into(),
+        extra_config: format!("{LIMITS}{extra}"),
         ..NodeOptions::default()
     }
 }
 
-#[tokio::test]
-async fn a_file_put_to_one_node_is_fetched_through_another() {
-    let n1 = TestNode::start_with(cluster_opts(1, vec![])).expect("node 1");
+/// Node 1 bootstraps, 2 and 3 join; alice has an account.
+fn three(extra: &str) -> [TestNode; 3] {
+    let n1 = TestNode::start_with(cluster_opts(1, vec![], extra)).expect("node 1");
     let join = vec![n1.cluster.to_string()];
-    let n2 = TestNode::start_with(cluster_opts(2, join.clone())).expect("node 2");
-    let n3 = TestNode::start_with(cluster_opts(3, join)).expect("node 3");
+    let n2 = TestNode::start_with(cluster_opts(2, join.clone(), extra)).expect("node 2");
+    let n3 = TestNode::start_with(cluster_opts(3, join, extra)).expect("node 3");
     n1.wait_voters(3).expect("three members");
     n1.adduser("alice", PW).expect("adduser");
+    [n1, n2, n3]
+}
+
+#[tokio::test]
+async fn a_file_put_to_one_node_is_fetched_through_another() {
+    let [mut n1, n2, n3] = three("");
 
     // Alice is on node 2; her client uploads to node 1.
     let mut alice = Client::login_bound(&n2, "alice", PW, "a").await.unwrap();
@@ -309,5 +315,35 @@ async fn a_file_put_to_one_node_is_fetched_through_another() {
         assert!(got.body == data, "node {} served other bytes", n.node_id);
         assert_eq!(got.header("content-type"), Some("application/pdf"));
         assert_eq!(got.header("content-length"), Some("99999"));
+    }
+    // With node 1 gone, no other node has the bytes: they say so.
+    n1.kill();
+    let r = fetch(&n2, "GET", &get_url).await;
+    assert_eq!(r.status, 502, "{}", n2.log());
+    assert!(r.header("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn with_a_shared_directory_every_node_serves_from_disk() {
+    let shared = tempfile::tempdir().expect("shared dir");
+    let extra = format!("dir = {:?}\n", shared.path());
+    let [mut n1, n2, n3] = three(&extra);
+    let mut alice = Client::login_bound(&n3, "alice", PW, "a").await.unwrap();
+    let data = random_bytes(12_345);
+    let (put_url, get_url) =
+        urls(&ask_slot(&mut alice, "on a share.txt", data.len(), "text/plain").await);
+    let r = put(&n1, &put_url, "text/plain", &data).await;
+    assert_eq!(r.status, 201, "{}", n1.log());
+    let slot = path_of(&get_url).split('/').nth(2).unwrap().to_owned();
+    assert!(shared.path().join(&slot).exists());
+    for n in [&n2, &n3] {
+        assert_eq!(fetch(n, "GET", &get_url).await.status, 200);
+    }
+    // The node that took the PUT is gone; the others read the share.
+    n1.kill();
+    for n in [&n2, &n3] {
+        let got = fetch(n, "GET", &get_url).await;
+        assert_eq!(got.status, 200, "node {}: {}", n.node_id, n.log());
+        assert!(got.body == data);
     }
 }

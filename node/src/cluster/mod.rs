@@ -255,8 +255,8 @@ impl Cluster {
     /// asked (Raft's read index), so a read here sees every write
     /// acknowledged anywhere before it: an account made through node 1
     /// logs in on node 2, a roster set on node 1 is in node 2's next roster
-    /// get. The leader needs no round trip: it applied every write it
-    /// acknowledged. Bounded by the write timeout; a node with no leader
+    /// get. The leader needs no round trip, only to have applied what it
+    /// committed (a new leader may not have yet). Bounded by the write timeout; a node with no leader
     /// reads what it has (and refuses logins on its own, see `has_quorum`).
     pub async fn read_barrier(&self) {
         let wait = async {
@@ -267,6 +267,12 @@ impl Cluster {
                     return;
                 };
                 if leader == self.id {
+                    // Just elected, a leader may have committed entries it
+                    // has not applied yet (those of its predecessor).
+                    if let Ok((Some(read), _)) = self.raft.get_read_log_id().await {
+                        let mut applied = self.applied.clone();
+                        let _ = applied.wait_for(|a| *a >= read.index).await;
+                    }
                     return;
                 }
                 let index = match self.channels.get(&addr) {

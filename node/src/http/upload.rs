@@ -114,16 +114,22 @@ pub async fn preflight(State(http): State<Arc<Http>>, headers: HeaderMap) -> Res
     with_cors(&http, &headers, StatusCode::NO_CONTENT.into_response())
 }
 
-/// The slot's record, if `name` is its file name. A slot just handed out
-/// through another node may not have reached this one yet: when the
-/// record is missing, this node first catches up with the leader.
-async fn record(server: &Server, slot: &str, name: &str) -> Result<Option<UploadRecord>, Response> {
+/// The slot's record, if `name` is its file name. A slot just handed out,
+/// or a file just stored, through another node may not have reached this
+/// one yet: when the record is missing (or, with `stored`, says the file
+/// is not there yet), this node first catches up with the leader.
+async fn record(
+    server: &Server,
+    slot: &str,
+    name: &str,
+    stored: bool,
+) -> Result<Option<UploadRecord>, Response> {
     let failed = |e: crate::store::StoreError| {
         tracing::warn!(%slot, error = %e, "cannot read an upload record");
         plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the upload")
     };
     let mut r = server.store().upload(slot).map_err(failed)?;
-    if r.is_none() {
+    if r.as_ref().is_none_or(|r| stored && r.stored_on.is_none()) {
         server.cluster.read_barrier().await;
         r = server.store().upload(slot).map_err(failed)?;
     }
@@ -157,7 +163,7 @@ async fn store_put(
     let Some(path) = file_path(&dir, slot) else {
         return plain(StatusCode::NOT_FOUND, "no such upload slot");
     };
-    let rec = match record(server, slot, name).await {
+    let rec = match record(server, slot, name, false).await {
         Ok(Some(r)) => r,
         Ok(None) => return plain(StatusCode::NOT_FOUND, "no such upload slot"),
         Err(r) => return r,
@@ -380,7 +386,7 @@ async fn serve_get(http: &Http, slot: &str, name: &str, head: bool) -> Response 
     let Some(path) = file_path(&dir, slot) else {
         return plain(StatusCode::NOT_FOUND, "no such file");
     };
-    let rec = match record(server, slot, name).await {
+    let rec = match record(server, slot, name, true).await {
         Ok(Some(r)) => r,
         Ok(None) => return plain(StatusCode::NOT_FOUND, "no such file"),
         Err(r) => return r,
