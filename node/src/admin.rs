@@ -209,30 +209,14 @@ impl Admin for AdminService {
     ) -> Result<Response<MembershipReply>, Status> {
         let id = req.into_inner().node_id;
         let c = &self.server.cluster;
-        let m = c.raft.metrics().borrow().clone();
-        if m.current_leader != Some(c.id) {
-            return Err(Status::failed_precondition(format!(
-                "membership changes run on the leader: node {} (`clusterctl status` shows it)",
-                m.current_leader.map_or("unknown".into(), |l| l.to_string())
-            )));
-        }
-        let mut voters: std::collections::BTreeSet<u64> =
-            m.membership_config.membership().voter_ids().collect();
-        if !voters.remove(&id) && m.membership_config.membership().get_node(&id).is_none() {
-            return Err(Status::not_found(format!("node {id} is not a member")));
-        }
-        if voters.is_empty() {
-            return Err(Status::failed_precondition("cannot remove the last voter"));
-        }
-        c.raft
-            .change_membership(voters, false)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        // Its sessions leave the table with it.
-        let _ = c
-            .write(crate::cluster::state_machine::Command::NodeDown { node: id })
-            .await;
-        tracing::info!(node = id, "node removed from the cluster");
+        use crate::cluster::membership::{remove_member, RemoveError};
+        remove_member(c, id).await.map_err(|e| match e {
+            RemoveError::NotAMember(_) => Status::not_found(e.to_string()),
+            RemoveError::NotLeader(_) | RemoveError::LastVoter => {
+                Status::failed_precondition(e.to_string())
+            }
+            RemoveError::Raft(m) => Status::unavailable(m),
+        })?;
         Ok(Response::new(crate::cluster::service::membership_reply(
             &c.raft,
         )))
@@ -244,21 +228,7 @@ impl Admin for AdminService {
     ) -> Result<Response<MembershipReply>, Status> {
         let id = req.into_inner().node_id;
         let c = &self.server.cluster;
-        let addr = c
-            .addr_of(id)
-            .ok_or_else(|| Status::not_found(format!("node {id} is not a member")))?;
-        let mut client = c
-            .channels
-            .get(&addr)
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        client.elect(ElectRequest {}).await?;
-        // The election takes a round trip or two.
-        let mut metrics = c.raft.metrics();
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            metrics.wait_for(|m| m.current_leader == Some(id)),
-        )
-        .await;
+        crate::cluster::membership::elect(c, id).await?;
         Ok(Response::new(crate::cluster::service::membership_reply(
             &c.raft,
         )))

@@ -230,7 +230,9 @@ pub struct Flags {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// This node's id in the cluster.
+    /// This node's id in the cluster; 0 (the default): chosen at the
+    /// first start and kept in the data dir (`node.id`), so a pod gets no
+    /// id from outside and an empty volume is a new member.
     pub node_id: u64,
     /// Data directory (sled database, generated certificates).
     pub data_dir: PathBuf,
@@ -664,6 +666,20 @@ pub struct ClusterConfig {
     pub election_timeout_ms: u64,
     /// Build a snapshot (and compact the log) after this many entries.
     pub snapshot_every: u64,
+    /// The first `join` address is this node's own (a StatefulSet's pod
+    /// 0): with an empty log it waits this long for a listed peer that
+    /// already belongs to a cluster, then starts one.
+    pub bootstrap_wait_secs: u64,
+    /// The leader removes a member that has not answered and whose
+    /// advertised DNS name has not resolved for this long (a pod scaled
+    /// away on Kubernetes); 0 never removes. Members advertised by IP
+    /// address are never removed this way.
+    pub remove_unresolvable_after_secs: u64,
+    /// Where a draining node (SIGTERM) sends its TCP clients with
+    /// `<see-other-host/>` (`host` or `host:port`, e.g. the c2s Service's
+    /// name); without it they get `<system-shutdown/>` and reconnect as
+    /// they were configured.
+    pub see_other_host: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -680,6 +696,9 @@ impl Default for ClusterConfig {
             heartbeat_ms: 200,
             election_timeout_ms: 1_000,
             snapshot_every: 10_000,
+            bootstrap_wait_secs: 15,
+            remove_unresolvable_after_secs: 300,
+            see_other_host: None,
         }
     }
 }
@@ -890,7 +909,7 @@ fn addr(s: &str) -> SocketAddr {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            node_id: 1,
+            node_id: 0,
             data_dir: PathBuf::from("./data"),
             vhosts: vec![VHost {
                 name: "localhost".into(),
@@ -1695,12 +1714,6 @@ impl Config {
             return Err(ConfigError::Invalid {
                 origin: origin("cluster.snapshot_every"),
                 message: "must be at least 10 entries".into(),
-            });
-        }
-        if self.node_id == 0 {
-            return Err(ConfigError::Invalid {
-                origin: origin("node_id"),
-                message: "node ids start at 1".into(),
             });
         }
         Ok(())

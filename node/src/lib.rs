@@ -12,6 +12,7 @@ pub mod config;
 pub mod federation;
 pub mod files;
 pub mod http;
+pub mod metrics;
 pub mod modules;
 pub mod router;
 pub mod sessions;
@@ -65,6 +66,8 @@ pub struct Server {
     pub s2s: Option<Arc<s2s::Federation>>,
     /// Flips to `true` once: every listener and session task watches it.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// What `/metrics` shows; counted where things happen.
+    pub metrics: metrics::Metrics,
 }
 
 impl Server {
@@ -79,9 +82,10 @@ impl Server {
 }
 
 /// Opens the data directory and TLS material, then serves until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
     files::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    config.node_id = node_identity(&config)?;
     let store = Store::open(&config.data_dir.join("db")).with_context(|| {
         format!(
             "cannot open the database in {} (is another xmpp-node using it?)",
@@ -133,6 +137,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sessions: Sessions::default(),
         started: Instant::now(),
         shutdown,
+        metrics: metrics::Metrics::new(),
     });
 
     let c2s_plain = tokio::net::TcpListener::bind(server.config.listen.c2s)
@@ -186,10 +191,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cluster::membership::start(server.clone());
     federation::start(&server, s2s_listeners);
     http::start(&server, http_listeners);
+    metrics::start(&server);
     modules::upload::start(&server);
 
     wait_for_signal().await;
     tracing::info!("shutting down");
+    // A leader hands over first: the rest of the cluster goes on writing
+    // while this node drains, instead of waiting out an election.
+    cluster::membership::hand_over_leadership(&server.cluster).await;
     // Listeners stop accepting; every session writes its stream error,
     // then routes again what its client never acknowledged (to offline
     // storage, through the cluster) before it counts as gone.
@@ -259,6 +268,42 @@ async fn serve_peer(
     if let Err(e) = result {
         tracing::error!(error = %e, "cluster listener failed");
     }
+}
+
+/// This node's id: `node_id` when configured, else the one kept in
+/// `data_dir/node.id`, else a new random one (a new data dir is a new
+/// member: a pod back with an empty volume must not pose as its old self,
+/// whose Raft votes and log it has lost). A data dir from before ids were
+/// kept is node 1, the old default. A configured id that contradicts the
+/// kept one is refused rather than silently becoming another member.
+fn node_identity(config: &Config) -> anyhow::Result<u64> {
+    let path = config.data_dir.join("node.id");
+    let kept = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(s.trim().parse::<u64>().ok().filter(|&i| i != 0).with_context(|| {
+            format!(
+                "{} does not hold a node id; remove it only if this data dir is to become a new member",
+                path.display()
+            )
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let id = match (config.node_id, kept) {
+        (0, Some(id)) => id,
+        (0, None) if config.data_dir.join("db").exists() => 1,
+        // Below 2^53, so the id survives JSON tooling unchanged.
+        (0, None) => rand::Rng::gen_range(&mut rand::thread_rng(), 1..(1u64 << 53)),
+        (set, Some(id)) if set != id => anyhow::bail!(
+            "node_id is {set}, but data dir {} belongs to node {id}: give node_id = {id}, or a new data dir for a new member",
+            config.data_dir.display()
+        ),
+        (set, _) => set,
+    };
+    if kept.is_none() {
+        std::fs::write(&path, format!("{id}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(id)
 }
 
 /// 32 random bytes, made once and kept in `path` (mode 0600).

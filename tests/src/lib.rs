@@ -7,6 +7,7 @@ pub mod client;
 pub mod dns;
 pub mod ejabberd;
 pub mod faultnet;
+pub mod hosts;
 pub mod http;
 pub mod load;
 pub mod node;

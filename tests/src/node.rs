@@ -87,6 +87,11 @@ pub struct NodeOptions {
     /// The s2s listener (a free port when `None`): a peer that finds us
     /// through a hosts file dials port 5269.
     pub s2s_addr: Option<SocketAddr>,
+    /// The inter-node listener's port (a free one when `None`): pods of a
+    /// StatefulSet all listen on the same port, each on its own address.
+    pub cluster_port: Option<u16>,
+    /// Command-line arguments after `--config FILE`, as a pod's spec gives them.
+    pub args: Vec<String>,
 }
 
 impl Default for NodeOptions {
@@ -102,6 +107,8 @@ impl Default for NodeOptions {
             ip: None,
             admin_token_file: None,
             s2s_addr: None,
+            cluster_port: None,
+            args: Vec::new(),
         }
     }
 }
@@ -128,6 +135,7 @@ pub struct TestNode {
     pub domain: String,
     token_file: Option<PathBuf>,
     wait_quorum: bool,
+    args: Vec<String>,
 }
 
 impl TestNode {
@@ -148,6 +156,10 @@ impl TestNode {
         let ip = opts.ip.unwrap_or_else(fresh_ip);
         let [c2s, c2s_tls, s2s, http, https, grpc, cluster] = free_ports::<7>(ip)?;
         let s2s = opts.s2s_addr.unwrap_or(s2s);
+        let cluster = match opts.cluster_port {
+            Some(p) => SocketAddr::from((ip, p)),
+            None => cluster,
+        };
         let mut toml = format!(
             "data_dir = {:?}\nnode_id = {}\n",
             dir.path().join("data"),
@@ -194,6 +206,7 @@ impl TestNode {
             token_file: opts.admin_token_file.clone(),
             domain: opts.vhosts.first().cloned().unwrap_or_default(),
             wait_quorum: opts.wait_quorum,
+            args: opts.args.clone(),
         })
     }
 
@@ -224,6 +237,7 @@ impl TestNode {
         let child = Command::new(bin("xmpp-node"))
             .arg("--config")
             .arg(&self.config_path)
+            .args(&self.args)
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "info".into()),
@@ -345,6 +359,27 @@ impl TestNode {
             bail!("xmpp-node is still running");
         }
         self.spawn()
+    }
+
+    /// The id the node chose and keeps in its data dir (`node_id = 0`).
+    pub fn kept_id(&self) -> Option<u64> {
+        std::fs::read_to_string(self.dir.path().join("data").join("node.id"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Removes the data dir of a stopped node: a pod back with an empty volume.
+    pub fn wipe_data(&self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("xmpp-node is still running");
+        }
+        let data = self.dir.path().join("data");
+        if data.exists() {
+            std::fs::remove_dir_all(&data)?;
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -57,11 +57,14 @@ pub struct Stream {
     /// The client's stream open, kept for the `to` of our reply header.
     client_from: Option<String>,
     out: String,
+    /// Counted in `xmpp_connections` while the stream lives.
+    pub counted: crate::metrics::Connection,
 }
 
 impl Stream {
     pub fn new(server: Arc<Server>, io: Io, peer: SocketAddr) -> Stream {
         let limits = server.config.limits.parser();
+        let counted = server.metrics.connection(io.kind());
         Stream {
             server,
             io,
@@ -73,6 +76,7 @@ impl Stream {
             header_sent: false,
             client_from: None,
             out: String::new(),
+            counted,
         }
     }
 
@@ -289,7 +293,15 @@ impl Stream {
                 return;
             }
         }
-        let mut s = error.to_xml(text);
+        let mut s = match (&error, &self.server.config.cluster.see_other_host) {
+            // RFC 6120 §4.9.3.19: a draining node sends its TCP clients to
+            // a live one (`cluster.see_other_host`, e.g. the service name).
+            (StreamError::SystemShutdown, Some(host)) if !self.io.is_framed() => format!(
+                "<stream:error><see-other-host xmlns='urn:ietf:params:xml:ns:xmpp-streams'>{}</see-other-host></stream:error>",
+                xmpp::element::escape(host)
+            ),
+            _ => error.to_xml(text),
+        };
         s.push_str("</stream:stream>");
         let _ = self.write_raw(&s).await;
         self.shutdown().await;

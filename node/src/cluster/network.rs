@@ -149,10 +149,16 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 type RpcErr<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
+/// The metadata key naming the node a Raft RPC is meant for. A process
+/// at a member's address may be another member by now (a pod back with an
+/// empty volume has a new id); it must not answer for the old one, whose
+/// log and votes it does not have.
+pub const TARGET: &str = "x-raft-target";
+
 /// One generated client method, boxed.
 type Rpc = fn(
     PeerClient<Channel>,
-    RaftBytes,
+    tonic::Request<RaftBytes>,
 ) -> futures_util::future::BoxFuture<
     'static,
     Result<tonic::Response<RaftBytes>, tonic::Status>,
@@ -175,7 +181,11 @@ impl Connection {
             .channels
             .get(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let reply = match tokio::time::timeout(ttl, rpc(client, encode(req))).await {
+        let mut request = tonic::Request::new(encode(req));
+        if let Ok(v) = self.target.to_string().parse() {
+            request.metadata_mut().insert(TARGET, v);
+        }
+        let reply = match tokio::time::timeout(ttl, rpc(client, request)).await {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
                 return Err(if status.code() == tonic::Code::Unavailable {

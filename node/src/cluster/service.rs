@@ -68,6 +68,13 @@ pub async fn forward_write(
     }
 }
 
+/// What a node that belongs to no cluster answers a join with.
+pub const NOT_A_MEMBER: &str = "this node is not a member of any cluster";
+
+/// Starts every other join refusal: it came from a member of a cluster
+/// (as opposed to a peer that could not be reached).
+pub const FROM_MEMBER: &str = "cluster member: ";
+
 /// Asks the leader (through any member) to add `id` at `addr`.
 pub async fn request_join(
     channels: &Channels,
@@ -96,6 +103,17 @@ pub async fn admit(
     addr: &str,
 ) -> Result<MembershipReply, Status> {
     let metrics = raft.metrics().borrow().clone();
+    if metrics
+        .membership_config
+        .membership()
+        .voter_ids()
+        .next()
+        .is_none()
+    {
+        // Told apart from "no leader": a joiner that may bootstrap must
+        // know this peer holds no cluster it would split from.
+        return Err(Status::failed_precondition(NOT_A_MEMBER));
+    }
     let Some(leader) = metrics.current_leader else {
         return Err(Status::unavailable("no leader yet; try again"));
     };
@@ -111,6 +129,14 @@ pub async fn admit(
     let membership = metrics.membership_config.membership().clone();
     let is_voter = membership.voter_ids().any(|v| v == id);
     let known = membership.get_node(&id).map(|n| n.addr.clone());
+    // The same address under another id: that member's data dir is gone
+    // (a pod back with an empty volume), so its old self leaves as the new
+    // one comes in.
+    let stale: Vec<u64> = membership
+        .nodes()
+        .filter(|(other, n)| **other != id && n.addr == addr)
+        .map(|(other, _)| *other)
+        .collect();
     if !(is_voter && known.as_deref() == Some(addr)) {
         // Blocking: returns once the learner has caught up with the log.
         raft.add_learner(id, node(addr), true)
@@ -124,12 +150,55 @@ pub async fn admit(
             .voter_ids()
             .collect();
         voters.insert(id);
+        for old in &stale {
+            voters.remove(old);
+        }
+        // `retain = false`: a voter left out is removed, not kept as a learner.
         raft.change_membership(voters, false)
             .await
             .map_err(|e| Status::unavailable(format!("promoting the node to voter failed: {e}")))?;
+        let learners: std::collections::BTreeSet<u64> = {
+            let m = raft.metrics().borrow().clone();
+            let left = m.membership_config.membership().clone();
+            stale
+                .iter()
+                .copied()
+                .filter(|s| left.get_node(s).is_some())
+                .collect()
+        };
+        if !learners.is_empty() {
+            raft.change_membership(openraft::ChangeMembers::RemoveNodes(learners), false)
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("removing the stale member failed: {e}"))
+                })?;
+        }
+        if !stale.is_empty() {
+            tracing::info!(node = id, %addr, replaced = ?stale, "a member with an empty data dir replaced its old self");
+        }
         tracing::info!(node = id, %addr, "node joined the cluster as a voter");
     }
     Ok(membership_reply(raft))
+}
+
+impl PeerService {
+    /// Refuses a Raft RPC meant for another node id (see
+    /// [`super::network::TARGET`]); one without the key (an older peer)
+    /// is taken.
+    fn addressed_to_me<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let me = raft_id(&self.raft);
+        match req
+            .metadata()
+            .get(super::network::TARGET)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            Some(to) if to != me => Err(Status::failed_precondition(format!(
+                "this is node {me}, not node {to}: that member's data is gone from this address"
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 pub fn raft_id(raft: &Raft) -> u64 {
@@ -160,12 +229,14 @@ pub fn membership_reply(raft: &Raft) -> MembershipReply {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        self.addressed_to_me(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let r = self.raft.append_entries(rpc).await;
         Ok(Response::new(encode(&r)))
     }
 
     async fn vote(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        self.addressed_to_me(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let r = self.raft.vote(rpc).await;
         Ok(Response::new(encode(&r)))
@@ -175,6 +246,7 @@ impl Peer for PeerService {
         &self,
         req: Request<RaftBytes>,
     ) -> Result<Response<RaftBytes>, Status> {
+        self.addressed_to_me(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let r = self.raft.install_snapshot(rpc).await;
         Ok(Response::new(encode(&r)))
@@ -204,7 +276,15 @@ impl Peer for PeerService {
             admit(&self.raft, &self.channels, node_id, &addr),
         )
         .await
-        .map_err(|_| Status::deadline_exceeded("the new node did not catch up within 60 s"))??;
+        .map_err(|_| Status::deadline_exceeded("the new node did not catch up within 60 s"))
+        .and_then(|r| r)
+        .map_err(|s| {
+            if s.message() == NOT_A_MEMBER || s.message().starts_with(FROM_MEMBER) {
+                s
+            } else {
+                Status::new(s.code(), format!("{FROM_MEMBER}{}", s.message()))
+            }
+        })?;
         Ok(Response::new(r))
     }
 

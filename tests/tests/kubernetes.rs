@@ -1,0 +1,298 @@
+//! Pods of the StatefulSet in `deploy/kubernetes/`, as separate processes
+//! with exactly the arguments its spec gives them (no node id; advertise
+//! the pod's DNS name; join the list of pod names) and the pods' DNS names
+//! mapped to loopback addresses in /etc/hosts, where a test can make a name
+//! resolve late or vanish. Shows: pod 0 starts the cluster once no listed
+//! peer has one, the others join by name even when their names resolve only
+//! later; a pod back with an empty volume joins as a new member and its
+//! stale self is removed; scaling 3 -> 5 -> 3 changes membership with no
+//! operator command; a SIGTERM on the leader hands leadership over and
+//! sends clients to another host.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use tests::client::{body, message, Client, WAIT};
+use tests::hosts::Hosts;
+use tests::node::{fresh_ip, NodeOptions, TestNode};
+use xmpp::stanza::ns;
+
+const PW: &str = "secret";
+const PEER_PORT: u16 = 5291;
+
+/// A namespace of our own, so names never collide with a parallel test.
+fn namespace() -> String {
+    let mut raw = [0u8; 4];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
+    format!(
+        "t{}",
+        raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+struct StatefulSet {
+    ns: String,
+    hosts: Hosts,
+    pods: Vec<Option<TestNode>>,
+    ips: Vec<Ipv4Addr>,
+}
+
+impl StatefulSet {
+    fn new() -> StatefulSet {
+        StatefulSet {
+            ns: namespace(),
+            hosts: Hosts::new(),
+            pods: Vec::new(),
+            ips: Vec::new(),
+        }
+    }
+
+    fn name(&self, i: usize) -> String {
+        format!("xmpp-{i}.xmpp-peers.{}.svc.cluster.local", self.ns)
+    }
+
+    fn ip(&mut self, i: usize) -> Ipv4Addr {
+        while self.ips.len() <= i {
+            self.ips.push(fresh_ip());
+        }
+        self.ips[i]
+    }
+
+    /// The DNS name of pod `i` starts resolving.
+    fn publish(&mut self, i: usize) {
+        let (name, ip) = (self.name(i), self.ip(i));
+        self.hosts.add(&name, ip).expect("/etc/hosts");
+    }
+
+    fn unpublish(&self, i: usize) {
+        self.hosts.remove(&self.name(i)).expect("/etc/hosts");
+    }
+
+    /// The pod's arguments, as in deploy/kubernetes/base/statefulset.yaml
+    /// (with three `--join` entries for pods 0..2).
+    fn args(&self, i: usize) -> Vec<String> {
+        let mut a = vec![
+            "--log-format".into(),
+            "json".into(),
+            "--advertise-addr".into(),
+            format!("{}:{PEER_PORT}", self.name(i)),
+        ];
+        for j in 0..3 {
+            a.push("--join".into());
+            a.push(format!("{}:{PEER_PORT}", self.name(j)));
+        }
+        a
+    }
+
+    /// Creates pod `i` (not started): the ConfigMap's settings in its file.
+    fn create(&mut self, i: usize) {
+        let opts = NodeOptions {
+            node_id: 0,
+            ip: Some(self.ip(i)),
+            cluster_port: Some(PEER_PORT),
+            wait_quorum: false,
+            args: self.args(i),
+            cluster_config: "heartbeat_ms = 100\nelection_timeout_ms = 600\nnode_down_grace_secs = 2\nbootstrap_wait_secs = 2\nremove_unresolvable_after_secs = 3\nsee_other_host = \"xmpp.example.test\"\n".into(),
+            ..NodeOptions::default()
+        };
+        let pod = TestNode::create(opts).expect("pod");
+        while self.pods.len() <= i {
+            self.pods.push(None);
+        }
+        self.pods[i] = Some(pod);
+    }
+
+    fn pod(&mut self, i: usize) -> &mut TestNode {
+        self.pods[i].as_mut().expect("pod exists")
+    }
+
+    fn start(&mut self, i: usize) {
+        self.pod(i).start_again().expect("pod starts");
+    }
+
+    /// Waits until every running pod sees `want` voters with a quorum.
+    fn wait_voters(&mut self, want: usize) {
+        for p in self.pods.iter().flatten() {
+            if p.pid().is_some() {
+                p.wait_voters(want)
+                    .unwrap_or_else(|e| panic!("{e}\n{}", p.log()));
+            }
+        }
+    }
+
+    fn members(&self, via: usize) -> Vec<(u64, String)> {
+        let s = self.pods[via]
+            .as_ref()
+            .expect("pod")
+            .cluster_status()
+            .expect("status");
+        s["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter(|m| m["role"] != "learner")
+            .map(|m| {
+                (
+                    m["id"].as_u64().expect("id"),
+                    m["addr"].as_str().expect("addr").to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Sends a message from a user on pod `a` to a user on pod `b` and
+/// checks it arrives.
+async fn message_crosses(set: &mut StatefulSet, a: usize, b: usize, text: &str) {
+    let pa = set.pods[a].as_ref().unwrap();
+    let pb = set.pods[b].as_ref().unwrap();
+    let mut alice = Client::login_bound(pa, "alice", PW, "a").await.unwrap();
+    let mut bob = Client::login_bound(pb, "bob", PW, "b").await.unwrap();
+    bob.presence(1).await.unwrap();
+    bob.sync().await.unwrap();
+    alice.send(&message("bob@localhost/b", text)).await.unwrap();
+    // (An earlier message may come again first: a connection dropped
+    // without closing its stream hands its last deliveries on.)
+    bob.recv_until(|e| body(e).as_deref() == Some(text), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+}
+
+#[tokio::test]
+async fn pods_join_by_names_that_resolve_late_and_an_empty_volume_replaces_its_old_self() {
+    let mut set = StatefulSet::new();
+    for i in 0..3 {
+        set.create(i);
+    }
+    // All three start at once (podManagementPolicy: Parallel); only pod
+    // 0's name resolves yet.
+    set.publish(0);
+    for i in 0..3 {
+        set.start(i);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    set.publish(1);
+    set.publish(2);
+    set.wait_voters(3);
+
+    // Every member is known by its DNS name, under an id it chose itself.
+    let members = set.members(0);
+    for i in 0..3 {
+        let name = format!("{}:{PEER_PORT}", set.name(i));
+        let kept = set.pods[i].as_ref().unwrap().kept_id().expect("id kept");
+        assert!(
+            members.contains(&(kept, name.clone())),
+            "{name} as {kept} in {members:?}"
+        );
+    }
+    let p0 = set.pods[0].as_ref().unwrap();
+    p0.adduser("alice", PW).unwrap();
+    p0.adduser("bob", PW).unwrap();
+    message_crosses(&mut set, 0, 2, "across pods").await;
+
+    // Pod 2 comes back with an empty volume: a new member under a new id,
+    // and its old self is gone from the membership.
+    let old = set.pods[2].as_ref().unwrap().kept_id().unwrap();
+    set.pod(2).kill();
+    set.pod(2).wipe_data().unwrap();
+    set.start(2);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let new = set.pods[2].as_ref().unwrap().kept_id();
+        let members = set.members(0);
+        let ids: Vec<u64> = members.iter().map(|m| m.0).collect();
+        if new.is_some_and(|n| n != old && ids.contains(&n))
+            && !ids.contains(&old)
+            && ids.len() == 3
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old {old}, new {new:?}, members {members:?}\n{}",
+            set.pods
+                .iter()
+                .flatten()
+                .flat_map(|p| p
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("panic") || l.contains("ERROR"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    set.wait_voters(3);
+    // It serves: accounts made before it was wiped log in through it.
+    message_crosses(&mut set, 2, 1, "after the new volume").await;
+}
+
+#[tokio::test]
+async fn scaling_changes_membership_and_sigterm_hands_over_and_moves_clients() {
+    let mut set = StatefulSet::new();
+    for i in 0..3 {
+        set.create(i);
+        set.publish(i);
+    }
+    for i in 0..3 {
+        set.start(i);
+    }
+    set.wait_voters(3);
+
+    // Scale to 5: the new pods join by name; nobody runs a command.
+    for i in 3..5 {
+        set.create(i);
+        set.publish(i);
+        set.start(i);
+    }
+    set.wait_voters(5);
+
+    // Scale back to 3: the pods go, and so do their names.
+    for i in (3..5).rev() {
+        set.pod(i).stop().unwrap();
+        set.unpublish(i);
+    }
+    set.wait_voters(3);
+    let names: Vec<String> = set.members(0).into_iter().map(|m| m.1).collect();
+    for i in 0..3 {
+        assert!(
+            names.contains(&format!("{}:{PEER_PORT}", set.name(i))),
+            "{names:?}"
+        );
+    }
+
+    // SIGTERM on the leader: a client is sent to another host, and
+    // another pod leads at once (no election timeout to wait out).
+    let leader = (0..3)
+        .find(|&i| {
+            set.pods[i]
+                .as_ref()
+                .and_then(|p| p.cluster_status().ok())
+                .is_some_and(|s| s["role"] == "leader")
+        })
+        .expect("a leader");
+    let p = set.pods[leader].as_ref().unwrap();
+    p.adduser("carol", PW).unwrap();
+    let mut carol = Client::login_bound(p, "carol", PW, "c").await.unwrap();
+    set.pod(leader).stop().unwrap();
+    let e = carol
+        .recv_until(|e| e.is("error", ns::STREAM), WAIT)
+        .await
+        .expect("a stream error");
+    let host = e
+        .get_child("see-other-host", "urn:ietf:params:xml:ns:xmpp-streams")
+        .map(|h| h.text_content());
+    assert_eq!(host.as_deref(), Some("xmpp.example.test"));
+    let log = set.pods[leader].as_ref().unwrap().log();
+    assert!(
+        log.contains("handed leadership over before shutting down"),
+        "{log}"
+    );
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    for &i in &others {
+        let s = set.pods[i].as_ref().unwrap().cluster_status().unwrap();
+        assert!(s["leader"].as_u64().is_some(), "{s}");
+    }
+}
