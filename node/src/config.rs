@@ -1802,6 +1802,49 @@ mod tests {
         Ok(c)
     }
 
+    /// The `node.toml` of deploy/kubernetes/base/configmap.yaml: the block
+    /// under `node.toml: |`, unindented; with `uncomment`, its commented
+    /// settings (`# key = …`, `# [table]`) are taken too.
+    fn configmap_toml(uncomment: bool) -> String {
+        let yaml = include_str!("../../deploy/kubernetes/base/configmap.yaml");
+        let mut lines = yaml
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("node.toml: |"));
+        lines.next();
+        let mut out = String::new();
+        for l in lines.take_while(|l| l.is_empty() || l.starts_with("    ")) {
+            let l = l.strip_prefix("    ").unwrap_or(l);
+            let setting = l.strip_prefix("# ").filter(|r| {
+                r.starts_with('[') || r.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            });
+            match setting {
+                Some(r) if uncomment => out.push_str(r),
+                _ => out.push_str(l),
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    #[test]
+    fn the_kubernetes_configmap_is_a_valid_config_with_and_without_its_options() {
+        for uncomment in [false, true] {
+            let text = configmap_toml(uncomment);
+            assert!(text.contains("[cluster]"), "{text}");
+            let path = Path::new("/etc/xmpp/node.toml");
+            let mut c = Config::from_toml(&text, path).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            // What the StatefulSet's flags add (statefulset.yaml).
+            let tls = Path::new("/etc/xmpp/cluster-tls");
+            c.cluster.ca = Some(tls.join("ca.crt"));
+            c.cluster.cert = Some(tls.join("tls.crt"));
+            c.cluster.key = Some(tls.join("tls.key"));
+            c.validate(Some((path, &text)))
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(c.node_id, 0, "pods choose their ids");
+            assert_eq!(c.cluster.see_other_host.is_some(), uncomment, "{text}");
+        }
+    }
+
     #[test]
     fn values_that_cannot_work_name_file_line_and_fix() {
         let msg = load_str("node_id = 2\n[limits]\nmax_depth = 32\nwrite_timeout_secs = 0\n")

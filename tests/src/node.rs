@@ -361,6 +361,11 @@ impl TestNode {
         self.spawn()
     }
 
+    /// Replaces the command-line arguments (before the node starts).
+    pub fn set_args(&mut self, args: Vec<String>) {
+        self.args = args;
+    }
+
     /// The id the node chose and keeps in its data dir (`node_id = 0`).
     pub fn kept_id(&self) -> Option<u64> {
         std::fs::read_to_string(self.dir.path().join("data").join("node.id"))

@@ -35,15 +35,48 @@ struct StatefulSet {
     hosts: Hosts,
     pods: Vec<Option<TestNode>>,
     ips: Vec<Ipv4Addr>,
+    /// The Secrets' files: cluster CA and the one wildcard node
+    /// certificate, and the admin token.
+    secrets: tempfile::TempDir,
+}
+
+/// The container's `args` in deploy/kubernetes/base/statefulset.yaml.
+fn pod_args_in_spec() -> Vec<String> {
+    let spec = include_str!("../../deploy/kubernetes/base/statefulset.yaml");
+    let mut lines = spec.lines().skip_while(|l| l.trim() != "args:");
+    lines.next();
+    lines
+        .map(str::trim)
+        .take_while(|l| l.starts_with("- "))
+        .map(|l| l[2..].trim().to_owned())
+        .collect()
 }
 
 impl StatefulSet {
     fn new() -> StatefulSet {
+        let ns = namespace();
+        let secrets = tempfile::tempdir().expect("temp dir");
+        // As the README has operators make them: one certificate for
+        // every pod's name.
+        let out = std::process::Command::new(tests::node::bin("clusterctl"))
+            .args(["certs", "init", "--dir"])
+            .arg(secrets.path().join("cluster-tls"))
+            .arg("--node")
+            .arg(format!("1=*.xmpp-peers.{ns}.svc.cluster.local"))
+            .output()
+            .expect("clusterctl certs init");
+        assert!(out.status.success(), "{out:?}");
+        std::fs::write(
+            secrets.path().join("token"),
+            "a-test-admin-token-of-enough-length\n",
+        )
+        .expect("token");
         StatefulSet {
-            ns: namespace(),
+            ns,
             hosts: Hosts::new(),
             pods: Vec::new(),
             ips: Vec::new(),
+            secrets,
         }
     }
 
@@ -68,34 +101,59 @@ impl StatefulSet {
         self.hosts.remove(&self.name(i)).expect("/etc/hosts");
     }
 
-    /// The pod's arguments, as in deploy/kubernetes/base/statefulset.yaml
-    /// (with three `--join` entries for pods 0..2).
-    fn args(&self, i: usize) -> Vec<String> {
-        let mut a = vec![
-            "--log-format".into(),
-            "json".into(),
-            "--advertise-addr".into(),
-            format!("{}:{PEER_PORT}", self.name(i)),
-        ];
-        for j in 0..3 {
-            a.push("--join".into());
-            a.push(format!("{}:{PEER_PORT}", self.name(j)));
+    /// Pod `i`'s arguments: the spec's, with `$(POD_NAME)` and
+    /// `$(POD_NAMESPACE)` as Kubernetes fills them, and the mounted files'
+    /// paths (`/etc/xmpp/...`, the volume) pointing at this test's copies.
+    /// `--config` is the test node's own (it carries the test's addresses).
+    fn args(&self, i: usize, data_dir: &std::path::Path) -> Vec<String> {
+        let secrets = self.secrets.path();
+        let file = |p: &str| -> String {
+            let mapped = match p {
+                "/etc/xmpp/cluster-tls/ca.crt" => secrets.join("cluster-tls/ca.crt"),
+                "/etc/xmpp/cluster-tls/tls.crt" => secrets.join("cluster-tls/node-1.crt"),
+                "/etc/xmpp/cluster-tls/tls.key" => secrets.join("cluster-tls/node-1.key"),
+                "/etc/xmpp/admin/token" => secrets.join("token"),
+                "/var/lib/xmpp/data" => data_dir.to_owned(),
+                other => panic!("the spec mounts {other}: map it in this test"),
+            };
+            mapped.display().to_string()
+        };
+        let spec = pod_args_in_spec();
+        let mut out = Vec::new();
+        let mut it = spec.iter();
+        while let Some(a) = it.next() {
+            if a == "--config" {
+                it.next();
+                continue;
+            }
+            if a.starts_with('/') {
+                out.push(file(a));
+            } else {
+                out.push(
+                    a.replace("$(POD_NAME)", &format!("xmpp-{i}"))
+                        .replace("$(POD_NAMESPACE)", &self.ns),
+                );
+            }
         }
-        a
+        assert!(out.iter().any(|a| a == "--join"), "{spec:?}");
+        out
     }
 
     /// Creates pod `i` (not started): the ConfigMap's settings in its file.
     fn create(&mut self, i: usize) {
+        let ip = self.ip(i);
         let opts = NodeOptions {
             node_id: 0,
-            ip: Some(self.ip(i)),
+            ip: Some(ip),
             cluster_port: Some(PEER_PORT),
             wait_quorum: false,
-            args: self.args(i),
+            admin_token_file: Some(self.secrets.path().join("token")),
             cluster_config: "heartbeat_ms = 100\nelection_timeout_ms = 600\nnode_down_grace_secs = 2\nbootstrap_wait_secs = 2\nremove_unresolvable_after_secs = 3\nsee_other_host = \"xmpp.example.test\"\n".into(),
             ..NodeOptions::default()
         };
-        let pod = TestNode::create(opts).expect("pod");
+        let mut pod = TestNode::create(opts).expect("pod");
+        let args = self.args(i, &pod.dir.path().join("data"));
+        pod.set_args(args);
         while self.pods.len() <= i {
             self.pods.push(None);
         }
