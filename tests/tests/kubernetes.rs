@@ -354,3 +354,118 @@ async fn scaling_changes_membership_and_sigterm_hands_over_and_moves_clients() {
         assert!(s["leader"].as_u64().is_some(), "{s}");
     }
 }
+
+/// One roster write through whichever pod answers first, starting at
+/// `first`; `Ok(true)` when the server acknowledged it (IQ result).
+async fn roster_write(c2s: &[std::net::SocketAddr], first: usize, n: u32) -> (usize, bool) {
+    for k in 0..c2s.len() {
+        let at = (first + k) % c2s.len();
+        let Ok(mut c) = Client::login_at(c2s[at], "localhost", "writer", PW, "w").await else {
+            continue;
+        };
+        let item = xmpp::element::Element::new("item", ns::ROSTER)
+            .attr("jid", format!("contact{n}@example.net"));
+        let iq = c.make_iq(
+            "set",
+            None,
+            xmpp::element::Element::new("query", ns::ROSTER).child(item),
+        );
+        match c.iq(iq).await {
+            Ok(r) => return (at, r.get_attr("type") == Some("result")),
+            Err(_) => continue,
+        }
+    }
+    (first, false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_writes_loses_no_acknowledged_write() {
+    let mut set = StatefulSet::new();
+    for i in 0..3 {
+        set.create(i);
+        set.publish(i);
+    }
+    for i in 0..3 {
+        set.start(i);
+    }
+    set.wait_voters(3);
+    set.pods[0].as_ref().unwrap().adduser("writer", PW).unwrap();
+    let c2s: Vec<std::net::SocketAddr> = set.pods.iter().flatten().map(|p| p.c2s).collect();
+
+    // A client writes without pause, each write on a new login, moving to
+    // the next pod whenever one does not answer (as a client behind the
+    // Service would be sent to a live pod).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let writer = {
+        let (stop, acked, c2s) = (stop.clone(), acked.clone(), c2s.clone());
+        tokio::spawn(async move {
+            let (mut at, mut n) = (0, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (used, ok) = roster_write(&c2s, at, n).await;
+                at = used;
+                if ok {
+                    acked.lock().unwrap().push(n);
+                }
+                n += 1;
+            }
+        })
+    };
+    let count = || acked.lock().unwrap().len();
+    let wait_progress = |before: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while count() < before + 3 {
+            assert!(Instant::now() < deadline, "writes stopped after {before}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_progress(0);
+    // Pod by pod, as `kubectl rollout restart` does: SIGTERM, start, ready.
+    for i in (0..3).rev() {
+        let before = count();
+        let mut pod = set.pods[i].take().unwrap();
+        let pod = tokio::task::spawn_blocking(move || {
+            pod.stop().expect("drains on SIGTERM");
+            pod.start_again().expect("starts again");
+            pod
+        })
+        .await
+        .unwrap();
+        set.pods[i] = Some(pod);
+        set.wait_voters(3);
+        // Writes went on through the restart.
+        wait_progress(before);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+
+    // Every acknowledged write is there, read through every pod.
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 12, "{acked:?}");
+    for p in set.pods.iter().flatten() {
+        let mut c = Client::login_at(p.c2s, "localhost", "writer", PW, "check")
+            .await
+            .unwrap();
+        let iq = c.make_iq(
+            "get",
+            None,
+            xmpp::element::Element::new("query", ns::ROSTER),
+        );
+        let roster = c.iq(iq).await.unwrap();
+        let have: std::collections::HashSet<String> = roster
+            .get_child("query", ns::ROSTER)
+            .map(|q| {
+                q.elements()
+                    .filter_map(|i| i.get_attr("jid"))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for n in &acked {
+            assert!(
+                have.contains(&format!("contact{n}@example.net")),
+                "acknowledged write {n} missing on a pod"
+            );
+        }
+    }
+}
