@@ -65,6 +65,11 @@ struct Shared {
 }
 
 impl Sender {
+    /// Entries waiting in this queue.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     pub fn send(&self, o: Outbound) -> Result<(), Outbound> {
         let size = o.bytes();
         let before = self.shared.bytes.fetch_add(size, Ordering::Relaxed);
@@ -290,6 +295,12 @@ impl Sessions {
     /// All sessions of a user.
     pub fn resources(&self, user: &BareJid) -> Vec<Resource> {
         self.read().get(user).cloned().unwrap_or_default()
+    }
+
+    /// Entries waiting in every session queue of this node (a batch is
+    /// one entry), read at scrape time.
+    pub fn queued(&self) -> usize {
+        self.read().values().flatten().map(|r| r.tx.queued()).sum()
     }
 
     pub fn count(&self) -> usize {

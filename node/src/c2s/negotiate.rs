@@ -307,6 +307,7 @@ async fn upgrade(s: &mut Stream) -> Result<(), ConnError> {
     let tls = s.server.tls.acceptor.accept(tcp).await?;
     s.cb = s.server.tls.channel_bindings(tls.get_ref().1);
     s.io = Io::Tls(Box::new(tls));
+    s.counted.retransport(&s.server.metrics, s.io.kind());
     Ok(())
 }
 
@@ -446,6 +447,7 @@ async fn sasl(
                     return Ok(SaslOutcome::Refused);
                 }
                 tracing::info!(user = %jid, peer = %s.peer, mechanism = mech.name(), "authenticated");
+                s.server.metrics.login(mech.name());
                 return Ok(SaslOutcome::Success(jid, additional_data));
             }
             Step::Failure { failure, username } => {
@@ -497,6 +499,7 @@ async fn failed_login(
         .throttle
         .fail_login(s.peer.ip(), account, Instant::now());
     tracing::info!(user = ?account, peer = %s.peer, mechanism, delay_ms = delay.as_millis() as u64, "authentication failed");
+    s.server.metrics.auth_failure(mechanism);
     tokio::time::sleep_until((began + delay).into()).await;
     s.send(&wire.failure(failure, None)).await
 }
@@ -523,6 +526,7 @@ async fn fast(
                 return Ok(SaslOutcome::Refused);
             }
             tracing::info!(%user, peer = %s.peer, mechanism = mech.name(), "authenticated");
+            s.server.metrics.login(mech.name());
             Ok(SaslOutcome::Success(user, Some(additional)))
         }
         sasl2::FastOutcome::BadCredentials { account } => {

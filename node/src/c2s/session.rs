@@ -517,6 +517,7 @@ impl Session {
                     // Never held back by CSI: storage waits for this write.
                     self.flush_held(out);
                     for x in &v {
+                        self.server.metrics.stanza_out(x);
                         out.push_str(x);
                     }
                     match &mut self.sm {
@@ -561,6 +562,7 @@ impl Session {
     }
 
     fn emit(&mut self, x: Arc<str>, out: &mut String) {
+        self.server.metrics.stanza_out(&x);
         out.push_str(&x);
         if let Some(sm) = &mut self.sm {
             sm.push(x);
@@ -776,6 +778,7 @@ async fn handle(
             format!("<{}/> in {} is not a stanza", e.name, e.ns),
         ));
     };
+    server.metrics.stanza_in(kind);
     // RFC 6120 §8.1.2.1: the server stamps the full JID; a `from` naming
     // anyone else is refused (§4.9.3.9 invalid-from).
     if let Some(from) = e.get_attr("from") {

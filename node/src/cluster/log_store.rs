@@ -94,6 +94,16 @@ impl LogStore {
         }
     }
 
+    /// The committed index as last saved (0 before any), read for
+    /// `/metrics` and `/readyz`: openraft 0.9's metrics do not carry it.
+    pub fn committed_index(&self) -> u64 {
+        self.get_meta::<Option<LogId<NodeId>>>(COMMITTED)
+            .ok()
+            .flatten()
+            .flatten()
+            .map_or(0, |l| l.index)
+    }
+
     async fn put_meta<T: serde::Serialize>(
         &self,
         key: &[u8],

@@ -148,6 +148,11 @@ impl Cluster {
         *self.applied.borrow()
     }
 
+    /// The highest log index this node knows to be committed.
+    pub fn committed_index(&self) -> u64 {
+        self.log.committed_index()
+    }
+
     /// The leader as this node last heard, and its address.
     pub fn leader(&self) -> Option<(u64, String)> {
         let m = self.raft.metrics();

@@ -2,8 +2,9 @@
 //! certificates chosen by SNI): BOSH at `/http-bind` ([`bosh`]), WebSocket
 //! at `/xmpp-websocket` ([`ws`]), XEP-0156 discovery at
 //! `/.well-known/host-meta` and `host-meta.json`, file upload (XEP-0363)
-//! at `/upload/` ([`upload`]). Both transports are thin adapters over the
-//! c2s session core (`c2s::serve`).
+//! at `/upload/` ([`upload`]), and for operators `/metrics`, `/healthz`
+//! and `/readyz` ([`crate::metrics`]). Both transports are thin adapters
+//! over the c2s session core (`c2s::serve`).
 
 pub mod bosh;
 pub mod upload;
@@ -110,6 +111,9 @@ fn router(http: Arc<Http>) -> Router {
             "/.well-known/host-meta.json",
             get(host_meta_json).options(preflight),
         )
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(http)
 }
 
@@ -223,6 +227,31 @@ async fn preflight(State(http): State<Arc<Http>>, headers: HeaderMap) -> Respons
         r.headers_mut().insert(k, v);
     }
     r
+}
+
+/// Prometheus scrapes this (README, "Metrics and health").
+async fn metrics(State(http): State<Arc<Http>>) -> Response {
+    let body = http.server.metrics.render(&http.server);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
+}
+
+/// Liveness: the process answers. It never asks the cluster, so a node
+/// cut off from its peers is not restarted for it.
+async fn healthz() -> Response {
+    "ok\n".into_response()
+}
+
+/// Readiness: a caught-up voting member of a cluster with a leader;
+/// otherwise 503 and why, in one line.
+async fn readyz(State(http): State<Arc<Http>>) -> Response {
+    match crate::metrics::readiness(&http.server).await {
+        Ok(()) => "ready\n".into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// The base URL the discovery links point under: `http.public_url`, or

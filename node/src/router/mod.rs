@@ -20,6 +20,7 @@ use xmpp::error::StanzaError;
 use xmpp::jid::{BareJid, FullJid, Jid};
 use xmpp::stanza::{error_reply, iq_payload, ns, IqType, MessageType, PresenceType, StanzaKind};
 
+use crate::metrics::Outcome;
 use crate::modules::{IqRequest, IqTarget, RouteCheck};
 use crate::sessions::{Outbound, Resource};
 use crate::Server;
@@ -91,6 +92,7 @@ async fn route_with(server: &Server, mut stanza: Element, pass: Pass) {
                 RouteCheck::Pass => {}
                 RouteCheck::Drop => return,
                 RouteCheck::Refuse(condition, extra) => {
+                    server.metrics.routed(Outcome::Error);
                     if let Some(mut reply) = error_reply(&stanza, condition, None) {
                         if let (Some(extra), Some(err)) =
                             (extra, reply.get_child_mut("error", &stanza.ns))
@@ -129,11 +131,13 @@ async fn route_with(server: &Server, mut stanza: Element, pass: Pass) {
             .find(|m| m.owns_domain(server, to.domain()))
         {
             if let Some(from) = from {
+                server.metrics.routed(Outcome::Local);
                 m.handle_component(server, stanza, from, to).await;
             }
             return;
         }
         // Another domain: over s2s (DESIGN.md, "The life of a stanza").
+        server.metrics.routed(Outcome::S2s);
         let remote = to.domain().to_owned();
         return crate::federation::route_remote(server, stanza, &remote);
     }
@@ -146,6 +150,7 @@ async fn route_with(server: &Server, mut stanza: Element, pass: Pass) {
 
 /// Sends an error reply to the stanza's sender, unless it is an error itself.
 pub fn bounce(server: &Server, stanza: &Element, condition: StanzaError, text: Option<&str>) {
+    server.metrics.routed(Outcome::Error);
     if let Some(reply) = error_reply(stanza, condition, text) {
         deliver_reply(server, reply);
     }
@@ -192,6 +197,7 @@ fn forward_full(
     };
     let xml = serialize(stanza);
     remote::forward(server, node, delivery, &full.to_string(), "", &xml);
+    server.metrics.routed(Outcome::OtherNode);
     true
 }
 
@@ -224,6 +230,7 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         Jid::Full(full) => {
             if let Some(r) = server.sessions.get(full) {
                 if r.tx.send(Outbound::Xml(serialize(&stanza))).is_ok() {
+                    server.metrics.routed(Outcome::Local);
                     delivered(server, &stanza, full.bare(), &[full.resource()]);
                     return;
                 }
@@ -268,10 +275,13 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
                     .iter()
                     .filter(|r| r.available && r.priority >= 0)
                     .collect();
-                send_to(&all, &xml);
+                if send_to(&all, &xml) > 0 {
+                    server.metrics.routed(Outcome::Local);
+                }
             });
             if pass.cluster {
                 for node in remote::nodes_of(server, &bare, |e| e.available && e.priority >= 0) {
+                    server.metrics.routed(Outcome::OtherNode);
                     remote::forward(
                         server,
                         node,
@@ -321,7 +331,11 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
                     }
                 }
             }
+            if forwarded {
+                server.metrics.routed(Outcome::OtherNode);
+            }
             if !reached.is_empty() {
+                server.metrics.routed(Outcome::Local);
                 let names: Vec<&str> = reached.iter().map(String::as_str).collect();
                 delivered(server, &stanza, &bare, &names);
             }
@@ -362,12 +376,16 @@ async fn store_offline(server: &Server, user: &BareJid, stanza: &Element) {
     for m in server.modules.iter() {
         match m.on_message_offline(server, user, stanza).await {
             Some(Ok(())) => {
+                server.metrics.routed(Outcome::Offline);
                 for m in server.modules.iter() {
                     m.on_offline_stored(server, user, stanza);
                 }
                 return;
             }
-            Some(Err(reply)) => return deliver_reply(server, reply),
+            Some(Err(reply)) => {
+                server.metrics.routed(Outcome::Error);
+                return deliver_reply(server, reply);
+            }
             None => {}
         }
     }
@@ -387,7 +405,9 @@ fn route_presence(server: &Server, stanza: Element, to: Jid, pass: Pass) {
     match &to {
         Jid::Full(full) => {
             if let Some(r) = server.sessions.get(full) {
-                let _ = r.tx.send(Outbound::Xml(serialize(&stanza)));
+                if r.tx.send(Outbound::Xml(serialize(&stanza))).is_ok() {
+                    server.metrics.routed(Outcome::Local);
+                }
             } else {
                 forward_full(server, full, &stanza, pass, Delivery::FullOrDrop);
             }
@@ -402,9 +422,11 @@ fn route_presence(server: &Server, stanza: Element, to: Jid, pass: Pass) {
             let resources = server.sessions.resources(bare);
             let all: Vec<&Resource> = resources.iter().filter(|r| r.available).collect();
             let xml = serialize(&stanza);
-            send_to(&all, &xml);
-            if pass.cluster {
-                remote::to_available(server, bare, &xml);
+            if send_to(&all, &xml) > 0 {
+                server.metrics.routed(Outcome::Local);
+            }
+            if pass.cluster && remote::to_available(server, bare, &xml) > 0 {
+                server.metrics.routed(Outcome::OtherNode);
             }
         }
     }
@@ -431,7 +453,10 @@ async fn route_iq(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         Jid::Full(full) => {
             match server.sessions.get(full) {
                 Some(r) => {
-                    let _ = r.tx.send(Outbound::Xml(serialize(&stanza)));
+                    let sent = r.tx.send(Outbound::Xml(serialize(&stanza))).is_ok();
+                    if sent {
+                        server.metrics.routed(Outcome::Local);
+                    }
                 }
                 None if forward_full(server, full, &stanza, pass, Delivery::Full) => {}
                 // RFC 6121 §8.5.3.2.1: requests get an error, responses are dropped.
@@ -450,6 +475,7 @@ async fn route_iq(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         // module may be waiting for one; nothing else is.
         for m in server.modules.iter() {
             if m.on_iq_response(server, &stanza).await {
+                server.metrics.routed(Outcome::Local);
                 return;
             }
         }
@@ -484,6 +510,7 @@ async fn route_iq(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         // §8.4: an unknown namespace is not supported by the server.
         return bounce(server, &stanza, StanzaError::ServiceUnavailable, None);
     };
+    server.metrics.routed(Outcome::Local);
     let req = IqRequest {
         iq: &stanza,
         payload,

@@ -129,6 +129,7 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
             if !returned {
                 if let Some(r) = server.sessions.get(&full) {
                     if r.tx.send(Outbound::Xml(Arc::from(xml))).is_ok() {
+                        server.metrics.routed(crate::metrics::Outcome::Local);
                         if delivery == Delivery::Full && xml.starts_with("<message") {
                             after_message(server, &full, xml);
                         }
