@@ -1,6 +1,6 @@
 //! Logging through `tracing`: text or JSON lines on stderr, filtered by the
-//! config's `log.level` (overridden by `RUST_LOG`). OTLP export and
-//! Prometheus metrics arrive with the operations issue.
+//! config's `log.level` (overridden by `RUST_LOG`). OTLP export arrives
+//! with the operations issue; Prometheus metrics are in [`crate::metrics`].
 
 use crate::config::{Log, LogFormat};
 
