@@ -9,6 +9,7 @@ pub mod admin;
 pub mod c2s;
 pub mod cluster;
 pub mod config;
+pub mod fds;
 pub mod federation;
 pub mod files;
 pub mod http;
@@ -86,6 +87,15 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     files::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     config.node_id = node_identity(&config)?;
+    match fds::raise_limit() {
+        Ok(l) => tracing::info!(
+            soft_before = l.soft_before,
+            soft = l.soft,
+            hard = l.hard,
+            "open-files limit: every connection takes one"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
     let store = Store::open(&config.data_dir.join("db")).with_context(|| {
         format!(
             "cannot open the database in {} (is another xmpp-node using it?)",

@@ -92,6 +92,8 @@ pub struct NodeOptions {
     pub cluster_port: Option<u16>,
     /// Command-line arguments after `--config FILE`, as a pod's spec gives them.
     pub args: Vec<String>,
+    /// The open-files limit (soft, hard) the node starts with.
+    pub nofile: Option<(u64, u64)>,
 }
 
 impl Default for NodeOptions {
@@ -109,6 +111,7 @@ impl Default for NodeOptions {
             s2s_addr: None,
             cluster_port: None,
             args: Vec::new(),
+            nofile: None,
         }
     }
 }
@@ -136,6 +139,7 @@ pub struct TestNode {
     token_file: Option<PathBuf>,
     wait_quorum: bool,
     args: Vec<String>,
+    nofile: Option<(u64, u64)>,
 }
 
 impl TestNode {
@@ -207,6 +211,7 @@ impl TestNode {
             domain: opts.vhosts.first().cloned().unwrap_or_default(),
             wait_quorum: opts.wait_quorum,
             args: opts.args.clone(),
+            nofile: opts.nofile,
         })
     }
 
@@ -234,7 +239,24 @@ impl TestNode {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(bin("xmpp-node"))
+        let mut cmd = Command::new(bin("xmpp-node"));
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit only, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("--config")
             .arg(&self.config_path)
             .args(&self.args)

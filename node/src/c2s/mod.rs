@@ -29,6 +29,7 @@ use crate::Server;
 
 pub async fn listen(server: Arc<Server>, listener: TcpListener, direct_tls: bool) {
     let mut shutdown = server.shutdown.subscribe();
+    let errors = crate::fds::AcceptErrors::new(if direct_tls { "c2s_tls" } else { "c2s" });
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -37,7 +38,7 @@ pub async fn listen(server: Arc<Server>, listener: TcpListener, direct_tls: bool
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, don't spin.
-                    tracing::warn!(error = %e, "accept failed");
+                    errors.failed(&e);
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             },

@@ -119,6 +119,7 @@ fn router(http: Arc<Http>) -> Router {
 
 async fn listen(server: Arc<Server>, listener: TcpListener, tls: bool, router: Router) {
     let mut shutdown = server.shutdown.subscribe();
+    let errors = crate::fds::AcceptErrors::new(if tls { "https" } else { "http" });
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -126,7 +127,7 @@ async fn listen(server: Arc<Server>, listener: TcpListener, tls: bool, router: R
                     tokio::spawn(connection(server.clone(), tcp, peer, tls, router.clone()));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "HTTP accept failed");
+                    errors.failed(&e);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
