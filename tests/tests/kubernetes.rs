@@ -199,6 +199,14 @@ impl StatefulSet {
     }
 }
 
+/// The HTTP status of a GET on a pod's probe port.
+async fn status(http: std::net::SocketAddr, path: &str) -> u16 {
+    tests::http::request(http, "GET", path, &[], "")
+        .await
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
 /// Sends a message from a user on pod `a` to a user on pod `b` and
 /// checks it arrives.
 async fn message_crosses(set: &mut StatefulSet, a: usize, b: usize, text: &str) {
@@ -229,9 +237,28 @@ async fn pods_join_by_names_that_resolve_late_and_an_empty_volume_replaces_its_o
         set.start(i);
     }
     std::thread::sleep(Duration::from_secs(3));
+    // Pods whose names do not resolve cannot be reached, so they are not
+    // members yet: alive, but not ready (Kubernetes sends them no clients).
+    for i in 1..3 {
+        let http = set.pods[i].as_ref().unwrap().http;
+        assert_eq!(status(http, "/healthz").await, 200);
+        assert_eq!(
+            status(http, "/readyz").await,
+            503,
+            "pod {i} is not a member yet"
+        );
+    }
     set.publish(1);
     set.publish(2);
     set.wait_voters(3);
+    for i in 0..3 {
+        let http = set.pods[i].as_ref().unwrap().http;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while status(http, "/readyz").await != 200 {
+            assert!(Instant::now() < deadline, "pod {i} never turned ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     // Every member is known by its DNS name, under an id it chose itself.
     let members = set.members(0);
