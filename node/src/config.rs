@@ -224,6 +224,15 @@ pub struct Flags {
 
     #[arg(long, env = "XMPP_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
+
+    /// [trace] otlp_endpoint: an OTLP/gRPC collector, e.g.
+    /// `http://127.0.0.1:4317`; empty: no traces.
+    #[arg(long, env = "XMPP_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// [trace] sample_ratio
+    #[arg(long, env = "XMPP_TRACE_SAMPLE_RATIO")]
+    pub trace_sample_ratio: Option<f64>,
 }
 
 /// The whole configuration, after file, flags and defaults are merged.
@@ -243,6 +252,7 @@ pub struct Config {
     pub auth: Auth,
     pub limits: Limits,
     pub log: Log,
+    pub trace: Trace,
     pub cluster: ClusterConfig,
     pub admin: Admin,
     pub s2s: S2s,
@@ -894,6 +904,40 @@ pub struct Log {
     pub format: LogFormat,
 }
 
+/// OpenTelemetry traces over OTLP (README "Traces"): a span per routed
+/// client stanza, one for its hand-over to another node and one for its
+/// delivery there, all in one trace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Trace {
+    /// The collector's OTLP/gRPC address, `http://host:4317`. Empty (the
+    /// default): no spans are made or exported. When neither the file nor
+    /// `--otlp-endpoint` sets it, `OTEL_EXPORTER_OTLP_ENDPOINT` is used.
+    pub otlp_endpoint: String,
+    /// Share of new traces kept, 0.0 to 1.0, decided where a trace starts
+    /// (the sending client's node); the other nodes follow that decision
+    /// (parent-based), so a trace is kept whole or not at all.
+    pub sample_ratio: f64,
+    /// `service.name` of the spans; `service.instance.id` is the node id.
+    pub service_name: String,
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        Trace {
+            otlp_endpoint: String::new(),
+            sample_ratio: 1.0,
+            service_name: "xmpp-node".into(),
+        }
+    }
+}
+
+impl Trace {
+    pub fn enabled(&self) -> bool {
+        !self.otlp_endpoint.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -921,6 +965,7 @@ impl Default for Config {
             auth: Auth::default(),
             limits: Limits::default(),
             log: Log::default(),
+            trace: Trace::default(),
             cluster: ClusterConfig::default(),
             admin: Admin::default(),
             s2s: S2s::default(),
@@ -1077,6 +1122,13 @@ impl Config {
             None => Config::default(),
         };
         config.apply_flags(flags);
+        // The standard OpenTelemetry variable, when nothing of ours names
+        // a collector.
+        if config.trace.otlp_endpoint.is_empty() {
+            if let Ok(e) = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                config.trace.otlp_endpoint = e.trim().to_owned();
+            }
+        }
         config.validate(file.as_ref().map(|(p, t)| (p.as_path(), t.as_str())))?;
         Ok(config)
     }
@@ -1249,6 +1301,10 @@ impl Config {
         set(&mut self.cluster.heartbeat_ms, f.heartbeat_ms);
         set(&mut self.cluster.election_timeout_ms, f.election_timeout_ms);
         set(&mut self.cluster.snapshot_every, f.snapshot_every);
+        if let Some(e) = &f.otlp_endpoint {
+            self.trace.otlp_endpoint = e.trim().to_owned();
+        }
+        set(&mut self.trace.sample_ratio, f.trace_sample_ratio);
     }
 
     /// Checks what serde cannot: domains, certificate pairs, ranges.
@@ -1716,6 +1772,34 @@ impl Config {
                 message: "must be at least 10 entries".into(),
             });
         }
+        let t = &self.trace;
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(ConfigError::Invalid {
+                origin: origin("trace.sample_ratio"),
+                message: format!(
+                    "{} is not a share; give 0.0 (none) to 1.0 (every trace)",
+                    t.sample_ratio
+                ),
+            });
+        }
+        if t.enabled() {
+            let rest = t.otlp_endpoint.strip_prefix("http://");
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+                return Err(ConfigError::Invalid {
+                    origin: origin("trace.otlp_endpoint"),
+                    message: format!(
+                        "`{}` is not an OTLP/gRPC address; give `http://host:4317` (a collector reached without TLS, e.g. an agent on the same host or pod network), or \"\" for no traces",
+                        t.otlp_endpoint
+                    ),
+                });
+            }
+        }
+        if t.service_name.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                origin: origin("trace.service_name"),
+                message: "give a name, e.g. \"xmpp-node\"".into(),
+            });
+        }
         Ok(())
     }
 
@@ -1740,6 +1824,10 @@ fn plain_words(message: &str) -> String {
         ("expected u64", "expected a whole number (no quotes)"),
         ("expected u32", "expected a whole number (no quotes)"),
         ("expected a boolean", "expected true or false (no quotes)"),
+        (
+            "expected f64",
+            "expected a number with a decimal point, e.g. 1.0",
+        ),
     ] {
         m = m.replace(rust, plain);
     }
@@ -2033,6 +2121,40 @@ max_stanza_bytes = 65536
         c.apply_flags(&flags);
         assert_eq!(c.vhosts.len(), 2);
         assert_eq!(c.listen.c2s, addr("127.0.0.2:1"));
+    }
+
+    #[test]
+    fn trace_settings_are_checked_and_name_their_line() {
+        let c = load_str("").expect("defaults");
+        assert!(!c.trace.enabled(), "no collector unless one is named");
+        assert_eq!(c.trace.service_name, "xmpp-node");
+        let c =
+            load_str("[trace]\notlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 0.25\n")
+                .expect("valid");
+        assert!(c.trace.enabled());
+        assert_eq!(c.trace.sample_ratio, 0.25);
+        let msg = load_str("[trace]\nsample_ratio = 1.5\n")
+            .expect_err("not a share")
+            .to_string();
+        assert!(
+            msg.starts_with("/etc/xmpp/node.toml:2: key `trace.sample_ratio`"),
+            "{msg}"
+        );
+        let msg = load_str("[trace]\n\notlp_endpoint = \"collector:4317\"\n")
+            .expect_err("no scheme")
+            .to_string();
+        assert!(
+            msg.starts_with("/etc/xmpp/node.toml:3: key `trace.otlp_endpoint`"),
+            "{msg}"
+        );
+        let mut c = Config::default();
+        c.apply_flags(&Flags {
+            otlp_endpoint: Some("http://otel:4317".into()),
+            trace_sample_ratio: Some(0.5),
+            ..Flags::default()
+        });
+        assert_eq!(c.trace.otlp_endpoint, "http://otel:4317");
+        assert_eq!(c.trace.sample_ratio, 0.5);
     }
 
     #[test]

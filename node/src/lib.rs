@@ -87,6 +87,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     files::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     config.node_id = node_identity(&config)?;
+    // Logs and traces name the node, so they start once its id is known.
+    let telemetry = telemetry::init(&config);
     match fds::raise_limit() {
         Ok(l) => tracing::info!(
             soft_before = l.soft_before,
@@ -242,6 +244,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         t.abort();
     }
     server.cluster.shutdown().await.context("final flush")?;
+    telemetry.shutdown().await;
     Ok(())
 }
 
