@@ -798,16 +798,43 @@ async fn handle(
     // Stanzas from the client are addressed in jabber:client; keep it so.
     e.ns = ns::CLIENT.to_owned();
 
-    if kind == StanzaKind::Presence {
-        if e.get_attr("to").is_none() {
-            presence::broadcast(server, me, id, e, directed).await;
-        } else {
-            presence::outbound(server, me, e, directed).await;
-        }
-        return Ok(());
-    }
-    router::route(server, e).await;
+    let span = stanza_span(kind, me, &e);
+    tracing::Instrument::instrument(
+        async move {
+            if kind == StanzaKind::Presence {
+                if e.get_attr("to").is_none() {
+                    presence::broadcast(server, me, id, e, directed).await;
+                } else {
+                    presence::outbound(server, me, e, directed).await;
+                }
+                return;
+            }
+            router::route(server, e).await;
+        },
+        span,
+    )
+    .await;
     Ok(())
+}
+
+/// The root span of a client's stanza (README "Traces"): bare JIDs only,
+/// so traces group by conversation rather than by device. None while no
+/// traces are exported.
+fn stanza_span(kind: StanzaKind, me: &FullJid, e: &Element) -> tracing::Span {
+    if !crate::telemetry::tracing_on() {
+        return tracing::Span::none();
+    }
+    let kind = match kind {
+        StanzaKind::Message => "message",
+        StanzaKind::Presence => "presence",
+        StanzaKind::Iq => "iq",
+    };
+    let to = match e.get_attr("to").map(Jid::parse) {
+        Some(Ok(j)) => j.bare().to_string(),
+        Some(Err(_)) => "invalid".to_owned(),
+        None => String::new(),
+    };
+    tracing::info_span!("stanza", kind, from = %me.bare(), to)
 }
 
 /// Tells the modules of each message a hibernated session takes in (push

@@ -48,11 +48,17 @@ pub fn node_of(server: &Server, full: &FullJid) -> Option<u64> {
 
 /// Hands one stanza to `node`.
 pub fn forward(server: &Server, node: u64, delivery: Delivery, to: &str, from: &str, xml: &str) {
+    let traceparent = if crate::telemetry::tracing_on() {
+        forward_span(node, delivery)
+    } else {
+        String::new()
+    };
     let f = Forwarded {
         delivery: delivery as i32,
         to: to.to_owned(),
         xml: prost::bytes::Bytes::copy_from_slice(xml.as_bytes()),
         from: from.to_owned(),
+        traceparent,
     };
     match server.cluster.addr_of(node) {
         Some(addr) => server.cluster.forwarder.send(node, &addr, f),
@@ -61,6 +67,45 @@ pub fn forward(server: &Server, node: u64, delivery: Delivery, to: &str, from: &
             server.cluster.returned(f);
         }
     }
+}
+
+/// The `forward` span of a stanza handed to `node`, inside the span of
+/// the stanza being routed, as the trace context the stanza carries
+/// there (README "Traces"). Empty outside a traced stanza, e.g. for the
+/// presence an applied Raft entry sends.
+fn forward_span(node: u64, delivery: Delivery) -> String {
+    let parent = tracing::Span::current();
+    if !parent
+        .metadata()
+        .is_some_and(|m| m.target().starts_with("node::"))
+    {
+        return String::new();
+    }
+    let span =
+        tracing::info_span!(parent: &parent, "forward", node, delivery = delivery.as_str_name());
+    crate::telemetry::traceparent(&span)
+}
+
+/// The `deliver` span of a stanza from another node that carries the
+/// context of a sampled trace: the sender's `forward` span is its parent.
+fn deliver_span(f: &Forwarded, returned: bool) -> tracing::Span {
+    if f.traceparent.is_empty() || !crate::telemetry::tracing_on() {
+        return tracing::Span::none();
+    }
+    let kind = ["message", "presence", "iq"]
+        .into_iter()
+        .find(|k| f.xml.get(1..).is_some_and(|x| x.starts_with(k.as_bytes())))
+        .unwrap_or("");
+    let delivery = Delivery::try_from(f.delivery).unwrap_or(Delivery::Full);
+    let span = tracing::info_span!(
+        "deliver",
+        kind,
+        to = f.to.split('/').next().unwrap_or(""),
+        delivery = delivery.as_str_name(),
+        returned,
+    );
+    crate::telemetry::set_remote_parent(&span, &f.traceparent);
+    span
 }
 
 /// Hands `xml` to the other node holding `full`; false when none does.
@@ -277,11 +322,15 @@ pub async fn run(
         tokio::select! {
             Some((batch, done)) = inbox.recv() => {
                 for f in batch {
-                    deliver(&server, f, false).await;
+                    let span = deliver_span(&f, false);
+                    tracing::Instrument::instrument(deliver(&server, f, false), span).await;
                 }
                 let _ = done.send(());
             }
-            Some(f) = feeds.returned.recv() => deliver(&server, f, true).await,
+            Some(f) = feeds.returned.recv() => {
+                let span = deliver_span(&f, true);
+                tracing::Instrument::instrument(deliver(&server, f, true), span).await;
+            }
             Some(e) = feeds.effects.recv() => on_effect(&server, e).await,
             else => return,
         }
