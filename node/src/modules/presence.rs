@@ -499,7 +499,8 @@ pub(crate) async fn inbound_subscription(
     {
         Ok(r) => r,
         Err(ApplyError::Refused(Refusal::RosterFull(_, max))) => {
-            tracing::info!(%user, %contact, max, "remote subscription request dropped: the roster is full");
+            // Debug, not info: one event per stanza a remote server sends.
+            tracing::debug!(%user, %contact, max, "remote subscription request dropped: the roster is full");
             return;
         }
         Err(e) => {
