@@ -260,6 +260,7 @@ async fn serve_peer(
         channels: server.cluster.channels.clone(),
         inbox,
         upload_dir: server.config.upload.dir(&server.config.data_dir),
+        server: Arc::downgrade(&server),
     };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();

@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod framing;
 pub(crate) mod io;
+pub mod moved;
 mod negotiate;
 mod sasl2;
 pub mod session;
@@ -122,14 +123,17 @@ pub(crate) async fn serve(
         Ok(Negotiated::Resume { tx, h, sasl2 }) => {
             // The waiting session takes the stream over (XEP-0198 §5).
             let inline = sasl2.is_some();
-            if let Err(mpsc::error::SendError(mut handoff)) = tx
-                .send(Box::new(sm::Handoff {
+            if let Err(mpsc::error::SendError(handoff)) = tx
+                .send(Box::new(sm::Handoff::Resume {
                     stream: s,
                     h,
                     sasl2,
                 }))
                 .await
             {
+                let sm::Handoff::Resume { stream: mut s, .. } = *handoff else {
+                    return;
+                };
                 // Gone between the lookup and now: as unknown as expired.
                 let failed = if inline {
                     sasl2::failure(
@@ -139,9 +143,12 @@ pub(crate) async fn serve(
                 } else {
                     sm::failed("item-not-found")
                 };
-                let _ = Box::pin(handoff.stream.send(&failed)).await;
-                Box::pin(finish(&mut handoff.stream, Err(ConnError::Closed))).await;
+                let _ = Box::pin(s.send(&failed)).await;
+                Box::pin(finish(&mut s, Err(ConnError::Closed))).await;
             }
+        }
+        Ok(Negotiated::Migrated { state, h, sasl2 }) => {
+            Box::pin(session::run_migrated(s, *state, h, sasl2)).await
         }
         Err(e) => Box::pin(finish(&mut s, Err(e))).await,
     }

@@ -59,6 +59,12 @@ pub enum Negotiated {
         /// Resumed inside SASL2: the `<success/>` that carries `<resumed/>`.
         sasl2: Option<Element>,
     },
+    /// The session was on another node, which handed it over.
+    Migrated {
+        state: Box<super::sm::Migrated>,
+        h: u32,
+        sasl2: Option<Element>,
+    },
 }
 
 /// Who authenticated, and for SASL2 what they asked inline with the
@@ -578,6 +584,16 @@ async fn sasl2_complete(
                 sasl2: Some(success),
             });
         }
+        if let Some(h) = h {
+            if let Some(state) = super::moved::take(&server, &previd, &user, h).await {
+                let success = with_tokens(sasl2::success(additional.as_deref(), &user.to_string()));
+                return Ok(Negotiated::Migrated {
+                    state: Box::new(state),
+                    h,
+                    sasl2: Some(success),
+                });
+            }
+        }
         if req.bind.is_none() {
             // XEP-0198 §5: the client learns why, and binds anew.
             let success = with_tokens(sasl2::success(additional.as_deref(), &user.to_string()))
@@ -673,6 +689,21 @@ async fn bind_loop(s: &mut Stream, user: BareJid) -> Result<Negotiated, ConnErro
                 .and_then(|id| s.server.resumable.find(id, &user));
             match (found, super::sm::h_of(&e)) {
                 (Some(tx), Some(h)) => return Ok(Negotiated::Resume { tx, h, sasl2: None }),
+                (None, Some(h)) if e.get_attr("previd").is_some() => {
+                    // Perhaps on another node (a load balancer sent the
+                    // new connection here): it hands the session over.
+                    let previd = e.get_attr("previd").unwrap_or_default().to_owned();
+                    let server = s.server.clone();
+                    if let Some(state) = super::moved::take(&server, &previd, &user, h).await {
+                        return Ok(Negotiated::Migrated {
+                            state: Box::new(state),
+                            h,
+                            sasl2: None,
+                        });
+                    }
+                    s.send(&super::sm::failed("item-not-found")).await?;
+                    continue;
+                }
                 _ => {
                     // XEP-0198 §5: unknown or expired; the client binds anew.
                     s.send(&super::sm::failed("item-not-found")).await?;

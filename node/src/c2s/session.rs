@@ -31,6 +31,8 @@ struct BoundGuard {
     server: Arc<Server>,
     jid: FullJid,
     id: SessionId,
+    /// Moved to another node: its binding replaces ours in the table.
+    moved: bool,
 }
 
 impl Drop for BoundGuard {
@@ -41,6 +43,9 @@ impl Drop for BoundGuard {
         // The replicated table forgets it too (a task: drop cannot wait).
         // (No runtime left means the process is exiting: NodeUp at the next
         // start removes the entry.)
+        if self.moved {
+            return;
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (server, jid, id) = (self.server.clone(), self.jid.clone(), self.id);
             rt.spawn(async move { unbind_in_table(&server, &jid, id).await });
@@ -139,6 +144,8 @@ struct Session {
     /// Without stream management: offline messages in the batch being
     /// written, released from storage once the write has flushed.
     flushed: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Handed over to another node (the client resumed there).
+    moved: bool,
 }
 
 /// XEP-0352 namespace.
@@ -171,17 +178,38 @@ impl Drop for TaskCount {
 
 /// Runs a bound session to its end, then closes its stream.
 pub async fn run(s: Stream, bound: Bound) {
+    let jid = bound.jid.clone();
+    run_from(s, jid, Start::Bound(bound.reply)).await
+}
+
+/// Carries on a session moved here from another node (the client resumed
+/// here): `h` is the client's count from its `<resume/>`.
+pub async fn run_migrated(s: Stream, m: sm::Migrated, h: u32, sasl2: Option<Element>) {
+    let Ok(jid) = FullJid::parse(&m.jid) else {
+        return;
+    };
+    run_from(s, jid, Start::Migrated(Box::new(m), h, sasl2)).await
+}
+
+/// How a session task begins.
+enum Start {
+    Bound(BindReply),
+    Migrated(Box<sm::Migrated>, u32, Option<Element>),
+}
+
+async fn run_from(s: Stream, jid: FullJid, start: Start) {
     let server = s.server.clone();
     let _running = TaskCount::new(&server);
     let (tx, rx) = sessions::queue(
         server.config.limits.session_queue,
         server.config.limits.session_queue_bytes,
     );
-    let (id, replaced) = server.sessions.bind(&bound.jid, tx, s.peer, s.io.is_tls());
-    let _guard = BoundGuard {
+    let (id, replaced) = server.sessions.bind(&jid, tx, s.peer, s.io.is_tls());
+    let mut guard = BoundGuard {
         server: server.clone(),
-        jid: bound.jid.clone(),
+        jid: jid.clone(),
         id,
+        moved: false,
     };
     // The cluster decides resource conflicts (DESIGN.md): the bind is in
     // the replicated table before the client is told it is bound.
@@ -194,23 +222,23 @@ pub async fn run(s: Stream, bound: Bound) {
         priority: 0,
     };
     let cmd = Command::BindSession {
-        jid: bound.jid.to_string(),
+        jid: jid.to_string(),
         entry,
     };
     if let Err(e) = boxed(|| server.cluster.write(cmd)).await {
-        tracing::warn!(jid = %bound.jid, error = %e, "cannot bind: no quorum");
+        tracing::warn!(jid = %jid, error = %e, "cannot bind: no quorum");
         let mut s = s;
         let text = "the cluster cannot commit the binding now; try again shortly";
-        let reply = match &bound.reply {
-            BindReply::Iq(iq) => xmpp::stanza::error_reply(
+        let reply = match &start {
+            Start::Bound(BindReply::Iq(iq)) => xmpp::stanza::error_reply(
                 iq,
                 xmpp::error::StanzaError::ResourceConstraint,
                 Some(text),
             ),
-            BindReply::Sasl2 { .. } => Some(super::sasl2::failure(
-                xmpp::sasl::SaslFailure::TemporaryAuthFailure,
-                Some(text),
-            )),
+            Start::Bound(BindReply::Sasl2 { .. }) | Start::Migrated(_, _, Some(_)) => Some(
+                super::sasl2::failure(xmpp::sasl::SaslFailure::TemporaryAuthFailure, Some(text)),
+            ),
+            Start::Migrated(_, _, None) => Some(sm::failed("item-not-found")),
         };
         if let Some(reply) = reply {
             let _ = boxed(|| s.send(&reply)).await;
@@ -233,7 +261,7 @@ pub async fn run(s: Stream, bound: Bound) {
     }
     let mut session = Session {
         server: server.clone(),
-        jid: bound.jid.clone(),
+        jid: jid.clone(),
         id,
         rx,
         directed: HashSet::new(),
@@ -252,14 +280,24 @@ pub async fn run(s: Stream, bound: Bound) {
             server.config.limits.stanza_burst,
         ),
         flushed: Vec::new(),
+        moved: false,
     };
     let mut stream = Some(s);
-    let mut result = match (stream.as_mut(), bound.reply) {
-        (Some(s), BindReply::Iq(iq)) => {
-            let reply = bind_result(&iq, &bound.jid);
+    let mut result = match (stream.as_mut(), start) {
+        (Some(s), Start::Migrated(m, h, sasl2)) => {
+            let m = *m;
+            session.carry_on(&m);
+            if m.available {
+                boxed(|| presence_in_table(&server, &jid, id, true, m.priority)).await;
+            }
+            tracing::info!(%jid, "session moved here from another node");
+            boxed(|| session.resume(s, h, sasl2)).await
+        }
+        (Some(s), Start::Bound(BindReply::Iq(iq))) => {
+            let reply = bind_result(&iq, &jid);
             boxed(|| s.send(&reply)).await
         }
-        (Some(s), BindReply::Sasl2 { success, bind }) => {
+        (Some(s), Start::Bound(BindReply::Sasl2 { success, bind })) => {
             // Bind2 (XEP-0386): what the client asked to enable is on
             // before it hears it is bound.
             let mut bound_el = Element::new("bound", super::sasl2::BIND2);
@@ -277,7 +315,7 @@ pub async fn run(s: Stream, bound: Bound) {
         }
         (None, _) => Ok(()),
     };
-    tracing::debug!(jid = %bound.jid, "session bound");
+    tracing::debug!(jid = %jid, "session bound");
     while result.is_ok() {
         let Some(s) = stream.as_mut() else { break };
         result = session.serve(s).await;
@@ -300,6 +338,12 @@ pub async fn run(s: Stream, bound: Bound) {
     }
     if let Some(mut s) = stream {
         boxed(|| super::finish(&mut s, result)).await;
+    }
+    if session.moved {
+        // Carried on by another node: nobody here is to learn anything.
+        guard.moved = true;
+        server.sessions.unbind(&session.jid, id);
+        return;
     }
     // However the stream ended, contacts learn the session is gone (§4.5.2).
     boxed(|| presence::session_closed(&server, &session.jid, id, &mut session.directed)).await;
@@ -438,7 +482,22 @@ impl Session {
                     // The client resumed on a new connection while this one
                     // still looked alive: carry on there.
                     if let Some(h) = handoff {
-                        let sm::Handoff { stream: mut next, h, sasl2 } = *h;
+                        let (mut next, h, sasl2) = match *h {
+                            Handoff::Resume { stream, h, sasl2 } => (stream, h, sasl2),
+                            Handoff::Migrate { h, reply } => {
+                                let state = self.hand_over(h);
+                                let moved = state.is_some();
+                                let _ = reply.send(state);
+                                if moved {
+                                    self.moved = true;
+                                    return Err(ConnError::stream(
+                                        StreamError::Conflict,
+                                        "this session was resumed on another connection",
+                                    ));
+                                }
+                                continue;
+                            }
+                        };
                         match boxed(|| self.resume(&mut next, h, sasl2)).await {
                             Ok(()) => {
                                 std::mem::swap(s, &mut next);
@@ -634,6 +693,74 @@ impl Session {
         }
     }
 
+    /// The session's state for another node the client resumed on; `None`
+    /// when `h` acknowledges more than was sent (the client is confused:
+    /// it binds anew). Afterwards this task owns nothing of the session.
+    fn hand_over(&mut self, h: u32) -> Option<sm::Migrated> {
+        let sm = self.sm.as_mut()?;
+        sm.ack(h).ok()?;
+        let mut unacked: Vec<String> = sm.unacked.iter().map(|x| x.to_string()).collect();
+        unacked.extend(self.held.drain(..).map(|x| x.to_string()));
+        self.held_bytes = 0;
+        self.rx.close();
+        while let Some(o) = self.rx.try_recv() {
+            match o {
+                Outbound::Xml(x) => unacked.push(x.to_string()),
+                Outbound::Batch(v) => unacked.extend(v.iter().map(|x| x.to_string())),
+                Outbound::Stored(..) | Outbound::Close(..) => {}
+            }
+        }
+        let me = self
+            .server
+            .sessions
+            .get(&self.jid)
+            .filter(|r| r.id == self.id);
+        let state = sm::Migrated {
+            id: sm.id.clone(),
+            jid: self.jid.to_string(),
+            handled: sm.handled,
+            acked: h,
+            unacked,
+            directed: self.directed.drain().collect(),
+            carbons: me.as_ref().is_some_and(|r| r.carbons),
+            interested: me.as_ref().is_some_and(|r| r.interested),
+            available: me.as_ref().is_some_and(|r| r.available),
+            priority: me.as_ref().map_or(0, |r| r.priority),
+            presence: me.and_then(|r| r.presence.map(|p| p.to_string())),
+            inactive: self.inactive,
+        };
+        self.server.resumable.remove(&sm.id);
+        self.sm = None;
+        tracing::info!(jid = %self.jid, "session handed over to the node the client resumed on");
+        Some(state)
+    }
+
+    /// Takes on a session moved here: its acknowledgement state (resumable
+    /// under the same id), presence, carbons and directed presence.
+    fn carry_on(&mut self, m: &sm::Migrated) {
+        let unacked = m.unacked.iter().map(|x| Arc::from(x.as_str())).collect();
+        let sm = Sm::carried(m.id.clone(), m.handled, m.acked, unacked);
+        let (tx, rx) = mpsc::channel(1);
+        self.server
+            .resumable
+            .register(sm.id.clone(), self.jid.bare().clone(), tx.clone());
+        self.handoff = Some((tx, rx));
+        self.sm = Some(sm);
+        self.directed = m.directed.iter().cloned().collect();
+        self.inactive = m.inactive;
+        let sessions = &self.server.sessions;
+        if m.carbons {
+            sessions.set_carbons(&self.jid, true);
+        }
+        if m.interested {
+            sessions.set_interested(&self.jid);
+        }
+        if m.available {
+            let presence = m.presence.as_deref().map(Arc::from);
+            sessions.set_presence(&self.jid, self.id, true, m.priority, presence);
+        }
+    }
+
     /// Answers a `<resume/>` on a new stream: what the client handled is
     /// dropped, the rest is sent again (XEP-0198 §5).
     /// Inside SASL2 (`sasl2`: its `<success/>`), `<resumed/>` goes in the
@@ -685,14 +812,26 @@ impl Session {
         loop {
             tokio::select! {
                 handoff = next_handoff(&mut self.handoff) => {
-                    let mut h = handoff?;
-                    return match self.resume(&mut h.stream, h.h, h.sasl2.take()).await {
-                        Ok(()) => Some(h.stream),
-                        Err(e) => {
-                            boxed(|| super::finish(&mut h.stream, Err(e))).await;
-                            None
+                    match *handoff? {
+                        Handoff::Resume { mut stream, h, sasl2 } => {
+                            return match self.resume(&mut stream, h, sasl2).await {
+                                Ok(()) => Some(stream),
+                                Err(e) => {
+                                    boxed(|| super::finish(&mut stream, Err(e))).await;
+                                    None
+                                }
+                            };
                         }
-                    };
+                        Handoff::Migrate { h, reply } => {
+                            let state = self.hand_over(h);
+                            let moved = state.is_some();
+                            let _ = reply.send(state);
+                            if moved {
+                                self.moved = true;
+                                return None;
+                            }
+                        }
+                    }
                 }
                 msg = self.rx.recv() => {
                     let msg = msg?;

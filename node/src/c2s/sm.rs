@@ -20,14 +20,44 @@ use super::stream::Stream;
 
 pub const NS: &str = "urn:xmpp:sm:3";
 
-/// A new connection taking over a waiting session: its stream and the
-/// client's count of stanzas it handled (`h`).
-pub struct Handoff {
-    pub stream: Stream,
-    pub h: u32,
-    /// Resumed inside SASL2 (XEP-0388): the `<success/>` to put
-    /// `<resumed/>` in.
-    pub sasl2: Option<Element>,
+/// What a waiting (or still connected) session is handed. It travels
+/// boxed ([`HandoffTx`]), so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Handoff {
+    /// A new connection to this node resumes it: its stream and the
+    /// client's count of stanzas it handled (`h`).
+    Resume {
+        stream: Stream,
+        h: u32,
+        /// Resumed inside SASL2 (XEP-0388): the `<success/>` to put
+        /// `<resumed/>` in.
+        sasl2: Option<Element>,
+    },
+    /// The client resumed on another node: hand the session's state over
+    /// and end without a trace there (no unavailable presence, no unbind:
+    /// the other node's binding replaces this one's).
+    Migrate {
+        h: u32,
+        reply: oneshot::Sender<Option<Migrated>>,
+    },
+}
+
+/// A session's state as it moves to another node (`Peer.TakeSession`).
+#[derive(Debug, Clone, Default)]
+pub struct Migrated {
+    pub id: String,
+    pub jid: String,
+    pub handled: u32,
+    /// The client's `h` at the move: what it acknowledged so far.
+    pub acked: u32,
+    pub unacked: Vec<String>,
+    pub directed: Vec<String>,
+    pub carbons: bool,
+    pub interested: bool,
+    pub available: bool,
+    pub priority: i8,
+    pub presence: Option<String>,
+    pub inactive: bool,
 }
 
 /// Boxed: a channel allocates its slots up front, and a `Stream` is large.
@@ -99,6 +129,18 @@ pub struct Sm {
 pub struct TooHigh;
 
 impl Sm {
+    /// The state of a session moved here from another node: the client
+    /// acknowledged `acked` stanzas there; `unacked` follow.
+    pub fn carried(id: String, handled: u32, acked: u32, unacked: Vec<Arc<str>>) -> Sm {
+        let mut sm = Sm::new(id, true);
+        sm.handled = handled;
+        sm.acked = acked;
+        for x in unacked {
+            sm.push(x);
+        }
+        sm
+    }
+
     pub fn new(id: String, resumable: bool) -> Sm {
         Sm {
             id,

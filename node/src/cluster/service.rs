@@ -33,6 +33,8 @@ pub struct PeerService {
     pub inbox: Inbox,
     /// Where this node keeps uploaded files (XEP-0363).
     pub upload_dir: std::path::PathBuf,
+    /// For handing sessions over to the node their client resumed on.
+    pub server: std::sync::Weak<crate::Server>,
 }
 
 fn bad(e: impl std::fmt::Display) -> Status {
@@ -228,6 +230,17 @@ pub fn membership_reply(raft: &Raft) -> MembershipReply {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    async fn take_session(
+        &self,
+        req: Request<proto::TakeSessionRequest>,
+    ) -> Result<Response<proto::TakeSessionReply>, Status> {
+        let Some(server) = self.server.upgrade() else {
+            return Err(Status::unavailable("the node is shutting down"));
+        };
+        let reply = crate::c2s::moved::give(&server, req.into_inner()).await;
+        Ok(Response::new(reply))
+    }
+
     async fn append_entries(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         self.addressed_to_me(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
