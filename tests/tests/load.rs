@@ -293,3 +293,137 @@ fn chat_runs_over_websocket_with_and_without_tls() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("WebSocket has no STARTTLS"), "{err}");
 }
+
+/// Runs `xmpp-load` with its open-files limit lowered to `limit` (soft and
+/// hard), as on a machine where it cannot be raised.
+fn xmpp_load_with_fd_limit(limit: u64, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xmpp-load"));
+    cmd.args(args);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("xmpp-load runs")
+}
+
+#[test]
+fn processes_and_source_addresses_share_the_users_and_count_each_once() {
+    // Logins as fast as they go, from two addresses.
+    let node = TestNode::start_with(NodeOptions {
+        extra_config:
+            "[limits]\nmax_unauthenticated = 1000\nmax_unauthenticated_per_address = 1000\n".into(),
+        ..NodeOptions::default()
+    })
+    .unwrap();
+    import_users(&node, 200);
+    let server = node.c2s.to_string();
+    let pid = node.pid().unwrap().to_string();
+    let common = [
+        "--server",
+        &server,
+        "--domain",
+        &node.domain,
+        "--users",
+        "200",
+        "--processes",
+        "2",
+        "--source-ips",
+        "127.0.0.2-127.0.0.3",
+        "--arrival-rate",
+        "0",
+        "--server-pid",
+        &pid,
+        "--json",
+        "--quiet",
+    ];
+    let run = |scenario: &str, extra: &[&str]| {
+        let mut args = vec![scenario];
+        args.extend_from_slice(&common);
+        args.extend_from_slice(extra);
+        let out = xmpp_load(&args);
+        let r = json(&out);
+        assert!(
+            out.status.success(),
+            "{scenario}: {r:#}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(r["ok"], true, "{r:#}");
+        assert_eq!(r["processes"], 2, "{r:#}");
+        assert_eq!(r["users"], 200, "{r:#}");
+        // The children's histograms are merged by the parent, not shown.
+        assert!(r.get("latency_buckets").is_none(), "{r:#}");
+        r
+    };
+
+    // Every message goes to a user of either process; the merged report
+    // counts each one once, and nothing is lost.
+    let r = run("chat", &["--rate", "400", "--duration", "2"]);
+    let chat = &r["chat"];
+    assert_eq!(chat["sent"], 800, "{r:#}");
+    assert_eq!(chat["delivered"], 800, "{r:#}");
+    assert_eq!(chat["lost"], 0, "{r:#}");
+    assert_eq!(chat["duplicated"], 0, "{r:#}");
+    assert_eq!(chat["bounced"], 0, "{r:#}");
+    assert_eq!(chat["latency"]["count"], 800, "{r:#}");
+    assert!(chat["server_cpu_s_per_1000_messages"].is_number(), "{r:#}");
+    // Each user connected once, from the two addresses in turn (as the
+    // kernel reports the sockets' local addresses).
+    assert_eq!(
+        r["source_addresses"],
+        serde_json::json!({ "127.0.0.2": 100, "127.0.0.3": 100 }),
+        "{r:#}"
+    );
+
+    let r = run("hold", &["--duration", "1"]);
+    let hold = &r["hold"];
+    assert_eq!(hold["connections"], 200, "{r:#}");
+    assert_eq!(hold["alive_at_end"], 200, "{r:#}");
+    assert!(hold["server_kib_per_connection"].is_number(), "{r:#}");
+    assert!(r["server_process"]["cpu_s"].is_number(), "{r:#}");
+}
+
+#[test]
+fn more_connections_than_one_process_may_open_names_the_processes_needed() {
+    // Nothing listens on the port: the run must stop before connecting.
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    // 256 descriptors, 64 kept for the process itself: 192 connections each.
+    let out = xmpp_load_with_fd_limit(256, &["hold", "--server", &port, "--users", "1000"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a process may have 256") && err.contains("--processes 6"),
+        "{err}"
+    );
+    // Asked for enough processes, it goes as far as connecting.
+    let out = xmpp_load_with_fd_limit(
+        256,
+        &[
+            "hold",
+            "--server",
+            &port,
+            "--users",
+            "1000",
+            "--processes",
+            "6",
+            "--quiet",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connection refused"), "{err}");
+    assert!(!err.contains("--processes 6"), "{err}");
+}

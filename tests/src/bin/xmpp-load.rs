@@ -6,6 +6,8 @@ use tests::load::{self, Options};
 fn main() -> std::process::ExitCode {
     let opts = Options::parse();
     let json = opts.json;
+    // A child of a --processes run: its parent names its failures.
+    let child = opts.shard.is_some();
     match load::run(opts) {
         Ok(report) => {
             if report.scenario != load::Scenario::Accounts {
@@ -27,7 +29,9 @@ fn main() -> std::process::ExitCode {
                 ),
                 (None, false) => {}
             }
-            eprintln!("xmpp-load: FAILED: {}", failure.message);
+            if !child {
+                eprintln!("xmpp-load: FAILED: {}", failure.message);
+            }
             std::process::ExitCode::FAILURE
         }
     }

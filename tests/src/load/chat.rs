@@ -27,6 +27,7 @@ use futures_util::stream::FuturesUnordered;
 use super::conn::{answer_iq, attr, head, Conn};
 use super::framer::find;
 use super::hist::Latency;
+use super::procs::Stage;
 use super::report::{ChatFigures, ProcFigures, Report};
 use super::{await_logins, end_status, status_line, sys, Counters, Failure, Phase, RunCtx};
 
@@ -97,12 +98,31 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
             .collect(),
     });
 
+    // What this process's users send and should receive: everything, but
+    // in a --processes run, where messages cross between processes.
+    let (to_send, to_receive) = if ctx.shard.count == 1 {
+        (total, total)
+    } else {
+        let servers = ctx.target.addrs.len() as u64;
+        let mut send = 0;
+        let mut receive = 0;
+        for i in 0..n {
+            let mine = ctx.shard.owns(i);
+            for k in 0..plan.messages_of(i) {
+                send += u64::from(mine);
+                let to = recipient(i as u64, k, n as u64, servers);
+                receive += u64::from(ctx.shard.owns(to as usize));
+            }
+        }
+        (send, receive)
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let workers = {
         let plan = plan.clone();
         ctx.spawn_workers(move |ctx, w| worker(ctx, w, plan.clone(), tx.clone()))
     };
     await_logins(ctx, rx, "chat")?;
+    ctx.sync(Stage::Ready)?;
 
     let server_before = sys::sample_all(&o.server_pid);
     let server_before = server_before.map_err(|e| Failure {
@@ -144,7 +164,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         // Senders a timer tick late may still owe their last messages.
         let sent = Counters::get(&c.sent);
         let settled = Counters::get(&c.delivered) + Counters::get(&c.bounced);
-        if sent >= total && settled >= sent {
+        if sent >= to_send && settled >= to_receive {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -153,6 +173,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     let wall = t0.elapsed().as_secs_f64();
     let server_after = sys::sample_all(&o.server_pid).ok().flatten();
     let self_after = sys::sample_self();
+    ctx.sync(Stage::Measured)?;
     ctx.phase.send_replace(Phase::Stop);
     let mut hist = Latency::new();
     for w in workers {
@@ -168,13 +189,22 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     let delivered = Counters::get(&c.delivered);
     let duplicated = Counters::get(&c.duplicated);
     let bounced = Counters::get(&c.bounced);
-    let lost = sent.saturating_sub(delivered);
+    // In a --processes run, what this process's users did not receive:
+    // the parent sums and checks the whole.
+    let lost = if ctx.shard.count == 1 {
+        sent.saturating_sub(delivered)
+    } else {
+        to_receive.saturating_sub(delivered)
+    };
     let server_process = match (server_before, server_after) {
         (Some(a), Some(b)) => Some(ProcFigures::between(a, b, wall)),
         _ => None,
     };
     let mut report = Report::empty(o);
-    report.users = n;
+    report.users = ctx.my_user_count();
+    if ctx.opts.shard.is_some() {
+        report.latency_buckets = Some(hist.buckets());
+    }
     report.duration_s = sending_wall;
     report.chat = Some(ChatFigures {
         offered_per_s: o.rate,
@@ -197,8 +227,12 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     report.server_process = server_process;
     report.load_process = ProcFigures::between(self_before, self_after, wall);
     let mut problems = Vec::new();
-    if lost > 0 {
+    if lost > 0 && ctx.shard.count == 1 {
         problems.push(format!("{lost} of {sent} messages LOST"));
+    } else if lost > 0 {
+        problems.push(format!(
+            "{lost} of the {to_receive} messages to this process's users LOST"
+        ));
     }
     if duplicated > 0 {
         problems.push(format!("{duplicated} messages DUPLICATED"));
@@ -279,15 +313,10 @@ async fn chat_conn(
         // Send whatever is due, in one write.
         while k < mine && timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            let sent_ns = now.duration_since(ctx.clock).as_nanos() as u64;
+            let sent_ns = ctx.ns_at(now);
             let before = k;
             while k < mine && due_at(k) <= now {
-                let mut to = (me as u64 + 1 + k % (n - 1)) % n;
-                if servers > 1 && to % servers == me as u64 % servers {
-                    // Users are on server i mod count and the count divides
-                    // n, so the next user is on another server.
-                    to = (to + 1) % n;
-                }
+                let to = recipient(me as u64, k, n, servers);
                 let out = &mut conn.out;
                 out.extend_from_slice(&plan.prefixes[to as usize]);
                 out.extend_from_slice(hex(k * n + me as u64, &mut itoa));
@@ -354,6 +383,19 @@ fn on_message(ctx: &RunCtx, plan: &Plan, hist: &RefCell<Latency>, stanza: &[u8])
             c.duplicated.fetch_add(1, Ordering::Relaxed);
         }
         None => {}
+    }
+}
+
+/// The user message `k` of user `me` goes to, of `n` users spread over
+/// `servers` servers.
+fn recipient(me: u64, k: u64, n: u64, servers: u64) -> u64 {
+    let to = (me + 1 + k % (n - 1)) % n;
+    if servers > 1 && to % servers == me % servers {
+        // Users are on server i mod count and the count divides n, so the
+        // next user is on another server.
+        (to + 1) % n
+    } else {
+        to
     }
 }
 

@@ -10,7 +10,7 @@ pub struct Latency {
 }
 
 /// What a report shows of one histogram, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Summary {
     pub count: u64,
     pub p50_ms: f64,
@@ -43,6 +43,24 @@ impl Latency {
     pub fn add(&mut self, other: &Latency) {
         // Same bounds on both sides, so this cannot fail.
         let _ = self.h.add(&other.h);
+    }
+
+    /// The recorded values as `(µs, count)` pairs, one per non-empty bucket:
+    /// what a `--processes` child sends its parent, which rebuilds the
+    /// same histogram with [`Latency::from_buckets`] and merges them.
+    pub fn buckets(&self) -> Vec<(u64, u64)> {
+        self.h
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect()
+    }
+
+    pub fn from_buckets(buckets: &[(u64, u64)]) -> Latency {
+        let mut l = Latency::new();
+        for &(us, n) in buckets {
+            l.h.saturating_record_n(us.clamp(1, MAX_US), n);
+        }
+        l
     }
 
     pub fn count(&self) -> u64 {
@@ -118,6 +136,18 @@ mod tests {
         a.add(&b);
         assert_eq!(a.count(), 4);
         assert!(close(a.summary().max_ms, MAX_US as f64 / 1000.0));
+    }
+
+    #[test]
+    fn buckets_rebuild_the_same_histogram() {
+        let mut a = Latency::new();
+        for us in [1, 7, 7, 950, 12_345, 2_000_000, MAX_US] {
+            a.record_us(us);
+        }
+        let b = Latency::from_buckets(&a.buckets());
+        assert_eq!(b.count(), a.count());
+        assert_eq!(b.summary(), a.summary());
+        assert_eq!(b.buckets(), a.buckets());
     }
 
     #[test]

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 
 use super::conn::Conn;
+use super::procs::Stage;
 use super::report::{HoldFigures, ProcFigures, Report};
 use super::session::LoginError;
 use super::{await_logins, end_status, status_line, sys, Counters, Failure, Phase, RunCtx};
 
 /// Time for the server to finish the work of the last logins (presence
 /// broadcasts, buffers) before memory is read.
-const SETTLE: Duration = Duration::from_secs(2);
+pub(super) const SETTLE: Duration = Duration::from_secs(2);
 
 pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     let o = &ctx.opts;
@@ -27,12 +28,16 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     let (tx, rx) = std::sync::mpsc::channel();
     let workers = ctx.spawn_workers(move |ctx, w| worker(ctx, w, tx.clone()));
     await_logins(ctx, rx, "hold")?;
-    std::thread::sleep(SETTLE);
+    if ctx.opts.shard.is_none() {
+        std::thread::sleep(SETTLE);
+    }
+    // With --processes, the parent settles and reads the server.
+    ctx.sync(Stage::Ready)?;
     let server_held = sys::sample_all(&o.server_pid).ok().flatten();
     let self_before = sys::sample_self();
     let t0 = Instant::now();
     ctx.phase.send_replace(Phase::Go(t0));
-    let n = ctx.accounts.len() as u64;
+    let n = ctx.my_user_count() as u64;
     let c = &ctx.counters;
     let duration = Duration::from_secs_f64(o.duration);
     let mut last = Instant::now();
@@ -52,6 +57,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     let wall = t0.elapsed().as_secs_f64();
     let server_end = sys::sample_all(&o.server_pid).ok().flatten();
     let self_after = sys::sample_self();
+    ctx.sync(Stage::Measured)?;
     ctx.phase.send_replace(Phase::Stop);
     for w in workers {
         let _ = w.join();

@@ -13,6 +13,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::io::AsyncWriteExt as _;
 
 use super::hist::Latency;
+use super::procs::Stage;
 use super::report::{LoginFigures, ProcFigures, Report};
 use super::session::{Mech, Session};
 use super::{end_status, status_line, sys, Counters, Failure, Phase, RunCtx};
@@ -30,6 +31,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         prime_fast_tokens(ctx)?;
     }
     let workers = ctx.spawn_workers(worker);
+    ctx.sync(Stage::Ready)?;
     let server_before = sys::sample_all(&o.server_pid).map_err(|e| Failure {
         message: format!("{e:#}"),
         report: None,
@@ -58,6 +60,7 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     let wall = t0.elapsed().as_secs_f64();
     let server_after = sys::sample_all(&o.server_pid).ok().flatten();
     let self_after = sys::sample_self();
+    ctx.sync(Stage::Measured)?;
     let mut total = WorkerOut::default();
     for w in workers {
         if let Ok(out) = w.join() {
@@ -79,7 +82,10 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         _ => None,
     };
     let mut report = Report::empty(o);
-    report.users = ctx.accounts.len();
+    report.users = ctx.my_user_count();
+    if ctx.opts.shard.is_some() {
+        report.latency_buckets = Some(total.hist.buckets());
+    }
     report.duration_s = wall;
     report.login = Some(LoginFigures {
         attempted: total.attempted,
@@ -129,7 +135,7 @@ fn prime_fast_tokens(ctx: &Arc<RunCtx>) -> Result<(), Failure> {
         .map_err(|e| failed(format!("a tokio runtime: {e}")))?;
     let started = Instant::now();
     rt.block_on(async {
-        let all: Vec<usize> = (0..ctx.accounts.len()).collect();
+        let all: Vec<usize> = ctx.my_users().collect();
         let sessions = ctx
             .login_all(all)
             .await
@@ -142,10 +148,10 @@ fn prime_fast_tokens(ctx: &Arc<RunCtx>) -> Result<(), Failure> {
     })?;
     ctx.progress_logins(started, "FAST tokens");
     let held = ctx.target.fast_tokens_held();
-    if held < ctx.accounts.len() {
+    if held < ctx.my_user_count() {
         return Err(failed(format!(
             "only {held} of {} users got a FAST token: is FAST on (auth.fast)?",
-            ctx.accounts.len()
+            ctx.my_user_count()
         )));
     }
     ctx.counters.logged_in.store(0, Ordering::Relaxed);
@@ -164,8 +170,8 @@ async fn worker(ctx: Arc<RunCtx>, w: usize) -> WorkerOut {
     if accounts.is_empty() {
         return out.into_inner();
     }
-    let rate = ctx.opts.arrival_rate / ctx.threads() as f64;
-    let max_inflight = (ctx.opts.concurrency / ctx.threads()).max(1);
+    let rate = ctx.opts.arrival_rate / ctx.workers_in_run() as f64;
+    let max_inflight = (ctx.opts.concurrency / ctx.workers_in_run()).max(1);
     let end = t0 + Duration::from_secs_f64(ctx.opts.duration);
     let mut inflight = FuturesUnordered::new();
     let mut started = 0u64;

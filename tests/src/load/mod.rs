@@ -28,6 +28,7 @@ pub mod hold;
 pub mod io;
 pub mod login;
 pub mod presence;
+pub mod procs;
 pub mod report;
 pub mod session;
 pub mod sys;
@@ -47,7 +48,9 @@ use tokio::sync::watch;
 use report::Report;
 use session::{LoginError, Mech, Session, Target, TlsMode, Transport};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
     /// Connection + authentication rate: each login closes its connection.
@@ -141,6 +144,23 @@ pub struct Options {
     /// Worker threads, each driving its share of the connections.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Local addresses to connect from, round-robin, so that more
+    /// connections than one address's ephemeral ports (about 28,000 on
+    /// Linux) reach one server address: a range `127.0.0.2-127.0.0.9`, a
+    /// comma list, or both (`127.0.0.2-127.0.0.5,127.0.1.1`). Every
+    /// 127.0.0.0/8 address is local on Linux.
+    #[arg(long, value_parser = parse_source_ips)]
+    pub source_ips: Option<SourceIps>,
+    /// Run as this many processes, each driving a disjoint share of the
+    /// users with the same options (`--threads` each), to go past one
+    /// process's open-files limit; they log in, start measuring together
+    /// and their reports are merged into one (login, hold and chat).
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    /// Internal: this process is share `I` of `N` of a `--processes N` run
+    /// (started by the parent, which it talks to over stdin/stdout).
+    #[arg(long, hide = true, value_parser = parse_shard)]
+    pub shard: Option<Shard>,
     /// Seconds each negotiation step may take.
     #[arg(long, default_value_t = 30.0)]
     pub step_timeout: f64,
@@ -188,6 +208,101 @@ pub fn parse_accounts(text: &str, domain: &str) -> anyhow::Result<Vec<Account>> 
         });
     }
     Ok(out)
+}
+
+/// The addresses of `--source-ips`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIps(pub Vec<std::net::IpAddr>);
+
+/// Largest `--source-ips` list: a typo in a range (`127.0.0.2-127.1.0.2`)
+/// should be an error, not 65,000 addresses.
+const MAX_SOURCE_IPS: u32 = 4096;
+
+/// Parses `A-B` ranges and single addresses, comma-separated.
+pub fn parse_source_ips(s: &str) -> Result<SourceIps, String> {
+    use std::net::{IpAddr, Ipv4Addr};
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let parse = |a: &str| {
+            a.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("{a:?} is not an IP address"))
+        };
+        match part.split_once('-') {
+            None => out.push(parse(part)?),
+            Some((a, b)) => {
+                let (IpAddr::V4(a), IpAddr::V4(b)) = (parse(a)?, parse(b)?) else {
+                    return Err(format!("{part}: ranges are IPv4 only; list IPv6 addresses"));
+                };
+                let (a, b) = (u32::from(a), u32::from(b));
+                if b < a {
+                    return Err(format!("{part}: the range ends before it starts"));
+                }
+                if b - a >= MAX_SOURCE_IPS {
+                    return Err(format!(
+                        "{part}: {} addresses, more than the {MAX_SOURCE_IPS} allowed",
+                        u64::from(b - a) + 1
+                    ));
+                }
+                out.extend((a..=b).map(|ip| IpAddr::V4(Ipv4Addr::from(ip))));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("no address given".into());
+    }
+    Ok(SourceIps(out))
+}
+
+/// Which share of a `--processes` run this process drives: user `i` is
+/// driven by process `i mod count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    pub fn owns(self, user: usize) -> bool {
+        user % self.count == self.index
+    }
+
+    /// The users worker `w` of `threads` drives in this share: user `i`
+    /// belongs to process `i mod count` and, within it, to worker
+    /// `(i / count) mod threads`.
+    pub fn worker_share(
+        self,
+        w: usize,
+        threads: usize,
+        users: usize,
+    ) -> impl Iterator<Item = usize> {
+        (self.index + self.count * w..users).step_by(self.count * threads)
+    }
+
+    /// How many of `users` this share drives.
+    pub fn len(self, users: usize) -> usize {
+        users.saturating_sub(self.index).div_ceil(self.count)
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+fn parse_shard(s: &str) -> Result<Shard, String> {
+    let (i, n) = s.split_once('/').ok_or("expected I/N")?;
+    let (index, count) = (
+        i.parse::<usize>().map_err(|e| e.to_string())?,
+        n.parse::<usize>().map_err(|e| e.to_string())?,
+    );
+    if index >= count {
+        return Err(format!("{s}: I must be below N"));
+    }
+    Ok(Shard { index, count })
 }
 
 pub fn generate_accounts(n: usize, user_pattern: &str, password_pattern: &str) -> Vec<Account> {
@@ -263,13 +378,23 @@ pub fn run(opts: Options) -> Result<Report, Failure> {
     .map_err(fail)?;
     target.ws_path = opts.ws_path.clone();
     target.step_timeout = Duration::from_secs_f64(opts.step_timeout);
-    let fds = sys::raise_fd_limit();
-    if (fds as usize) < accounts.len() + 64 && opts.scenario != Scenario::Login {
-        eprintln!(
-            "xmpp-load: warning: the open-files limit is {fds}, below the {} connections asked for",
-            accounts.len()
-        );
+    if let Some(ips) = &opts.source_ips {
+        target.source_ips = ips.0.clone();
     }
+    let shard = opts.shard.unwrap_or(Shard::WHOLE);
+    if opts.processes == 0 {
+        return Err(fail(anyhow::anyhow!("--processes must be at least 1")));
+    }
+    check_capacity(&opts, accounts.len(), &target).map_err(fail)?;
+    if opts.processes > 1 && opts.shard.is_none() {
+        return procs::run(&opts, accounts.len());
+    }
+    let mut opts = opts;
+    if opts.shard.is_some() {
+        // The parent measures the server once for the whole run.
+        opts.server_pid.clear();
+    }
+    let (clock, clock_ns) = sys::monotonic_now();
     let ctx = Arc::new(RunCtx {
         progress: !opts.quiet,
         opts,
@@ -277,16 +402,73 @@ pub fn run(opts: Options) -> Result<Report, Failure> {
         accounts,
         counters: Counters::default(),
         phase: watch::channel(Phase::Setup).0,
-        clock: Instant::now(),
+        clock,
+        clock_ns,
+        shard,
     });
-    match ctx.opts.scenario {
+    let mut result = match ctx.opts.scenario {
         Scenario::Login => login::run(&ctx),
         Scenario::Hold => hold::run(&ctx),
         Scenario::Chat => chat::run(&ctx),
         Scenario::Presence => presence::run(&ctx),
         Scenario::Writes => writes::run(&ctx),
         Scenario::Accounts => unreachable!("handled above"),
+    };
+    let report = match &mut result {
+        Ok(r) => Some(r),
+        Err(f) => f.report.as_deref_mut(),
+    };
+    if let Some(r) = report {
+        r.source_addresses = ctx.target.connections_by_source();
     }
+    result
+}
+
+/// Connections one process of this run holds at once.
+fn connections_per_process(opts: &Options, users: usize) -> usize {
+    let processes = opts.processes.max(1);
+    match opts.scenario {
+        Scenario::Login => opts.concurrency.div_ceil(processes),
+        _ => users.div_ceil(processes),
+    }
+}
+
+/// Descriptors a process needs besides its connections (stdio, the
+/// runtime's epoll and eventfd, pipes, /proc reads).
+const FD_RESERVE: usize = 64;
+
+/// Refuses, with the fix, a run that cannot fit: more connections per
+/// process than its open-files limit allows (after raising the soft limit
+/// to the hard one), or more connections to one server address than the
+/// ephemeral ports of the source addresses.
+fn check_capacity(opts: &Options, users: usize, target: &Target) -> anyhow::Result<()> {
+    let fds = sys::raise_fd_limit() as usize;
+    let per_process = connections_per_process(opts, users);
+    if per_process + FD_RESERVE > fds {
+        let fit = fds.saturating_sub(FD_RESERVE).max(1);
+        let total = per_process * opts.processes.max(1);
+        bail!(
+            "{per_process} connections in one process need about {} open files, but a process may have {fds} \
+             (its hard limit, which only root raises): run {total} connections with --processes {} \
+             (at most {fit} each)",
+            per_process + FD_RESERVE,
+            total.div_ceil(fit),
+        );
+    }
+    if opts.scenario != Scenario::Login {
+        let ports = sys::ephemeral_ports();
+        let sources = target.source_ips.len().max(1);
+        let per_server = users.div_ceil(target.addrs.len());
+        if per_server > ports * sources {
+            bail!(
+                "{per_server} connections to one server address need more than the {ports} ephemeral ports \
+                 (net.ipv4.ip_local_port_range) of {sources} source address(es): give --source-ips with at \
+                 least {} addresses (127.0.0.2-127.0.0.N)",
+                per_server.div_ceil(ports)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
@@ -345,22 +527,67 @@ pub struct RunCtx {
     pub phase: watch::Sender<Phase>,
     /// Time base of the send timestamps carried in messages.
     pub clock: Instant,
+    /// `clock` on the system's monotonic clock (ns): the timestamps carried
+    /// in messages are on that clock, so that the processes of a
+    /// `--processes` run measure latency between each other.
+    pub clock_ns: u64,
     pub progress: bool,
+    /// The users this process drives (all but in a `--processes` run).
+    pub shard: Shard,
 }
 
 impl RunCtx {
-    /// Nanoseconds since [`RunCtx::clock`].
+    /// Now on the monotonic clock, in ns (see [`RunCtx::clock_ns`]).
     pub fn now_ns(&self) -> u64 {
-        self.clock.elapsed().as_nanos() as u64
+        self.ns_at(Instant::now())
     }
 
-    /// The global account indices worker `w` drives.
+    /// `t` on the monotonic clock, in ns.
+    pub fn ns_at(&self, t: Instant) -> u64 {
+        self.clock_ns + t.saturating_duration_since(self.clock).as_nanos() as u64
+    }
+
+    /// The global account indices worker `w` of this process drives.
     pub fn share(&self, w: usize) -> impl Iterator<Item = usize> {
-        (w..self.accounts.len()).step_by(self.threads())
+        self.shard
+            .worker_share(w, self.threads(), self.accounts.len())
+    }
+
+    /// Every account index this process drives.
+    pub fn my_users(&self) -> impl Iterator<Item = usize> {
+        (self.shard.index..self.accounts.len()).step_by(self.shard.count)
+    }
+
+    /// How many users this process drives.
+    pub fn my_user_count(&self) -> usize {
+        self.shard.len(self.accounts.len())
+    }
+
+    /// In a `--processes` run, tells the parent this process reached
+    /// `stage` and waits for its word to go on (see [`procs`]); a no-op
+    /// otherwise. An error means the parent is gone or called the run off:
+    /// the phase is then `Stop`.
+    pub fn sync(&self, stage: procs::Stage) -> Result<(), Failure> {
+        if self.opts.shard.is_none() {
+            return Ok(());
+        }
+        procs::child_sync(stage).map_err(|message| {
+            self.phase.send_replace(Phase::Stop);
+            Failure {
+                message,
+                report: None,
+            }
+        })
     }
 
     pub fn threads(&self) -> usize {
         self.opts.threads.max(1)
+    }
+
+    /// Workers over all processes of the run: `--arrival-rate` and
+    /// `--concurrency` are totals, split between them.
+    pub fn workers_in_run(&self) -> usize {
+        self.threads() * self.shard.count
     }
 
     /// Starts one thread per worker, each with a current-thread runtime
@@ -416,8 +643,8 @@ impl RunCtx {
         &self,
         indices: Vec<usize>,
     ) -> Result<Vec<(usize, Session)>, LoginError> {
-        let per_worker_rate = self.opts.arrival_rate / self.threads() as f64;
-        let max_inflight = (self.opts.concurrency / self.threads()).max(1);
+        let per_worker_rate = self.opts.arrival_rate / self.workers_in_run() as f64;
+        let max_inflight = (self.opts.concurrency / self.workers_in_run()).max(1);
         let start = Instant::now();
         let mut next = 0;
         let mut inflight = FuturesUnordered::new();
@@ -450,12 +677,14 @@ impl RunCtx {
 
     /// Shows how far the setup logins are.
     pub fn progress_logins(&self, started: Instant, label: &str) {
-        if self.progress {
+        if self.opts.shard.is_some() {
+            procs::child_logged_in(Counters::get(&self.counters.logged_in));
+        } else if self.progress {
             let c = &self.counters;
             status_line(&format!(
                 "{label}: logged in {}/{} ({:.0}/s)",
                 Counters::get(&c.logged_in),
-                self.accounts.len(),
+                self.my_user_count(),
                 Counters::get(&c.logged_in) as f64 / started.elapsed().as_secs_f64().max(1e-3)
             ));
         }
@@ -569,6 +798,50 @@ mod tests {
         );
         assert!(parse_accounts("u@other;x", "localhost").is_err());
         assert!(parse_accounts("nopassword", "localhost").is_err());
+    }
+
+    #[test]
+    fn source_ips_take_ranges_and_lists() {
+        let ips = parse_source_ips("127.0.0.254-127.0.1.1, 10.0.0.1,::1").unwrap();
+        let s: Vec<String> = ips.0.iter().map(|ip| ip.to_string()).collect();
+        assert_eq!(
+            s,
+            [
+                "127.0.0.254",
+                "127.0.0.255",
+                "127.0.1.0",
+                "127.0.1.1",
+                "10.0.0.1",
+                "::1"
+            ]
+        );
+        assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
+        assert!(parse_source_ips("127.0.0.1-127.1.0.0").is_err());
+        assert!(parse_source_ips("localhost").is_err());
+        assert!(parse_source_ips("").is_err());
+    }
+
+    #[test]
+    fn shards_and_workers_split_the_users_once() {
+        let mut seen = vec![0; 23];
+        for count in [1, 2, 3] {
+            seen.iter_mut().for_each(|s| *s = 0);
+            for index in 0..count {
+                let shard = Shard { index, count };
+                let mut mine = 0;
+                for w in 0..2 {
+                    for i in shard.worker_share(w, 2, 23) {
+                        assert!(shard.owns(i));
+                        seen[i] += 1;
+                        mine += 1;
+                    }
+                }
+                assert_eq!(mine, shard.len(23));
+            }
+            assert!(seen.iter().all(|&s| s == 1), "{count}: {seen:?}");
+        }
+        assert_eq!(parse_shard("1/2"), Ok(Shard { index: 1, count: 2 }));
+        assert!(parse_shard("2/2").is_err());
     }
 
     #[test]

@@ -332,7 +332,7 @@ async fn presence_conn(
             let due_at =
                 |k: u64| t0 + Duration::from_secs_f64((k as f64 + phase) / plan.per_user_rate);
             let now = Instant::now();
-            let sent_ns = now.duration_since(ctx.clock).as_nanos() as u64;
+            let sent_ns = ctx.ns_at(now);
             let before = k;
             while k < plan.per_user && due_at(k) <= now {
                 conn.out.extend_from_slice(b"<presence><status>~xl~");

@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::hist::Summary;
 use super::session::{Mech, TlsMode, Transport};
 use super::sys::ProcSample;
 use super::{Options, Scenario};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub scenario: Scenario,
     pub server: String,
@@ -19,7 +19,11 @@ pub struct Report {
     pub transport: Transport,
     pub mechanism: Mech,
     pub users: usize,
+    /// Worker threads per process.
     pub threads: usize,
+    /// Processes that drove the users (`--processes`).
+    #[serde(default = "one")]
+    pub processes: usize,
     /// Seconds of measurement.
     pub duration_s: f64,
     /// False when the run lost or duplicated messages or could not run.
@@ -40,11 +44,24 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_process: Option<ProcFigures>,
     /// xmpp-load itself during the measurement: near 1.0 core per thread
-    /// means the generator, not the server, was the limit.
+    /// means the generator, not the server, was the limit (summed over the
+    /// processes of a `--processes` run).
     pub load_process: ProcFigures,
+    /// Connections made from each local address (with `--source-ips`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_addresses: BTreeMap<String, u64>,
+    /// The latency histogram as `(µs, count)` buckets: written by the
+    /// children of a `--processes` run so the parent merges histograms,
+    /// not percentiles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_buckets: Option<Vec<(u64, u64)>>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LoginFigures {
     pub attempted: u64,
     pub succeeded: u64,
@@ -64,7 +81,7 @@ pub struct LoginFigures {
 
 /// The `writes` scenario: acknowledged roster sets, each one replicated
 /// write (a Raft entry committed and applied before the result).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WriteFigures {
     pub acknowledged: u64,
     /// Answered with an error, or not answered before the end.
@@ -76,7 +93,7 @@ pub struct WriteFigures {
     pub server_cpu_ms_per_write: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HoldFigures {
     pub connections: u64,
     /// Connections still open at the end of the hold.
@@ -89,7 +106,7 @@ pub struct HoldFigures {
     pub server_kib_per_connection: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChatFigures {
     pub offered_per_s: f64,
     pub body_size: usize,
@@ -117,7 +134,7 @@ pub struct ChatFigures {
     pub server_cpu_s_per_1000_messages: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PresenceFigures {
     pub offered_per_s: f64,
     pub roster_size: usize,
@@ -134,7 +151,7 @@ pub struct PresenceFigures {
     pub server_cpu_s_per_1000_stanzas: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct ProcFigures {
     /// CPU seconds used during the measurement.
     pub cpu_s: f64,
@@ -167,6 +184,7 @@ impl Report {
             mechanism: o.mechanism,
             users: o.users,
             threads: o.threads.max(1),
+            processes: o.processes.max(1),
             duration_s: 0.0,
             ok: true,
             error: None,
@@ -177,6 +195,8 @@ impl Report {
             writes: None,
             server_process: None,
             load_process: ProcFigures::default(),
+            source_addresses: BTreeMap::new(),
+            latency_buckets: None,
         }
     }
 
@@ -293,11 +313,24 @@ impl Report {
                 format!("{:.2} s ({:.2} cores)", s.cpu_s, s.cpu_cores),
             );
         }
+        if !self.source_addresses.is_empty() {
+            let by: Vec<String> = self
+                .source_addresses
+                .iter()
+                .map(|(ip, n)| format!("{ip} {n}"))
+                .collect();
+            t.row("connections by source", by.join(", "));
+        }
         let l = &self.load_process;
+        let procs = if self.processes > 1 {
+            format!(" in each of {} processes", self.processes)
+        } else {
+            String::new()
+        };
         t.row(
             "xmpp-load CPU",
             format!(
-                "{:.2} s ({:.2} cores of {} thread(s))",
+                "{:.2} s ({:.2} cores of {} thread(s){procs})",
                 l.cpu_s, l.cpu_cores, self.threads
             ),
         );

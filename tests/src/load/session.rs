@@ -8,7 +8,9 @@
 //! server already sent; the scenarios frame and scan those bytes
 //! themselves.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use base64::Engine as _;
 use rand::Rng as _;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use xmpp::element::{escape, Element};
 use xmpp::sasl::client::{
     plain_initial_response, ClientChannelBinding, SaltedPasswords, ScramClient,
@@ -31,7 +33,9 @@ use super::io::{Io, Raw, WsIo};
 use super::Account;
 use crate::tls::AcceptAnyCert;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// Plain TCP, then `<starttls/>` (RFC 6120 §5), the standard c2s port.
@@ -44,7 +48,9 @@ pub enum TlsMode {
     None,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// XMPP over TCP (RFC 6120).
@@ -53,7 +59,9 @@ pub enum Transport {
     Websocket,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum Mech {
     #[value(name = "plain")]
     #[serde(rename = "PLAIN")]
@@ -89,6 +97,8 @@ impl Mech {
 pub enum LoginError {
     #[error("cannot connect to {addr}: connection refused — is the server running?")]
     Refused { addr: SocketAddr },
+    #[error("cannot bind to the source address {ip}: {source} (is it an address of this machine? every 127.0.0.0/8 address is, on Linux)")]
+    Bind { ip: IpAddr, source: std::io::Error },
     #[error("cannot connect to {addr}: {source}")]
     Unreachable {
         addr: SocketAddr,
@@ -123,6 +133,7 @@ impl LoginError {
     pub fn cause(&self) -> String {
         match self {
             LoginError::Refused { .. } => "connection-refused".into(),
+            LoginError::Bind { .. } => "bind".into(),
             LoginError::Unreachable { .. } => "unreachable".into(),
             LoginError::Tls { .. } => "tls".into(),
             LoginError::Auth { condition, .. } => format!("auth:{condition}"),
@@ -154,6 +165,13 @@ pub struct Target {
     pub initial_presence: bool,
     connector: tokio_rustls::TlsConnector,
     server_names: Vec<ServerName<'static>>,
+    /// `--source-ips`: connections bind to these in turn (empty: the
+    /// kernel picks the source address).
+    pub source_ips: Vec<IpAddr>,
+    next_source: AtomicUsize,
+    /// Connections made from each local address (with `--source-ips`), as
+    /// the kernel reports them after connecting.
+    by_source: std::sync::Mutex<BTreeMap<IpAddr, u64>>,
     /// `--mechanism fast`: each user's current FAST token, by user index.
     fast_tokens: std::sync::Mutex<std::collections::HashMap<usize, String>>,
 }
@@ -162,6 +180,51 @@ impl Target {
     /// The server of the `i`-th user.
     pub fn addr(&self, i: usize) -> SocketAddr {
         self.addrs[i % self.addrs.len()]
+    }
+
+    /// Connections made from each local address, with `--source-ips`.
+    pub fn connections_by_source(&self) -> BTreeMap<String, u64> {
+        let m = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(ip, n)| (ip.to_string(), *n)).collect()
+    }
+
+    /// A TCP connection to `addr`, from the next `--source-ips` address if
+    /// any. The source port is left to `connect` (`IP_BIND_ADDRESS_NO_PORT`),
+    /// so each source address has its full ephemeral range towards every
+    /// destination instead of sharing one range over all of them.
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, LoginError> {
+        let connect = async {
+            if self.source_ips.is_empty() {
+                return TcpStream::connect(addr).await.map_err(|e| (None, e));
+            }
+            let n = self.next_source.fetch_add(1, Ordering::Relaxed);
+            let ip = self.source_ips[n % self.source_ips.len()];
+            let bind = || {
+                let socket = match ip {
+                    IpAddr::V4(_) => TcpSocket::new_v4()?,
+                    IpAddr::V6(_) => TcpSocket::new_v6()?,
+                };
+                bind_address_no_port(&socket);
+                socket.bind(SocketAddr::new(ip, 0))?;
+                Ok(socket)
+            };
+            let socket = bind().map_err(|e| (Some(ip), e))?;
+            let stream = socket.connect(addr).await.map_err(|e| (None, e))?;
+            if let Ok(local) = stream.local_addr() {
+                let mut m = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
+                *m.entry(local.ip()).or_default() += 1;
+            }
+            Ok(stream)
+        };
+        match tokio::time::timeout(self.step_timeout, connect).await {
+            Err(_) => Err(LoginError::Timeout(self.step_timeout, "TCP connect")),
+            Ok(Err((Some(ip), source))) => Err(LoginError::Bind { ip, source }),
+            Ok(Err((None, e))) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Err(LoginError::Refused { addr })
+            }
+            Ok(Err((None, source))) => Err(LoginError::Unreachable { addr, source }),
+            Ok(Ok(s)) => Ok(s),
+        }
     }
 
     /// How many users hold a FAST token (`--mechanism fast`).
@@ -224,8 +287,30 @@ impl Target {
             initial_presence: true,
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_names,
+            source_ips: Vec::new(),
+            next_source: AtomicUsize::new(0),
+            by_source: Default::default(),
             fast_tokens: Default::default(),
         })
+    }
+}
+
+/// Linux's `IP_BIND_ADDRESS_NO_PORT`: a socket bound to an address with
+/// port 0 gets its port at `connect`, per destination. Best effort: without
+/// it, `bind` takes a port from the one range shared by all destinations.
+fn bind_address_no_port(socket: &TcpSocket) {
+    use std::os::fd::AsRawFd as _;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on an open socket with a pointer to a local int
+    // and its size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -241,14 +326,7 @@ impl Session {
     /// Connects and logs in `account`, the `i`-th user, at its server.
     pub async fn login(t: &Target, i: usize, account: &Account) -> Result<Session, LoginError> {
         let addr = t.addr(i);
-        let tcp = match tokio::time::timeout(t.step_timeout, TcpStream::connect(addr)).await {
-            Err(_) => return Err(LoginError::Timeout(t.step_timeout, "TCP connect")),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                return Err(LoginError::Refused { addr })
-            }
-            Ok(Err(e)) => return Err(LoginError::Unreachable { addr, source: e }),
-            Ok(Ok(s)) => s,
-        };
+        let tcp = t.connect(addr).await?;
         tcp.set_nodelay(true)?;
         let mut n = Negotiator {
             t,

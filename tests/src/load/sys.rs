@@ -70,6 +70,35 @@ fn clock_ticks() -> f64 {
     }
 }
 
+/// An `Instant` and the same moment on `CLOCK_MONOTONIC` in ns: the clock
+/// `Instant` reads on Linux, shared by every process of the machine, so
+/// timestamps taken from it compare across processes.
+pub fn monotonic_now() -> (std::time::Instant, u64) {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let t = std::time::Instant::now();
+    // SAFETY: clock_gettime writes into the valid local struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (t, ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// Local ports the kernel hands out to outgoing connections from one
+/// source address to one destination (`net.ipv4.ip_local_port_range`).
+pub fn ephemeral_ports() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| parse_port_range(&s))
+        .unwrap_or(28_232)
+}
+
+fn parse_port_range(s: &str) -> Option<usize> {
+    let mut f = s.split_whitespace().map(|x| x.parse::<usize>());
+    let (lo, hi) = (f.next()?.ok()?, f.next()?.ok()?);
+    (hi >= lo).then_some(hi - lo + 1)
+}
+
 /// Raises the open-files limit to its hard limit: each connection is a
 /// descriptor, and the usual soft limit of 1024 is far below a real run.
 pub fn raise_fd_limit() -> u64 {
@@ -104,6 +133,12 @@ mod tests {
         assert_eq!(parse_rss_kib("Name:\tx\nVmRSS:\t  12345 kB\n"), Some(12345));
         let stat = "42 (xmpp node) S 1 42 42 0 -1 4194304 100 0 0 0 250 50 0 0 20 0 4 0";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
+    }
+
+    #[test]
+    fn parses_the_port_range() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some(28232));
+        assert_eq!(parse_port_range("x"), None);
     }
 
     #[test]
