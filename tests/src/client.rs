@@ -689,6 +689,20 @@ impl Client {
         }))
     }
 
+    /// XEP-0198 §5: resumes stream `previd` having handled `h` stanzas;
+    /// returns the server's `<resumed/>` or `<failed/>`.
+    pub async fn resume(&mut self, previd: &str, h: u32) -> anyhow::Result<Element> {
+        let resume = Element::new("resume", SM)
+            .attr("previd", previd)
+            .attr("h", h.to_string());
+        self.send(&resume).await?;
+        self.recv_until(
+            |e| e.ns == SM && (e.name == "resumed" || e.name == "failed"),
+            WAIT,
+        )
+        .await
+    }
+
     /// RFC 6120 §7: binds a resource (or asks the server for one); returns
     /// the full JID.
     pub async fn bind(&mut self, resource: Option<&str>) -> anyhow::Result<String> {

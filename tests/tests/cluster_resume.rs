@@ -89,17 +89,7 @@ async fn a_session_on_one_node_resumes_through_another() {
     )
     .await
     .unwrap();
-    c.send(
-        &Element::new("resume", SM)
-            .attr("previd", id.as_str())
-            .attr("h", "0"),
-    )
-    .await
-    .unwrap();
-    let resumed = c
-        .recv_until(|e| e.name == "resumed" || e.name == "failed", WAIT)
-        .await
-        .unwrap();
+    let resumed = c.resume(&id, 0).await.unwrap();
     assert!(
         resumed.is("resumed", SM),
         "{}\n--- node 1\n{}\n--- node 2\n{}",
@@ -163,30 +153,10 @@ async fn an_unknown_or_foreign_stream_id_is_refused_on_every_node() {
     bob.login("bob", PW, tests::client::Mechanism::Scram(HashAlg::Sha256))
         .await
         .unwrap();
-    bob.send(
-        &Element::new("resume", SM)
-            .attr("previd", id.as_str())
-            .attr("h", "0"),
-    )
-    .await
-    .unwrap();
-    let r = bob
-        .recv_until(|e| e.name == "resumed" || e.name == "failed", WAIT)
-        .await
-        .unwrap();
+    let r = bob.resume(&id, 0).await.unwrap();
     assert!(r.is("failed", SM));
     // An id nobody has: refused, and the client can bind instead.
-    bob.send(
-        &Element::new("resume", SM)
-            .attr("previd", "no-such-stream")
-            .attr("h", "0"),
-    )
-    .await
-    .unwrap();
-    let r = bob
-        .recv_until(|e| e.name == "resumed" || e.name == "failed", WAIT)
-        .await
-        .unwrap();
+    let r = bob.resume("no-such-stream", 0).await.unwrap();
     assert!(r.is("failed", SM));
     bob.bind(Some("b")).await.unwrap();
     // Alice's session still waits on node 1, untouched.
@@ -198,16 +168,6 @@ async fn an_unknown_or_foreign_stream_id_is_refused_on_every_node() {
     )
     .await
     .unwrap();
-    c.send(
-        &Element::new("resume", SM)
-            .attr("previd", id.as_str())
-            .attr("h", "0"),
-    )
-    .await
-    .unwrap();
-    let r = c
-        .recv_until(|e| e.name == "resumed" || e.name == "failed", WAIT)
-        .await
-        .unwrap();
+    let r = c.resume(&id, 0).await.unwrap();
     assert!(r.is("resumed", SM));
 }

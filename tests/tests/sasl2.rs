@@ -386,14 +386,7 @@ async fn a_dropped_session_resumes_on_the_other_port_and_over_websocket() {
         )
         .await
         .unwrap();
-        c.send(
-            &Element::new("resume", SM)
-                .attr("previd", id.as_str())
-                .attr("h", "0"),
-        )
-        .await
-        .unwrap();
-        let resumed = c.recv_until(|e| e.is("resumed", SM), WAIT).await.unwrap();
+        let resumed = c.resume(&id, 0).await.unwrap();
         assert_eq!(resumed.get_attr("previd"), Some(id.as_str()), "{connect}");
         // (Round 1 first gets round 0's message again: it was never
         // acknowledged, so the ended session stored it rather than drop it.)

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use rand::RngCore;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use xmpp::element::Element;
 use xmpp::error::StreamError;
 use xmpp::jid::{FullJid, Jid};
@@ -485,11 +485,7 @@ impl Session {
                         let (mut next, h, sasl2) = match *h {
                             Handoff::Resume { stream, h, sasl2 } => (stream, h, sasl2),
                             Handoff::Migrate { h, reply } => {
-                                let state = self.hand_over(h);
-                                let moved = state.is_some();
-                                let _ = reply.send(state);
-                                if moved {
-                                    self.moved = true;
+                                if self.migrate(h, reply) {
                                     return Err(ConnError::stream(
                                         StreamError::Conflict,
                                         "this session was resumed on another connection",
@@ -693,6 +689,15 @@ impl Session {
         }
     }
 
+    /// Answers another node's request for this session; whether it moved
+    /// (then this task ends without a trace).
+    fn migrate(&mut self, h: u32, reply: oneshot::Sender<Option<sm::Migrated>>) -> bool {
+        let state = self.hand_over(h);
+        self.moved = state.is_some();
+        let _ = reply.send(state);
+        self.moved
+    }
+
     /// The session's state for another node the client resumed on; `None`
     /// when `h` acknowledges more than was sent (the client is confused:
     /// it binds anew). Afterwards this task owns nothing of the session.
@@ -823,11 +828,7 @@ impl Session {
                             };
                         }
                         Handoff::Migrate { h, reply } => {
-                            let state = self.hand_over(h);
-                            let moved = state.is_some();
-                            let _ = reply.send(state);
-                            if moved {
-                                self.moved = true;
+                            if self.migrate(h, reply) {
                                 return None;
                             }
                         }
