@@ -419,12 +419,8 @@ impl Default for Upload {
 impl Upload {
     /// The virtual host whose service `domain` is, if it is one.
     pub fn host_of<'a>(&self, domain: &'a str, config: &Config) -> Option<&'a str> {
-        let (sub, host) = domain.split_once('.')?;
-        (self.enabled
-            && config.http.enabled
-            && sub == self.subdomain
-            && config.is_local_domain(host))
-        .then_some(host)
+        let enabled = self.enabled && config.http.enabled;
+        component_host(enabled, &self.subdomain, domain, config)
     }
 
     /// Where this node keeps the files.
@@ -481,9 +477,20 @@ impl Default for Muc {
 impl Muc {
     /// The virtual host whose service `domain` is, if it is one.
     pub fn host_of<'a>(&self, domain: &'a str, config: &Config) -> Option<&'a str> {
-        let (sub, host) = domain.split_once('.')?;
-        (self.enabled && sub == self.subdomain && config.is_local_domain(host)).then_some(host)
+        component_host(self.enabled, &self.subdomain, domain, config)
     }
+}
+
+/// The virtual host of a component's `domain` (`<subdomain>.<vhost>`),
+/// when the component is `enabled` and the host is ours.
+fn component_host<'a>(
+    enabled: bool,
+    subdomain: &str,
+    domain: &'a str,
+    config: &Config,
+) -> Option<&'a str> {
+    let (sub, host) = domain.split_once('.')?;
+    (enabled && sub == subdomain && config.is_local_domain(host)).then_some(host)
 }
 
 /// Personal Eventing Protocol (XEP-0163): per-user publish-subscribe nodes

@@ -252,6 +252,24 @@ pub trait Module: Send + Sync {
 
 /// The module list: the only place features are registered; those an
 /// operator can turn off are left out when the config says so.
+/// The server's disco#items entry for a component on
+/// `<subdomain>.<vhost>`, offered to the vhost's own users (XEP-0030).
+pub fn component_item(
+    server: &Server,
+    from: &FullJid,
+    node: &str,
+    subdomain: &str,
+    name: &str,
+) -> Option<Vec<Element>> {
+    if !node.is_empty() || !server.config.is_local_domain(from.domain()) {
+        return None;
+    }
+    let service = format!("{subdomain}.{}", from.domain());
+    Some(vec![Element::new("item", xmpp::stanza::ns::DISCO_ITEMS)
+        .attr("jid", service)
+        .attr("name", name)])
+}
+
 pub fn all(config: &crate::config::Config) -> Vec<Box<dyn Module>> {
     let mut modules: Vec<Box<dyn Module>> = vec![
         Box::new(disco::Disco),

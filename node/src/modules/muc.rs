@@ -647,13 +647,8 @@ impl Module for Muc {
     }
 
     fn disco_items(&self, server: &Server, from: &FullJid, node: &str) -> Option<Vec<Element>> {
-        if !node.is_empty() || !server.config.is_local_domain(from.domain()) {
-            return None;
-        }
-        let service = format!("{}.{}", server.config.muc.subdomain, from.domain());
-        Some(vec![Element::new("item", ns::DISCO_ITEMS)
-            .attr("jid", service)
-            .attr("name", "Chatrooms")])
+        let sub = &server.config.muc.subdomain;
+        super::component_item(server, from, node, sub, "Chatrooms")
     }
 
     fn on_applied(&self, server: &Server, effect: &Effect) {

@@ -336,13 +336,8 @@ impl Module for Upload {
     }
 
     fn disco_items(&self, server: &Server, from: &FullJid, node: &str) -> Option<Vec<Element>> {
-        if !node.is_empty() || !server.config.is_local_domain(from.domain()) {
-            return None;
-        }
-        let service = format!("{}.{}", server.config.upload.subdomain, from.domain());
-        Some(vec![Element::new("item", ns::DISCO_ITEMS)
-            .attr("jid", service)
-            .attr("name", "HTTP File Upload")])
+        let sub = &server.config.upload.subdomain;
+        super::component_item(server, from, node, sub, "HTTP File Upload")
     }
 
     fn on_applied(&self, server: &Server, effect: &Effect) {
