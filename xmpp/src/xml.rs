@@ -280,6 +280,12 @@ impl StreamParser {
         }
     }
 
+    /// Whether [`next_event`](Self::next_event) may have something to say
+    /// without more input: bytes not yet consumed, or a close to report.
+    pub fn has_pending(&self) -> bool {
+        self.pending_close || self.buffered() > 0
+    }
+
     /// Number of received bytes not yet consumed by an event.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start

@@ -48,7 +48,31 @@ pub async fn listen(server: Arc<Server>, listener: TcpListener, direct_tls: bool
     }
 }
 
-async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
+/// One accepted connection's task: admission and TLS, negotiation, then
+/// the session. The first two are a boxed future dropped once the session
+/// starts (see [`serve`]).
+fn connection(
+    server: Arc<Server>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    direct_tls: bool,
+) -> impl std::future::Future<Output = ()> + Send {
+    let opening: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(open(server, tcp, peer, direct_tls));
+    async move {
+        if let Some(session) = opening.await {
+            session.await
+        }
+    }
+}
+
+/// Admission, TLS on the direct-TLS port, and negotiation.
+async fn open(
+    server: Arc<Server>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    direct_tls: bool,
+) -> Option<SessionFuture> {
     let _ = tcp.set_nodelay(true);
     let keepalive = server.config.limits.tcp_keepalive_secs;
     if keepalive > 0 {
@@ -68,7 +92,7 @@ async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direc
                 let mut s = Stream::new(server.clone(), Io::Plain(tcp), peer);
                 Box::pin(s.close_with_error(error, Some(&text))).await;
             }
-            return;
+            return None;
         }
     };
     let timeout = server.config.limits.negotiation_timeout();
@@ -81,34 +105,57 @@ async fn connection(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direc
             }
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
+                return None;
             }
-            Err(_) => return,
+            Err(_) => return None,
         }
     } else {
         Io::Plain(tcp)
     };
-    serve(server, io, peer, cb, admitted).await
+    negotiation(server, io, peer, cb, admitted).await
 }
+
+/// A session's future, boxed: what a connection's task runs once the
+/// stream is negotiated.
+type SessionFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The session core over any transport: negotiation within
 /// `limits.negotiation_timeout_secs`, then the session (or a resumption
 /// handed to the session waiting for it, whatever its old transport).
-pub(crate) async fn serve(
+///
+/// Negotiation is one boxed future and the session another, made in plain
+/// fns: an async fn is as large as its largest state, and rustc keeps room
+/// for a future made inside one even when it is boxed at once. This task
+/// lives as long as the connection; built this way it holds only the
+/// future it is in (STYLE.md habit 9; measured per held connection by
+/// `xmpp-load hold`).
+pub(crate) fn serve(
     server: Arc<Server>,
     io: Io,
     peer: SocketAddr,
     cb: xmpp::sasl::ChannelBindings,
     admitted: admission::Unbound,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
+    let negotiation: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(negotiation(server, io, peer, cb, admitted));
+    async move {
+        if let Some(session) = negotiation.await {
+            session.await
+        }
+    }
+}
+
+/// Negotiates the stream; gives back the session to run, if one was bound.
+async fn negotiation(
+    server: Arc<Server>,
+    io: Io,
+    peer: SocketAddr,
+    cb: xmpp::sasl::ChannelBindings,
+    admitted: admission::Unbound,
+) -> Option<SessionFuture> {
     let timeout = server.config.limits.negotiation_timeout();
-    let mut s = Stream::new(server.clone(), io, peer);
+    let mut s = Box::new(Stream::new(server.clone(), io, peer));
     s.cb = cb;
-    // Negotiation and the session are boxed: an async fn is as large as its
-    // largest state, and this task lives as long as the connection. Boxed,
-    // an idle session carries only the state it is in, not the space of
-    // every stanza handler it might run (STYLE.md habit 9; measured per held
-    // connection by `xmpp-load hold`).
     let negotiated =
         match tokio::time::timeout(timeout, Box::pin(negotiate::negotiate(&mut s))).await {
             Ok(r) => r,
@@ -119,7 +166,7 @@ pub(crate) async fn serve(
         };
     drop(admitted);
     match negotiated {
-        Ok(Negotiated::Bound(bound)) => session_boxed(s, bound).await,
+        Ok(Negotiated::Bound(bound)) => Some(Box::pin(session::run(s, bound))),
         Ok(Negotiated::Resume { tx, h, sasl2 }) => {
             // The waiting session takes the stream over (XEP-0198 §5).
             let inline = sasl2.is_some();
@@ -132,7 +179,7 @@ pub(crate) async fn serve(
                 .await
             {
                 let sm::Handoff::Resume { stream: mut s, .. } = *handoff else {
-                    return;
+                    return None;
                 };
                 // Gone between the lookup and now: as unknown as expired.
                 let failed = if inline {
@@ -146,22 +193,16 @@ pub(crate) async fn serve(
                 let _ = Box::pin(s.send(&failed)).await;
                 Box::pin(finish(&mut s, Err(ConnError::Closed))).await;
             }
+            None
         }
         Ok(Negotiated::Migrated { state, h, sasl2 }) => {
-            Box::pin(session::run_migrated(s, *state, h, sasl2)).await
+            Some(Box::pin(session::run_migrated(s, *state, h, sasl2)))
         }
-        Err(e) => Box::pin(finish(&mut s, Err(e))).await,
+        Err(e) => {
+            Box::pin(finish(&mut s, Err(e))).await;
+            None
+        }
     }
-}
-
-/// The session future, made and boxed outside this async fn: a future
-/// built inside an async fn takes room in its state even when boxed at once
-/// (rustc keeps the temporary), and this task lives as long as the session.
-fn session_boxed(
-    s: Stream,
-    bound: negotiate::Bound,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(session::run(s, bound))
 }
 
 /// Ends a stream the way its result asks: a stream error, a clean close,

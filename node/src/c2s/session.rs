@@ -177,18 +177,18 @@ impl Drop for TaskCount {
 }
 
 /// Runs a bound session to its end, then closes its stream.
-pub async fn run(s: Stream, bound: Bound) {
+pub async fn run(s: Box<Stream>, bound: Bound) {
     let jid = bound.jid.clone();
-    run_from(s, jid, Start::Bound(bound.reply)).await
+    run_from(s, Box::new((jid, Start::Bound(bound.reply)))).await
 }
 
 /// Carries on a session moved here from another node (the client resumed
 /// here): `h` is the client's count from its `<resume/>`.
-pub async fn run_migrated(s: Stream, m: sm::Migrated, h: u32, sasl2: Option<Element>) {
+pub async fn run_migrated(s: Box<Stream>, m: sm::Migrated, h: u32, sasl2: Option<Element>) {
     let Ok(jid) = FullJid::parse(&m.jid) else {
         return;
     };
-    run_from(s, jid, Start::Migrated(Box::new(m), h, sasl2)).await
+    run_from(s, Box::new((jid, Start::Migrated(Box::new(m), h, sasl2)))).await
 }
 
 /// How a session task begins.
@@ -197,15 +197,40 @@ enum Start {
     Migrated(Box<sm::Migrated>, u32, Option<Element>),
 }
 
-async fn run_from(s: Stream, jid: FullJid, start: Start) {
+/// What a session task keeps from its start to its end.
+struct Live {
+    server: Arc<Server>,
+    session: Session,
+    guard: BoundGuard,
+    /// The client's connection; `None` while hibernating (XEP-0198).
+    stream: Option<Box<Stream>>,
+    result: Result<(), ConnError>,
+    _running: TaskCount,
+}
+
+/// A session's life in three steps. Starting and ending are boxed futures
+/// that exist only while they run, so what the task holds while the
+/// session waits is `Live` and the wait (an async fn is as large as its
+/// largest state: STYLE.md habit 9, measured by `xmpp-load hold`).
+async fn run_from(s: Box<Stream>, begin: Box<(FullJid, Start)>) {
+    let Some(mut live) = boxed(move || start(s, *begin)).await else {
+        return;
+    };
+    live.serve().await;
+    boxed(move || live.end()).await
+}
+
+/// Binds the session in the cluster and answers the client; `None` when
+/// the binding could not be committed (the client has been told).
+async fn start(s: Box<Stream>, (jid, start): (FullJid, Start)) -> Option<Live> {
     let server = s.server.clone();
-    let _running = TaskCount::new(&server);
+    let running = TaskCount::new(&server);
     let (tx, rx) = sessions::queue(
         server.config.limits.session_queue,
         server.config.limits.session_queue_bytes,
     );
     let (id, replaced) = server.sessions.bind(&jid, tx, s.peer, s.io.is_tls());
-    let mut guard = BoundGuard {
+    let guard = BoundGuard {
         server: server.clone(),
         jid: jid.clone(),
         id,
@@ -250,7 +275,7 @@ async fn run_from(s: Stream, jid: FullJid, start: Start) {
             )
         })
         .await;
-        return;
+        return None;
     }
     if let Some(old) = replaced {
         // RFC 6120 §7.7.2.2: the new session wins; the old one gets <conflict/>.
@@ -283,7 +308,7 @@ async fn run_from(s: Stream, jid: FullJid, start: Start) {
         moved: false,
     };
     let mut stream = Some(s);
-    let mut result = match (stream.as_mut(), start) {
+    let result = match (stream.as_mut(), start) {
         (Some(s), Start::Migrated(m, h, sasl2)) => {
             let m = *m;
             session.carry_on(&m);
@@ -316,39 +341,64 @@ async fn run_from(s: Stream, jid: FullJid, start: Start) {
         (None, _) => Ok(()),
     };
     tracing::debug!(jid = %jid, "session bound");
-    while result.is_ok() {
-        let Some(s) = stream.as_mut() else { break };
-        result = session.serve(s).await;
-        let lost = matches!(result, Err(ConnError::Lost | ConnError::Io(_)));
-        if !lost || !session.sm.as_ref().is_some_and(|sm| sm.resumable) {
-            break;
-        }
-        // XEP-0198 §5: the connection dropped; wait for the client to resume.
-        stream = None;
-        match boxed(|| session.hibernate()).await {
-            Some(next) => {
-                stream = Some(next);
-                result = Ok(());
+    Some(Live {
+        server,
+        session,
+        guard,
+        stream,
+        result,
+        _running: running,
+    })
+}
+
+impl Live {
+    /// Serves connections until the session ends, hibernating between
+    /// them when the client can resume.
+    async fn serve(&mut self) {
+        let session = &mut self.session;
+        while self.result.is_ok() {
+            let Some(s) = self.stream.as_mut() else { break };
+            self.result = session.serve(s).await;
+            let lost = matches!(self.result, Err(ConnError::Lost | ConnError::Io(_)));
+            if !lost || !session.sm.as_ref().is_some_and(|sm| sm.resumable) {
+                break;
             }
-            None => result = Err(ConnError::Lost),
+            // XEP-0198 §5: the connection dropped; wait for the client to resume.
+            self.stream = None;
+            match boxed(|| session.hibernate()).await {
+                Some(next) => {
+                    self.stream = Some(next);
+                    self.result = Ok(());
+                }
+                None => self.result = Err(ConnError::Lost),
+            }
         }
     }
-    if let Some(sm) = &session.sm {
-        server.resumable.remove(&sm.id);
-    }
-    if let Some(mut s) = stream {
-        boxed(|| super::finish(&mut s, result)).await;
-    }
-    if session.moved {
-        // Carried on by another node: nobody here is to learn anything.
-        guard.moved = true;
+
+    /// Closes the stream, tells contacts the session is gone, and routes
+    /// again what it still held.
+    async fn end(mut self) {
+        let server = self.server.clone();
+        let session = &mut self.session;
+        let id = session.id;
+        let result = std::mem::replace(&mut self.result, Ok(()));
+        if let Some(sm) = &session.sm {
+            server.resumable.remove(&sm.id);
+        }
+        if let Some(mut s) = self.stream.take() {
+            boxed(|| super::finish(&mut s, result)).await;
+        }
+        if session.moved {
+            // Carried on by another node: nobody here is to learn anything.
+            self.guard.moved = true;
+            server.sessions.unbind(&session.jid, id);
+            return;
+        }
+        // However the stream ended, contacts learn the session is gone (§4.5.2).
+        boxed(|| presence::session_closed(&server, &session.jid, id, &mut session.directed)).await;
         server.sessions.unbind(&session.jid, id);
-        return;
+        boxed(|| session.requeue()).await;
     }
-    // However the stream ended, contacts learn the session is gone (§4.5.2).
-    boxed(|| presence::session_closed(&server, &session.jid, id, &mut session.directed)).await;
-    server.sessions.unbind(&session.jid, id);
-    boxed(|| session.requeue()).await;
 }
 
 /// The features sent after a SASL2 success that bound the resource
@@ -365,6 +415,16 @@ fn bound_features(sm_enabled: bool) -> Element {
     f
 }
 
+/// What ended a session's wait.
+enum Wake {
+    /// The idle timer fired.
+    Idle,
+    /// The router queued something (`None`: the queue is closed).
+    Queue(Option<Outbound>),
+    /// A resuming connection, or another node asking for the session.
+    Handoff(Option<Box<Handoff>>),
+}
+
 /// What the idle timer calls for.
 enum Idle {
     Nothing,
@@ -374,144 +434,175 @@ enum Idle {
 
 impl Session {
     /// Serves one connection until it ends.
+    ///
+    /// The loop itself holds only what waiting needs; reading, writing and
+    /// handling run in boxed futures that exist while they run. An idle
+    /// session is then the size of this wait (measured per held connection
+    /// by `xmpp-load hold`).
     async fn serve(&mut self, s: &mut Stream) -> Result<(), ConnError> {
-        let server = self.server.clone();
         // A new (or resumed) connection starts with a clean slate.
         self.last_rx = std::time::Instant::now();
         self.ping_at = None;
-        let mut shutdown = server.shutdown.subscribe();
+        let mut shutdown = self.server.shutdown.subscribe();
         loop {
-            while let Some(ev) = s.parse_buffered()? {
-                match ev {
-                    Event::Element(e) if e.ns == sm::NS => {
-                        boxed(|| self.stream_management(s, e)).await?
-                    }
-                    Event::Element(e) if e.ns == CSI => {
-                        // XEP-0352 §4: not a stanza, never answered.
-                        self.inactive = e.name == "inactive";
-                        if !self.inactive && !self.held.is_empty() {
-                            let mut out = String::new();
-                            self.flush_held(&mut out);
-                            boxed(|| s.write_raw(&out)).await?;
-                        }
-                    }
-                    Event::Element(e) => {
-                        if !self.rate.take(std::time::Instant::now()) {
-                            return Err(ConnError::stream(
-                                StreamError::PolicyViolation,
-                                format!(
-                                    "more than {} stanzas per second",
-                                    server.config.limits.stanzas_per_second
-                                ),
-                            ));
-                        }
-                        // Boxed: only a session handling a stanza holds the
-                        // (large) state of routing it.
-                        boxed(|| handle(&server, &self.jid, self.id, e, &mut self.directed))
-                            .await?;
-                        if let Some(sm) = &mut self.sm {
-                            sm.handled = sm.handled.wrapping_add(1);
-                        }
-                    }
-                    Event::StreamClose => return Err(ConnError::Closed),
-                    Event::StreamOpen(_) => {
-                        return Err(ConnError::stream(
-                            StreamError::NotWellFormed,
-                            "unexpected stream header",
-                        ))
-                    }
-                }
+            if s.parser.has_pending() {
+                boxed(|| self.handle_buffered(s)).await?;
             }
             // Waiting costs no buffer memory: see `Stream::fill`.
             s.parser.release_memory();
-            tokio::select! {
+            let wake = tokio::select! {
                 r = s.fill() => {
                     r?;
                     self.last_rx = std::time::Instant::now();
+                    continue;
                 }
-                () = &mut self.idle => match self.idle_check() {
-                    Idle::Nothing => {}
-                    Idle::Ask(ping) => boxed(|| s.keepalive(&ping)).await?,
-                    Idle::Dead => {
-                        tracing::info!(jid = %self.jid, "no answer to a ping: the link is dead");
-                        return Err(ConnError::Lost);
-                    }
-                },
-                msg = self.rx.recv() => {
-                    let Some(msg) = msg else { return Err(ConnError::Closed) };
-                    // Per batch, not per connection: idle sessions hold none.
-                    let mut out = String::new();
-                    let close = self.collect(msg, &mut out);
-                    if let Some(sm) = &mut self.sm {
-                        // Ask for an acknowledgement once per round trip.
-                        if !sm.request_pending && !sm.unacked.is_empty() {
-                            out.push_str("<r xmlns='urn:xmpp:sm:3'/>");
-                            sm.request_pending = true;
-                        }
-                    }
-                    if !out.is_empty() {
-                        // Boxed: the timer and the write exist only while writing.
-                        boxed(|| s.write_raw(&out)).await?;
-                    }
-                    // Written and flushed: offline messages in it may leave
-                    // storage (under XEP-0198, only once acknowledged).
-                    for done in self.flushed.drain(..) {
-                        let _ = done.send(());
-                    }
-                    // XEP-0198: a client that never acknowledges must not make
-                    // us keep everything we ever sent it.
-                    if self.sm.as_ref().is_some_and(|sm| sm.over(&server.config.limits)) {
-                        return Err(ConnError::stream(
-                            StreamError::PolicyViolation,
-                            "too many stanzas not acknowledged (XEP-0198)",
-                        ));
-                    }
-                    if self.rx.overflowed() {
-                        // The router could not queue for this client: it reads
-                        // too slowly. What it missed went to offline storage.
-                        return Err(ConnError::stream(
-                            StreamError::PolicyViolation,
-                            "too many stanzas waiting; the client reads too slowly",
-                        ));
-                    }
-                    if let Some((e, t)) = close {
-                        return Err(ConnError::Stream(e, t));
-                    }
-                }
-                handoff = next_handoff(&mut self.handoff) => {
-                    // The client resumed on a new connection while this one
-                    // still looked alive: carry on there.
-                    if let Some(h) = handoff {
-                        let (mut next, h, sasl2) = match *h {
-                            Handoff::Resume { stream, h, sasl2 } => (stream, h, sasl2),
-                            Handoff::Migrate { h, reply } => {
-                                if self.migrate(h, reply) {
-                                    return Err(ConnError::stream(
-                                        StreamError::Conflict,
-                                        "this session was resumed on another connection",
-                                    ));
-                                }
-                                continue;
-                            }
-                        };
-                        match boxed(|| self.resume(&mut next, h, sasl2)).await {
-                            Ok(()) => {
-                                std::mem::swap(s, &mut next);
-                                drop(next);
-                                self.last_rx = std::time::Instant::now();
-                                self.ping_at = None;
-                            }
-                            // A bad resumption fails on its own stream; this
-                            // one goes on.
-                            Err(e) => boxed(|| super::finish(&mut next, Err(e))).await,
-                        }
-                    }
-                }
+                () = &mut self.idle => Wake::Idle,
+                msg = self.rx.recv() => Wake::Queue(msg),
+                handoff = next_handoff(&mut self.handoff) => Wake::Handoff(handoff),
                 _ = shutdown.changed() => {
                     return Err(ConnError::Stream(StreamError::SystemShutdown, None));
                 }
+            };
+            boxed(|| self.woken(s, wake)).await?;
+        }
+    }
+
+    /// Handles every complete element the parser holds.
+    async fn handle_buffered(&mut self, s: &mut Stream) -> Result<(), ConnError> {
+        let server = self.server.clone();
+        while let Some(ev) = s.parse_buffered()? {
+            match ev {
+                Event::Element(e) if e.ns == sm::NS => {
+                    boxed(|| self.stream_management(s, e)).await?
+                }
+                Event::Element(e) if e.ns == CSI => {
+                    // XEP-0352 §4: not a stanza, never answered.
+                    self.inactive = e.name == "inactive";
+                    if !self.inactive && !self.held.is_empty() {
+                        let mut out = String::new();
+                        self.flush_held(&mut out);
+                        boxed(|| s.write_raw(&out)).await?;
+                    }
+                }
+                Event::Element(e) => {
+                    if !self.rate.take(std::time::Instant::now()) {
+                        return Err(ConnError::stream(
+                            StreamError::PolicyViolation,
+                            format!(
+                                "more than {} stanzas per second",
+                                server.config.limits.stanzas_per_second
+                            ),
+                        ));
+                    }
+                    // Boxed: only a session handling a stanza holds the
+                    // (large) state of routing it.
+                    boxed(|| handle(&server, &self.jid, self.id, e, &mut self.directed)).await?;
+                    if let Some(sm) = &mut self.sm {
+                        sm.handled = sm.handled.wrapping_add(1);
+                    }
+                }
+                Event::StreamClose => return Err(ConnError::Closed),
+                Event::StreamOpen(_) => {
+                    return Err(ConnError::stream(
+                        StreamError::NotWellFormed,
+                        "unexpected stream header",
+                    ))
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Acts on what ended a wait in [`Session::serve`].
+    async fn woken(&mut self, s: &mut Stream, wake: Wake) -> Result<(), ConnError> {
+        let server = self.server.clone();
+        match wake {
+            Wake::Idle => match self.idle_check() {
+                Idle::Nothing => {}
+                Idle::Ask(ping) => boxed(|| s.keepalive(&ping)).await?,
+                Idle::Dead => {
+                    tracing::info!(jid = %self.jid, "no answer to a ping: the link is dead");
+                    return Err(ConnError::Lost);
+                }
+            },
+            Wake::Queue(msg) => {
+                let Some(msg) = msg else {
+                    return Err(ConnError::Closed);
+                };
+                // Per batch, not per connection: idle sessions hold none.
+                let mut out = String::new();
+                let close = self.collect(msg, &mut out);
+                if let Some(sm) = &mut self.sm {
+                    // Ask for an acknowledgement once per round trip.
+                    if !sm.request_pending && !sm.unacked.is_empty() {
+                        out.push_str("<r xmlns='urn:xmpp:sm:3'/>");
+                        sm.request_pending = true;
+                    }
+                }
+                if !out.is_empty() {
+                    // Boxed: the timer and the write exist only while writing.
+                    boxed(|| s.write_raw(&out)).await?;
+                }
+                // Written and flushed: offline messages in it may leave
+                // storage (under XEP-0198, only once acknowledged).
+                for done in self.flushed.drain(..) {
+                    let _ = done.send(());
+                }
+                // XEP-0198: a client that never acknowledges must not make
+                // us keep everything we ever sent it.
+                if self
+                    .sm
+                    .as_ref()
+                    .is_some_and(|sm| sm.over(&server.config.limits))
+                {
+                    return Err(ConnError::stream(
+                        StreamError::PolicyViolation,
+                        "too many stanzas not acknowledged (XEP-0198)",
+                    ));
+                }
+                if self.rx.overflowed() {
+                    // The router could not queue for this client: it reads
+                    // too slowly. What it missed went to offline storage.
+                    return Err(ConnError::stream(
+                        StreamError::PolicyViolation,
+                        "too many stanzas waiting; the client reads too slowly",
+                    ));
+                }
+                if let Some((e, t)) = close {
+                    return Err(ConnError::Stream(e, t));
+                }
+            }
+            Wake::Handoff(handoff) => {
+                // The client resumed on a new connection while this one
+                // still looked alive: carry on there.
+                if let Some(h) = handoff {
+                    let (mut next, h, sasl2) = match *h {
+                        Handoff::Resume { stream, h, sasl2 } => (stream, h, sasl2),
+                        Handoff::Migrate { h, reply } => {
+                            if self.migrate(h, reply) {
+                                return Err(ConnError::stream(
+                                    StreamError::Conflict,
+                                    "this session was resumed on another connection",
+                                ));
+                            }
+                            return Ok(());
+                        }
+                    };
+                    match boxed(|| self.resume(&mut next, h, sasl2)).await {
+                        Ok(()) => {
+                            std::mem::swap(s, &mut next);
+                            drop(next);
+                            self.last_rx = std::time::Instant::now();
+                            self.ping_at = None;
+                        }
+                        // A bad resumption fails on its own stream; this
+                        // one goes on.
+                        Err(e) => boxed(|| super::finish(&mut next, Err(e))).await,
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The idle timer fired: re-arms it, and says whether to ask the
@@ -802,7 +893,7 @@ impl Session {
 
     /// The connection is gone: keep the session, and what is sent to it,
     /// until the client resumes or the time runs out.
-    async fn hibernate(&mut self) -> Option<Stream> {
+    async fn hibernate(&mut self) -> Option<Box<Stream>> {
         let server = self.server.clone();
         let deadline = tokio::time::Instant::now() + server.config.limits.resume_timeout();
         let mut shutdown = server.shutdown.subscribe();

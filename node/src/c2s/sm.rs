@@ -27,7 +27,7 @@ pub enum Handoff {
     /// A new connection to this node resumes it: its stream and the
     /// client's count of stanzas it handled (`h`).
     Resume {
-        stream: Stream,
+        stream: Box<Stream>,
         h: u32,
         /// Resumed inside SASL2 (XEP-0388): the `<success/>` to put
         /// `<resumed/>` in.

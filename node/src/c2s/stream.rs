@@ -56,7 +56,6 @@ pub struct Stream {
     header_sent: bool,
     /// The client's stream open, kept for the `to` of our reply header.
     client_from: Option<String>,
-    out: String,
     /// Counted in `xmpp_connections` while the stream lives.
     pub counted: crate::metrics::Connection,
 }
@@ -75,7 +74,6 @@ impl Stream {
             write_dead: false,
             header_sent: false,
             client_from: None,
-            out: String::new(),
             counted,
         }
     }
@@ -231,12 +229,11 @@ impl Stream {
 
     /// Writes one element (a stanza or a negotiation element).
     pub async fn send(&mut self, e: &Element) -> Result<(), ConnError> {
-        self.out.clear();
-        e.write_to(&mut self.out, ns::CLIENT);
-        let out = std::mem::take(&mut self.out);
-        let r = self.write_raw(&out).await;
-        self.out = out;
-        r
+        // Made per element: a buffer kept here would hold the largest
+        // element ever sent (a roster, the features) while the connection idles.
+        let mut out = String::new();
+        e.write_to(&mut out, ns::CLIENT);
+        self.write_raw(&out).await
     }
 
     /// Writes and flushes, within `limits.write_timeout_secs`: a peer that
