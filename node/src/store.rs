@@ -14,7 +14,7 @@
 //! per applied entry was most of a write's cost. Keeping sled behind this
 //! one file is what makes a switch to another engine a local change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::iter::Peekable;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -651,6 +651,17 @@ pub struct Store {
     /// Held while pending writes move to sled: one mover at a time.
     persisting: Arc<Mutex<()>>,
     persist_every: std::time::Duration,
+    /// Users with a blocklist entry (XEP-0191), kept from every write: most
+    /// users block nobody, and every stanza routed asks (a sled scan per
+    /// stanza was 6% of a node's CPU at 5,000 messages/s).
+    blockers: Arc<RwLock<HashSet<Vec<u8>>>>,
+}
+
+/// The user of a `b:<user>\0<jid>` key.
+fn blocker_of(key: &[u8]) -> Option<&[u8]> {
+    let rest = key.strip_prefix(keys::BLOCK)?;
+    let end = rest.iter().position(|&b| b == 0)?;
+    Some(&rest[..end])
 }
 
 impl Store {
@@ -661,13 +672,51 @@ impl Store {
         // described there.
         let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
         let tree = db.open_tree("state")?;
-        Ok(Store {
+        let store = Store {
             db,
             tree,
             pending: Arc::default(),
             persisting: Arc::default(),
             persist_every: PERSIST_EVERY,
-        })
+            blockers: Arc::default(),
+        };
+        store.index_blockers()?;
+        Ok(store)
+    }
+
+    /// Builds the set of users with a blocklist from the whole state.
+    fn index_blockers(&self) -> Result<(), StoreError> {
+        let mut set = HashSet::new();
+        for kv in self.scan_prefix(keys::BLOCK) {
+            let (k, _) = kv?;
+            if let Some(user) = blocker_of(&k) {
+                set.insert(user.to_vec());
+            }
+        }
+        *self.blockers.write().unwrap_or_else(|p| p.into_inner()) = set;
+        Ok(())
+    }
+
+    /// Brings the blocker set up to date after a batch that touched these
+    /// blocklist keys (`true`: written, `false`: deleted).
+    fn note_blocks(&self, touched: Vec<(Vec<u8>, bool)>) -> Result<(), StoreError> {
+        for (user, written) in touched {
+            if written {
+                self.blockers
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(user);
+            } else {
+                let prefix = [keys::BLOCK, &user, b"\0"].concat();
+                if self.scan_prefix(&prefix).next().transpose()?.is_none() {
+                    self.blockers
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&user);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Pending writes reach sled after `d` instead of [`PERSIST_EVERY`].
@@ -750,12 +799,20 @@ impl Store {
     /// Applies a batch: visible to reads at once, in sled soon (see the
     /// module documentation).
     pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        let touched: Vec<(Vec<u8>, bool)> = batch
+            .0
+            .iter()
+            .filter_map(|(k, v)| Some((blocker_of(k)?.to_vec(), v.is_some())))
+            .collect();
         let due = {
             let mut p = self.pending.write().unwrap_or_else(|p| p.into_inner());
             p.writes.extend(batch.0);
             let since = *p.since.get_or_insert_with(Instant::now);
             p.writes.len() >= PERSIST_KEYS || since.elapsed() >= self.persist_every
         };
+        if !touched.is_empty() {
+            self.note_blocks(touched)?;
+        }
         if due {
             self.persist()?;
         }
@@ -936,12 +993,13 @@ impl Store {
             .collect()
     }
 
-    pub fn blocklist_is_empty(&self, user: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .scan_prefix(&keys::user_prefix(keys::BLOCK, user))
-            .next()
-            .transpose()?
-            .is_none())
+    /// Whether `user` blocks nobody: answered from memory.
+    pub fn blocklist_is_empty(&self, user: &str) -> bool {
+        !self
+            .blockers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(user.as_bytes())
     }
 
     pub fn is_blocked(&self, user: &str, jid: &str) -> Result<bool, StoreError> {
@@ -1206,7 +1264,7 @@ impl Store {
             batch.insert(k, v);
         }
         self.tree.apply_batch(batch)?;
-        Ok(())
+        self.index_blockers()
     }
 
     /// Every entry of the session table.
@@ -1329,6 +1387,38 @@ mod tests {
                 Err(e) => panic!("reopen: {e}"),
             }
         }
+    }
+
+    /// The in-memory set of users with a blocklist follows every write,
+    /// a reopen and a snapshot install.
+    #[test]
+    fn the_blocker_set_follows_writes_reopens_and_snapshots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            assert!(s.blocklist_is_empty("a@x"));
+            s.apply(batch(&[
+                ("b:a@x\0m@y", Some("")),
+                ("b:a@x\0n@y", Some("")),
+                ("bi:m@y\0a@x", Some("")),
+            ]))
+            .expect("apply");
+            assert!(!s.blocklist_is_empty("a@x"));
+            assert!(s.blocklist_is_empty("m@y"), "blocked is not blocking");
+            s.apply(batch(&[("b:a@x\0m@y", None)])).expect("apply");
+            assert!(!s.blocklist_is_empty("a@x"), "one entry left");
+            s.persist().expect("persist");
+        }
+        let s = reopen(dir.path());
+        assert!(!s.blocklist_is_empty("a@x"), "rebuilt at open");
+        s.apply(batch(&[("b:a@x\0n@y", None), ("b:a@xx\0n@y", Some(""))]))
+            .expect("apply");
+        assert!(s.blocklist_is_empty("a@x"), "the last entry went");
+        assert!(!s.blocklist_is_empty("a@xx"));
+        s.replace_all(vec![(b"b:c@x\0d@y".to_vec(), Vec::new())])
+            .expect("replace");
+        assert!(s.blocklist_is_empty("a@xx"), "a snapshot replaces the set");
+        assert!(!s.blocklist_is_empty("c@x"));
     }
 
     /// Reads merge sled with the pending writes (which win and hide their

@@ -253,7 +253,13 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         // Messages to the server itself: no module takes them yet.
         return bounce(server, &stanza, StanzaError::ServiceUnavailable, None);
     }
-    match server.store().account_exists(&bare) {
+    // A user with a session here exists (deleting an account ends its
+    // sessions first): no store lookup for the common case.
+    let online_here = server.sessions.with_resources(&bare, |r| !r.is_empty());
+    match online_here
+        .then_some(Ok(true))
+        .unwrap_or_else(|| server.store().account_exists(&bare))
+    {
         Ok(true) => {}
         Ok(false) => {
             // RFC 6121 §8.5.1: no such user.
