@@ -256,10 +256,12 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
     // A user with a session here exists (deleting an account ends its
     // sessions first): no store lookup for the common case.
     let online_here = server.sessions.with_resources(&bare, |r| !r.is_empty());
-    match online_here
-        .then_some(Ok(true))
-        .unwrap_or_else(|| server.store().account_exists(&bare))
-    {
+    let exists = if online_here {
+        Ok(true)
+    } else {
+        server.store().account_exists(&bare)
+    };
+    match exists {
         Ok(true) => {}
         Ok(false) => {
             // RFC 6121 §8.5.1: no such user.
