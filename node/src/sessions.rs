@@ -54,7 +54,7 @@ impl Outbound {
 /// of 32 slots and a cache-padded channel up front (1.7 KiB per session,
 /// measured with heaptrack under `xmpp-load hold`), while an idle session's
 /// queue is empty nearly always. This one holds a `VecDeque` that
-/// allocates on the first stanza and is given back when it drains.
+/// allocates on the first stanza and is given back whenever it drains.
 #[derive(Debug)]
 pub struct Sender {
     shared: Arc<Shared>,
@@ -85,10 +85,6 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
-
-/// Queues that grew past this many entries give their memory back once
-/// drained.
-const KEEP_QUEUE: usize = 8;
 
 impl Clone for Sender {
     fn clone(&self) -> Sender {
@@ -188,7 +184,9 @@ impl Receiver {
 
     fn pop(st: &mut State) -> Option<Outbound> {
         let o = st.queue.pop_front()?;
-        if st.queue.is_empty() && st.queue.capacity() > KEEP_QUEUE {
+        // Drained: give the memory back (an idle session holds none; the
+        // next stanza allocates again, one small allocation).
+        if st.queue.is_empty() && st.queue.capacity() > 0 {
             st.queue = std::collections::VecDeque::new();
         }
         Some(o)

@@ -308,6 +308,8 @@ impl StreamParser {
                 let text = as_xml_str(&self.buf[self.start..end])?;
                 let root = parse_header(text, &self.limits)?;
                 self.root_scope = root.scope;
+                // Kept for the stream's life: no spare room.
+                self.root_scope.shrink_to_fit();
                 self.root_qname = root.qname;
                 self.phase = Phase::Stream;
                 self.depth = 0;
