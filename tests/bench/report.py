@@ -148,7 +148,7 @@ def table(rundir):
             with open(os.path.join(rundir, f"{s}.peak")) as f:
                 peak = int(f.read().strip() or 0)
         cols.append(dict(name=s, meta=sm, login=get("login"), login_plain=get("login-plain"),
-                         half=get("half"), hold=get("hold"),
+                         half=get("half"), hold=get("hold"), moderate=get("moderate"),
                          steps=steps, peak=peak))
 
     def row(label, fn):
@@ -185,7 +185,7 @@ def table(rundir):
     lines.append(f"Machine: {m.get('host', '?')}, {m.get('cpu', '?')}. Each server in turn pinned to CPU "
                  f"{m.get('server_cpu')} and xmpp-load to CPU {m.get('load_cpu')} (`taskset`); STARTTLS, "
                  f"SASL {m.get('mechanism', '?').upper()}, one RSA-2048 self-signed certificate for all three, "
-                 f"SCRAM iteration count 4096 everywhere; {m.get('users')} accounts, {m.get('users')} users online "
+                 f"SCRAM iteration count 4096 everywhere; {m.get('accounts', m.get('users'))} accounts, {m.get('users')} users online "
                  f"in the chat runs, {m.get('body')}-byte bodies.")
     lines.append("")
     lines.append("| | " + " | ".join(NAMES.get(c["name"], c["name"]) for c in cols) + " |")
@@ -214,11 +214,26 @@ def table(rundir):
                      lambda c: fmt(c["half"]["chat"].get("server_cpu_s_per_1000_messages"), ".4f")))
     lines.append(row("messages lost / duplicated (half-rate run)",
                      lambda c: f"{c['half']['chat']['lost']} / {c['half']['chat']['duplicated']}"))
+    moderate = int(m.get("moderate", "0") or 0)
+    if moderate:
+        def at_moderate(fn):
+            def cell(c):
+                if not c["moderate"]:
+                    return f"n/a (peak below {moderate:,}/s)"
+                return fn(c["moderate"]["chat"])
+            return cell
+        lines.append(row(f"server CPU-ms per delivered message at {moderate:,} msg/s",
+                         at_moderate(lambda ch: fmt(ch.get("server_cpu_s_per_1000_messages"), ".4f"))))
+        lines.append(row(f"delivery latency p50 / p99 / p99.9 at {moderate:,} msg/s (ms)",
+                         at_moderate(lambda ch: f"{ch['latency']['p50_ms']:.2f} / {ch['latency']['p99_ms']:.2f} / "
+                                                + (f"{ch['latency']['p999_ms']:.2f}" if "p999_ms" in ch["latency"] else "n/a"))))
+        lines.append(row(f"messages lost / duplicated at {moderate:,} msg/s",
+                         at_moderate(lambda ch: f"{ch['lost']} / {ch['duplicated']}")))
     lines.append(row(f"server KiB per held TLS connection ({m.get('hold')} held)",
                      lambda c: fmt(c["hold"]["hold"].get("server_kib_per_connection"), ".1f")))
     lines.append(row("server RSS idle → holding (MiB)",
                      lambda c: f"{c['hold']['hold']['server_rss_before_kib'] / 1024:.0f} → {c['hold']['hold']['server_rss_after_kib'] / 1024:.0f}"))
-    lines.append(row(f"creating {m.get('users')} accounts (s)", lambda c: c["meta"]["accounts_secs"]))
+    lines.append(row(f"creating {m.get('accounts', m.get('users'))} accounts (s)", lambda c: c["meta"]["accounts_secs"]))
     lines.append("")
     lines.append("Chat steps (offered msg/s: delivered/s while sending, lost, p99 ms, server cores, xmpp-load cores). "
                  "A step passes (✓) when every message arrived exactly once, xmpp-load sent and the server delivered "

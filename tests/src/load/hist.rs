@@ -16,6 +16,9 @@ pub struct Summary {
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
+    /// The 99.9th percentile (absent in reports of older versions).
+    #[serde(default)]
+    pub p999_ms: f64,
     pub max_ms: f64,
     pub mean_ms: f64,
 }
@@ -84,6 +87,7 @@ impl Latency {
             p50_ms: self.quantile_ms(0.50),
             p90_ms: self.quantile_ms(0.90),
             p99_ms: self.quantile_ms(0.99),
+            p999_ms: self.quantile_ms(0.999),
             max_ms: self.h.max() as f64 / 1000.0,
             mean_ms: self.h.mean() / 1000.0,
         }
@@ -110,6 +114,7 @@ mod tests {
         assert!(close(s.p50_ms, 5.0), "{s:?}");
         assert!(close(s.p90_ms, 9.0), "{s:?}");
         assert!(close(s.p99_ms, 9.9), "{s:?}");
+        assert!(close(s.p999_ms, 9.99), "{s:?}");
         assert!(close(s.max_ms, 10.0), "{s:?}");
         assert!(close(s.mean_ms, 5.0005), "{s:?}");
     }

@@ -345,8 +345,8 @@ impl Report {
 
 fn latency(s: &Summary) -> String {
     format!(
-        "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
+        "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        s.p50_ms, s.p90_ms, s.p99_ms, s.p999_ms, s.max_ms
     )
 }
 
