@@ -716,3 +716,64 @@ async fn occupants_on_different_nodes_are_in_one_room() {
             .expect("history on node 3");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocklist_pushes_reach_a_users_resources_on_other_nodes() {
+    const BLOCKING: &str = "urn:xmpp:blocking";
+    let nodes = three("");
+    nodes[0].adduser("alice", PW).expect("alice");
+    nodes[0].adduser("spam", PW).expect("spam");
+    let mut phone = online(&nodes[0], "alice", "phone", 5).await;
+    let mut desktop = online(&nodes[1], "alice", "desktop", 1).await;
+    let mut spam = online(&nodes[2], "spam", "bot", 0).await;
+    wait_sessions(&[&nodes[0], &nodes[1], &nodes[2]], 3);
+    let push_of = |e: &Element, what: &str| {
+        e.name == "iq"
+            && e.get_attr("type") == Some("set")
+            && e.get_child(what, BLOCKING)
+                .and_then(|b| b.get_child("item", BLOCKING))
+                .and_then(|i| i.get_attr("jid"))
+                == Some("spam@localhost")
+    };
+
+    // Blocked on node 1: the desktop on node 2 hears of it (XEP-0191 §3.3).
+    let block = Element::new("block", BLOCKING)
+        .child(Element::new("item", BLOCKING).attr("jid", "spam@localhost"));
+    let r = phone
+        .iq(phone.make_iq("set", None, block))
+        .await
+        .expect("block");
+    assert_eq!(r.get_attr("type"), Some("result"));
+    let p = desktop
+        .recv_until(|e| push_of(e, "block"), WAIT)
+        .await
+        .expect("block push on the other node");
+    assert_eq!(p.get_attr("to"), Some("alice@localhost/desktop"));
+    // And node 2 enforces it: spam's message to the desktop is refused.
+    spam.chat("alice@localhost/desktop", "buy now")
+        .await
+        .expect("send");
+    spam.recv_until(
+        |e| e.name == "message" && e.get_attr("type") == Some("error"),
+        WAIT,
+    )
+    .await
+    .expect("spam gets an error");
+
+    // Unblocked on node 2: the phone on node 1 hears of it.
+    let unblock = Element::new("unblock", BLOCKING)
+        .child(Element::new("item", BLOCKING).attr("jid", "spam@localhost"));
+    let r = desktop
+        .iq(desktop.make_iq("set", None, unblock))
+        .await
+        .expect("unblock");
+    assert_eq!(r.get_attr("type"), Some("result"));
+    phone
+        .recv_until(|e| push_of(e, "unblock"), WAIT)
+        .await
+        .expect("unblock push on the other node");
+    spam.chat("alice@localhost/desktop", "hello again")
+        .await
+        .expect("send");
+    expect_body(&mut desktop, "hello again").await;
+}

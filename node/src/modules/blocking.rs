@@ -31,7 +31,8 @@ pub fn blocks(server: &Server, user: &BareJid, other: &Jid) -> bool {
     check(&other.to_string()) || check(&other.bare().to_string()) || check(other.domain())
 }
 
-/// §3.3, §3.4: pushes a change of `user`'s blocklist to its resources.
+/// §3.3, §3.4: pushes a change of `user`'s blocklist to its resources,
+/// on this node and on every other node holding one of them.
 pub fn push(server: &Server, user: &BareJid, block: bool, changed: &[String]) {
     if changed.is_empty() {
         return;
@@ -40,6 +41,13 @@ pub fn push(server: &Server, user: &BareJid, block: bool, changed: &[String]) {
     for j in changed {
         push = push.child(Element::new("item", NS).attr("jid", j.as_str()));
     }
+    push_local(server, user, &push);
+    crate::router::remote::to_all_resources(server, user, &push.to_string_in(NS));
+}
+
+/// Sends the `<block/>` or `<unblock/>` push to every resource of `user`
+/// on this node, each in an IQ set of its own.
+pub fn push_local(server: &Server, user: &BareJid, push: &Element) {
     for r in server.sessions.resources(user) {
         let iq = Element::new("iq", ns::CLIENT)
             .attr("type", "set")

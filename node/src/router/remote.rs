@@ -137,6 +137,15 @@ pub fn to_interested(server: &Server, user: &BareJid, xml: &str) {
     }
 }
 
+/// A blocklist push (XEP-0191 §3.3) for every resource of `user` on the
+/// other nodes: `xml` is the `<block/>` or `<unblock/>` element.
+pub fn to_all_resources(server: &Server, user: &BareJid, xml: &str) {
+    let to = user.to_string();
+    for n in nodes_of(server, user, |_| true) {
+        forward(server, n, Delivery::BlockPush, &to, "", xml);
+    }
+}
+
 /// Asks the nodes holding `contact`'s available sessions for their
 /// presence, to be sent to `from` (a full JID: that session only; a bare
 /// JID: all its available resources).
@@ -211,6 +220,14 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
                 xmpp::xml::parse_element(xml, ns::CLIENT),
             ) {
                 crate::modules::roster::push_local(server, &user, &iq);
+            }
+        }
+        Delivery::BlockPush if !returned => {
+            if let (Ok(user), Ok(push)) = (
+                BareJid::parse(&f.to),
+                xmpp::xml::parse_element(xml, crate::modules::blocking::NS),
+            ) {
+                crate::modules::blocking::push_local(server, &user, &push);
             }
         }
         Delivery::Probe if !returned => {
