@@ -149,6 +149,7 @@ def table(rundir):
                 peak = int(f.read().strip() or 0)
         cols.append(dict(name=s, meta=sm, login=get("login"), login_plain=get("login-plain"),
                          half=get("half"), hold=get("hold"), moderate=get("moderate"),
+                         bighold=get("bighold"),
                          steps=steps, peak=peak))
 
     def row(label, fn):
@@ -233,6 +234,16 @@ def table(rundir):
                      lambda c: fmt(c["hold"]["hold"].get("server_kib_per_connection"), ".1f")))
     lines.append(row("server RSS idle → holding (MiB)",
                      lambda c: f"{c['hold']['hold']['server_rss_before_kib'] / 1024:.0f} → {c['hold']['hold']['server_rss_after_kib'] / 1024:.0f}"))
+    big = int(m.get("big_hold", "0") or 0)
+    if big:
+        def big_cell(c):
+            h = c["bighold"].get("hold") or {}
+            held = h.get("connections", 0)
+            if held < big or h.get("server_kib_per_connection") is None:
+                why = (c["bighold"].get("error") or "not all connections held").split("\n")[0][:60]
+                return f"failed ({held:,} held: {why})"
+            return f"{h['server_kib_per_connection']:.1f} ({h['server_rss_before_kib'] / 1024:.0f} → {h['server_rss_after_kib'] / 1024:.0f} MiB)"
+        lines.append(row(f"server KiB per held TLS connection ({big:,} held, restarted fresh; RSS)", big_cell))
     lines.append(row(f"creating {m.get('accounts', m.get('users'))} accounts (s)", lambda c: c["meta"]["accounts_secs"]))
     lines.append("")
     lines.append("Chat steps (offered msg/s: delivered/s while sending, lost, p99 ms, server cores, xmpp-load cores). "

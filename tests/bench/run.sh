@@ -24,7 +24,8 @@ ROOT=$(cd "$HERE/../.." && pwd)
 
 # ---- options -------------------------------------------------------------
 USERS=1000
-HOLD=10000              # connections held for the memory figure (accounts: the larger of this and USERS)
+HOLD=1000               # connections held for the memory figure, on the fresh server
+BIG_HOLD=10000          # then, on the server restarted fresh, this many (0: skip)
 MODERATE=5000           # the moderate rate for CPU per message and tail latency (0: skip)
 LOGIN_SECS=10
 LOGIN_CONCURRENCY=50
@@ -56,8 +57,9 @@ machine (server pinned to CPU $SERVER_CPU, xmpp-load to CPU $LOAD_CPU) and print
 table. Needs root (apt-get, and running the peers as their own users).
 
   --users N          online users in the login and chat scenarios ($USERS)
-  --hold N           idle TLS connections held for the memory figure ($HOLD);
-                     each server gets the larger of --hold and --users accounts
+  --hold N           idle TLS connections held for the memory figure ($HOLD)
+  --big-hold N       after the other runs, the server restarted fresh holds N ($BIG_HOLD; 0 skips);
+                     each server gets the largest of --users, --hold and --big-hold accounts
   --moderate-rate R  chat rate for CPU per message and p99/p99.9 ($MODERATE; 0 skips),
                      run only where the server's peak reaches it
   --rates LIST       offered chat rates to step through, msg/s ($RATES)
@@ -84,6 +86,7 @@ while [ $# -gt 0 ]; do
     case $1 in
         --users) USERS=$2; shift 2 ;;
         --hold) HOLD=$2; shift 2 ;;
+        --big-hold) BIG_HOLD=$2; shift 2 ;;
         --rates) RATES=$2; shift 2 ;;
         --refine) REFINE=$2; shift 2 ;;
         --step-secs) STEP_SECS=$2; shift 2 ;;
@@ -106,6 +109,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 ACCOUNTS=$(( HOLD > USERS ? HOLD : USERS ))
+ACCOUNTS=$(( BIG_HOLD > ACCOUNTS ? BIG_HOLD : ACCOUNTS ))
 TODAY=$(date +%Y-%m-%d)
 OUT=${OUT:-$HERE/results-$TODAY.md}
 
@@ -450,8 +454,7 @@ measure() {
     say "$s: hold $HOLD idle connections"
     load "$s" hold "$RUN/$s.hold.json" --users "$HOLD" --duration 5 "${common[@]}"
     "$PY" "$HERE/report.py" brief "$RUN/$s.hold.json" >&2
-    # Closing that many sessions keeps a server busy for a while (presence,
-    # cleanup, garbage collection): the next runs start once it is idle.
+    # Closing the held sessions keeps a server busy for a moment.
     settle
 
     say "$s: login ($MECH) for ${LOGIN_SECS}s ($LOGIN_CONCURRENCY in flight)"
@@ -507,7 +510,7 @@ chmod 755 "$TMP"
 RUN=$TMP/results
 mkdir -p "$TMP/cert" "$TMP/accounts" "$RUN"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-[ "$(ulimit -n)" -gt $((HOLD + USERS + 256)) ] \
+[ "$(ulimit -n)" -gt $((HOLD + BIG_HOLD + USERS + 256)) ] \
     || die "the open-files limit ($(ulimit -n)) is too low for $HOLD connections; raise the hard limit"
 
 make_cert
@@ -522,7 +525,7 @@ done
     echo "date=$TODAY"
     echo "host=$(uname -srm), $(nproc --all) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
     echo "cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
-    echo "users=$USERS"; echo "accounts=$ACCOUNTS"; echo "hold=$HOLD"; echo "moderate=$MODERATE"; echo "mechanism=$MECH"; echo "body=$BODY"
+    echo "users=$USERS"; echo "accounts=$ACCOUNTS"; echo "hold=$HOLD"; echo "big_hold=$BIG_HOLD"; echo "moderate=$MODERATE"; echo "mechanism=$MECH"; echo "body=$BODY"
     echo "login_secs=$LOGIN_SECS"; echo "login_concurrency=$LOGIN_CONCURRENCY"
     echo "step_secs=$STEP_SECS"; echo "half_secs=$HALF_SECS"; echo "rates=$RATES"
     echo "max_p99_ms=$MAX_P99_MS"; echo "grace=$GRACE"
@@ -546,6 +549,15 @@ for s in ${SERVERS//,/ }; do
     } > "$RUN/$s.meta"
     measure "$s"
     "$CUR_STOP"
+    if [ "$BIG_HOLD" -gt 0 ]; then
+        # Memory at scale, on a fresh process (the accounts persist).
+        say "$s: restarted; hold $BIG_HOLD idle connections"
+        "start_$s"
+        load "$s" hold "$RUN/$s.bighold.json" --users "$BIG_HOLD" --duration 5 \
+            --arrival-rate 0 --concurrency "$LOGIN_CONCURRENCY"
+        "$PY" "$HERE/report.py" brief "$RUN/$s.bighold.json" >&2
+        "$CUR_STOP"
+    fi
 done
 
 "$PY" "$HERE/report.py" table "$RUN" > "$OUT"

@@ -443,7 +443,13 @@ impl Session {
         // A new (or resumed) connection starts with a clean slate.
         self.last_rx = std::time::Instant::now();
         self.ping_at = None;
-        let mut shutdown = self.server.shutdown.subscribe();
+        // A draining node closes every bound session through its queue
+        // (`Sessions::close_all`, after the shutdown flag is set), so the
+        // wait below needs no shutdown branch of its own: one registration
+        // less per wakeup. A session bound after that sweep sees the flag.
+        if *self.server.shutdown.borrow() {
+            return Err(ConnError::Stream(StreamError::SystemShutdown, None));
+        }
         loop {
             if s.parser.has_pending() {
                 boxed(|| self.handle_buffered(s)).await?;
@@ -459,9 +465,6 @@ impl Session {
                 () = &mut self.idle => Wake::Idle,
                 msg = self.rx.recv() => Wake::Queue(msg),
                 handoff = next_handoff(&mut self.handoff) => Wake::Handoff(handoff),
-                _ = shutdown.changed() => {
-                    return Err(ConnError::Stream(StreamError::SystemShutdown, None));
-                }
             };
             boxed(|| self.woken(s, wake)).await?;
         }

@@ -6,7 +6,8 @@
 //! copy follows the log.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use xmpp::jid::{BareJid, FullJid};
 
@@ -15,6 +16,13 @@ use super::state_machine::SessionEntry;
 #[derive(Default)]
 pub struct SessionTable {
     by_user: RwLock<HashMap<BareJid, Vec<(String, SessionEntry)>>>,
+    /// Entries per node, changed under the `by_user` write lock.
+    per_node: Mutex<HashMap<u64, usize>>,
+    /// How many nodes have entries, and which one when it is one: lets a
+    /// node whose sessions are all its own (a lone node, or the others
+    /// empty) skip every lookup for sessions elsewhere.
+    nodes: AtomicUsize,
+    sole: AtomicU64,
 }
 
 impl SessionTable {
@@ -30,6 +38,36 @@ impl SessionTable {
         self.by_user.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Counts `node`'s entries up or down; called with the write lock held.
+    fn count(&self, node: u64, up: bool) {
+        let mut per = self.per_node.lock().unwrap_or_else(|p| p.into_inner());
+        if up {
+            *per.entry(node).or_default() += 1;
+        } else if let Some(n) = per.get_mut(&node) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&node);
+            }
+        }
+        self.publish(&per);
+    }
+
+    fn publish(&self, per: &HashMap<u64, usize>) {
+        if let (1, Some(only)) = (per.len(), per.keys().next()) {
+            self.sole.store(*only, Ordering::Release);
+        }
+        self.nodes.store(per.len(), Ordering::Release);
+    }
+
+    /// Whether every entry of the table is `node`'s (or there is none).
+    pub fn only_on(&self, node: u64) -> bool {
+        match self.nodes.load(Ordering::Acquire) {
+            0 => true,
+            1 => self.sole.load(Ordering::Acquire) == node,
+            _ => false,
+        }
+    }
+
     /// Applies one change of the replicated table.
     pub fn set(&self, jid: &str, entry: Option<SessionEntry>) {
         let Ok(full) = FullJid::parse(jid) else {
@@ -39,10 +77,20 @@ impl SessionTable {
         let list = map.entry(full.bare().clone()).or_default();
         let pos = list.iter().position(|(r, _)| r == full.resource());
         match (pos, entry) {
-            (Some(i), Some(e)) => list[i].1 = e,
-            (None, Some(e)) => list.push((full.resource().to_owned(), e)),
+            (Some(i), Some(e)) => {
+                if list[i].1.node != e.node {
+                    self.count(list[i].1.node, false);
+                    self.count(e.node, true);
+                }
+                list[i].1 = e;
+            }
+            (None, Some(e)) => {
+                self.count(e.node, true);
+                list.push((full.resource().to_owned(), e));
+            }
             (Some(i), None) => {
-                list.swap_remove(i);
+                let (_, old) = list.swap_remove(i);
+                self.count(old.node, false);
             }
             (None, None) => {}
         }
@@ -55,13 +103,17 @@ impl SessionTable {
     pub fn reset(&self, entries: Vec<(String, SessionEntry)>) {
         let mut map = self.write();
         map.clear();
+        let mut per = self.per_node.lock().unwrap_or_else(|p| p.into_inner());
+        per.clear();
         for (jid, e) in entries {
             if let Ok(full) = FullJid::parse(&jid) {
+                *per.entry(e.node).or_default() += 1;
                 map.entry(full.bare().clone())
                     .or_default()
                     .push((full.resource().to_owned(), e));
             }
         }
+        self.publish(&per);
     }
 
     pub fn get(&self, full: &FullJid) -> Option<SessionEntry> {
@@ -98,5 +150,43 @@ impl SessionTable {
         self.read()
             .values()
             .any(|l| l.iter().any(|(_, e)| e.node == node))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(node: u64) -> Option<SessionEntry> {
+        Some(SessionEntry {
+            node,
+            incarnation: 1,
+            sid: 1,
+            available: true,
+            priority: 0,
+        })
+    }
+
+    /// `only_on` follows binds, moves between nodes, unbinds and resets.
+    #[test]
+    fn only_on_knows_when_every_session_is_one_nodes() {
+        let t = SessionTable::default();
+        assert!(t.only_on(1) && t.only_on(2), "an empty table");
+        t.set("a@x/1", entry(1));
+        t.set("b@x/1", entry(1));
+        assert!(t.only_on(1) && !t.only_on(2));
+        t.set("a@x/2", entry(2));
+        assert!(!t.only_on(1) && !t.only_on(2), "two nodes");
+        // The session on node 2 moves to node 1 (a resumption elsewhere).
+        t.set("a@x/2", entry(1));
+        assert!(t.only_on(1));
+        t.set("a@x/1", None);
+        t.set("b@x/1", None);
+        t.set("a@x/2", None);
+        assert!(t.only_on(2), "empty again");
+        t.reset(vec![("c@x/r".into(), entry(3).expect("entry"))]);
+        assert!(t.only_on(3) && !t.only_on(1));
+        t.reset(Vec::new());
+        assert!(t.only_on(1));
     }
 }

@@ -359,6 +359,9 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
 /// other nodes, and those sessions (node, full JID).
 fn remote_highest(server: &Server, user: &BareJid) -> Option<(i8, Vec<(u64, String)>)> {
     let me = server.cluster.id;
+    if server.cluster.table.only_on(me) {
+        return None;
+    }
     server.cluster.table.with_user(user, |entries| {
         let eligible = || {
             entries

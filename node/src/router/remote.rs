@@ -25,6 +25,9 @@ use crate::Server;
 /// Other nodes holding a session of `user` for which `pred` holds.
 pub fn nodes_of(server: &Server, user: &BareJid, pred: impl Fn(&SessionEntry) -> bool) -> Vec<u64> {
     let me = server.cluster.id;
+    if server.cluster.table.only_on(me) {
+        return Vec::new();
+    }
     server.cluster.table.with_user(user, |entries| {
         let set: BTreeSet<u64> = entries
             .iter()
@@ -38,6 +41,9 @@ pub fn nodes_of(server: &Server, user: &BareJid, pred: impl Fn(&SessionEntry) ->
 /// The other node a full JID is bound on, if any.
 pub fn node_of(server: &Server, full: &FullJid) -> Option<u64> {
     let me = server.cluster.id;
+    if server.cluster.table.only_on(me) {
+        return None;
+    }
     server
         .cluster
         .table
@@ -159,6 +165,9 @@ pub fn probe(server: &Server, from: &str, contact: &BareJid) {
 /// Full JIDs of `user`'s available sessions on the other nodes.
 pub fn available_elsewhere(server: &Server, user: &BareJid) -> Vec<String> {
     let me = server.cluster.id;
+    if server.cluster.table.only_on(me) {
+        return Vec::new();
+    }
     server.cluster.table.with_user(user, |entries| {
         entries
             .iter()
