@@ -739,10 +739,8 @@ async fn blocklist_pushes_reach_a_users_resources_on_other_nodes() {
     // Blocked on node 1: the desktop on node 2 hears of it (XEP-0191 §3.3).
     let block = Element::new("block", BLOCKING)
         .child(Element::new("item", BLOCKING).attr("jid", "spam@localhost"));
-    let r = phone
-        .iq(phone.make_iq("set", None, block))
-        .await
-        .expect("block");
+    let block = phone.make_iq("set", None, block);
+    let r = phone.iq(block).await.expect("block");
     assert_eq!(r.get_attr("type"), Some("result"));
     let p = desktop
         .recv_until(|e| push_of(e, "block"), WAIT)
@@ -763,10 +761,8 @@ async fn blocklist_pushes_reach_a_users_resources_on_other_nodes() {
     // Unblocked on node 2: the phone on node 1 hears of it.
     let unblock = Element::new("unblock", BLOCKING)
         .child(Element::new("item", BLOCKING).attr("jid", "spam@localhost"));
-    let r = desktop
-        .iq(desktop.make_iq("set", None, unblock))
-        .await
-        .expect("unblock");
+    let unblock = desktop.make_iq("set", None, unblock);
+    let r = desktop.iq(unblock).await.expect("unblock");
     assert_eq!(r.get_attr("type"), Some("result"));
     phone
         .recv_until(|e| push_of(e, "unblock"), WAIT)
