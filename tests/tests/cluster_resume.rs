@@ -51,6 +51,22 @@ async fn phone(node: &TestNode) -> (Client, String) {
 }
 
 /// Waits until a bare-JID message from bob reaches this client.
+/// A new connection to `node`, authenticated as alice and not yet bound:
+/// ready to resume.
+async fn alice_logged_in(node: &TestNode) -> Client {
+    let mut c = Client::connect_starttls(node.c2s, &node.domain)
+        .await
+        .unwrap();
+    c.login(
+        "alice",
+        PW,
+        tests::client::Mechanism::Scram(HashAlg::Sha256),
+    )
+    .await
+    .unwrap();
+    c
+}
+
 async fn reachable_by_bare_jid(bob: &mut Client, alice: &mut Client, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -81,14 +97,7 @@ async fn a_session_on_one_node_resumes_through_another() {
     bob.sync().await.unwrap();
 
     // The phone comes back through node 2.
-    let mut c = Client::connect_starttls(n2.c2s, &n2.domain).await.unwrap();
-    c.login(
-        "alice",
-        PW,
-        tests::client::Mechanism::Scram(HashAlg::Sha256),
-    )
-    .await
-    .unwrap();
+    let mut c = alice_logged_in(&n2).await;
     let resumed = c.resume(&id, 0).await.unwrap();
     assert!(
         resumed.is("resumed", SM),
@@ -160,14 +169,7 @@ async fn an_unknown_or_foreign_stream_id_is_refused_on_every_node() {
     assert!(r.is("failed", SM));
     bob.bind(Some("b")).await.unwrap();
     // Alice's session still waits on node 1, untouched.
-    let mut c = Client::connect_starttls(n1.c2s, &n1.domain).await.unwrap();
-    c.login(
-        "alice",
-        PW,
-        tests::client::Mechanism::Scram(HashAlg::Sha256),
-    )
-    .await
-    .unwrap();
+    let mut c = alice_logged_in(&n1).await;
     let r = c.resume(&id, 0).await.unwrap();
     assert!(r.is("resumed", SM));
 }

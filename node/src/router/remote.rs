@@ -137,18 +137,20 @@ pub fn to_available(server: &Server, user: &BareJid, xml: &str) -> usize {
 
 /// A roster push for `user`'s interested resources on the other nodes.
 pub fn to_interested(server: &Server, user: &BareJid, xml: &str) {
-    let to = user.to_string();
-    for n in nodes_of(server, user, |_| true) {
-        forward(server, n, Delivery::Interested, &to, "", xml);
-    }
+    to_every_node(server, user, Delivery::Interested, xml);
 }
 
 /// A blocklist push (XEP-0191 §3.3) for every resource of `user` on the
 /// other nodes: `xml` is the `<block/>` or `<unblock/>` element.
 pub fn to_all_resources(server: &Server, user: &BareJid, xml: &str) {
+    to_every_node(server, user, Delivery::BlockPush, xml);
+}
+
+/// Hands `xml` for `user` to every other node holding any of its sessions.
+fn to_every_node(server: &Server, user: &BareJid, delivery: Delivery, xml: &str) {
     let to = user.to_string();
     for n in nodes_of(server, user, |_| true) {
-        forward(server, n, Delivery::BlockPush, &to, "", xml);
+        forward(server, n, delivery, &to, "", xml);
     }
 }
 
