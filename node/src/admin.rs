@@ -4,12 +4,15 @@
 //! `authorization: Bearer <token>`; without it, whoever reaches the
 //! loopback address administers the node.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use proto::admin_server::{Admin, AdminServer};
 use proto::*;
 use tonic::{Request, Response, Status};
-use xmpp::jid::BareJid;
+use xmpp::error::StreamError;
+use xmpp::jid::{BareJid, Jid};
 
 use crate::accounts::{self, AccountError};
 use crate::cluster::state_machine::{ApplyError, Refusal};
@@ -77,6 +80,167 @@ impl AdminService {
     fn user(&self, jid: &str) -> Result<BareJid, Status> {
         accounts::parse_user(&self.server, jid).map_err(status_of)
     }
+}
+
+/// This node's own sessions, with the client's address and TLS.
+pub fn local_sessions(server: &Server, vhost: &str) -> Vec<SessionInfo> {
+    let node = server.cluster.id;
+    server
+        .sessions
+        .list(vhost)
+        .into_iter()
+        .map(|(jid, r)| SessionInfo {
+            jid,
+            priority: i32::from(r.priority),
+            available: r.available,
+            peer: r.peer.to_string(),
+            tls: r.tls,
+            node,
+        })
+        .collect()
+}
+
+/// How long another member has to answer an operator's question.
+const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Every session of the cluster: each member lists its own. A member that
+/// does not answer is named, and its sessions come from the replicated
+/// session table (without address or TLS).
+pub async fn cluster_sessions(server: &Server, vhost: &str) -> ListSessionsReply {
+    let cluster = &server.cluster;
+    let mut others: BTreeSet<u64> = cluster
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect();
+    others.extend(cluster.table.nodes());
+    others.remove(&cluster.id);
+    let asks = others.into_iter().map(|id| async move {
+        let listed = async {
+            let mut peer = cluster.channels.get(&cluster.addr_of(id)?).ok()?;
+            let ask = peer.local_sessions(ListSessionsRequest {
+                vhost: vhost.to_owned(),
+                local: true,
+            });
+            let reply = tokio::time::timeout(ASK_TIMEOUT, ask).await.ok()?.ok()?;
+            Some(reply.into_inner().sessions)
+        };
+        (id, listed.await)
+    });
+    let mut sessions = local_sessions(server, vhost);
+    let mut unreachable = Vec::new();
+    for (id, listed) in futures_util::future::join_all(asks).await {
+        match listed {
+            Some(list) => sessions.extend(list),
+            None => {
+                unreachable.push(id);
+                sessions.extend(
+                    cluster
+                        .table
+                        .on_node(id, vhost)
+                        .into_iter()
+                        .map(|(jid, e)| SessionInfo {
+                            jid,
+                            priority: i32::from(e.priority),
+                            available: e.available,
+                            peer: String::new(),
+                            tls: false,
+                            node: id,
+                        }),
+                );
+            }
+        }
+    }
+    sessions.sort_by(|a, b| a.jid.cmp(&b.jid).then(a.node.cmp(&b.node)));
+    ListSessionsReply {
+        sessions,
+        unreachable,
+    }
+}
+
+/// The stream error text of a kick without a reason.
+pub const KICKED: &str = "Disconnected by the server's administrator";
+
+fn kick_target(jid: &str) -> Result<Jid, Status> {
+    Jid::parse(jid).map_err(|e| Status::invalid_argument(format!("`{jid}` is not a JID: {e}")))
+}
+
+/// Closes the matching sessions bound on this node (`policy-violation`,
+/// with `reason` as the text); returns their full JIDs.
+pub fn kick_local(server: &Server, jid: &str, reason: &str) -> Result<KickReply, Status> {
+    let jid = kick_target(jid)?;
+    let text = if reason.is_empty() { KICKED } else { reason };
+    let closed = server.sessions.close_matching(
+        jid.bare(),
+        jid.resource(),
+        StreamError::PolicyViolation,
+        text,
+    );
+    if !closed.is_empty() {
+        tracing::info!(%jid, sessions = closed.len(), "sessions kicked by the operator");
+    }
+    Ok(KickReply { closed })
+}
+
+/// Closes the session of a full JID, or every session of a bare JID, on
+/// every node where the replicated session table says it is bound.
+pub async fn kick(server: &Server, jid: &str, reason: &str) -> Result<KickReply, Status> {
+    let target = kick_target(jid)?;
+    if !server.config.is_local_domain(target.domain()) {
+        return Err(Status::invalid_argument(format!(
+            "`{}` is not a virtual host of this cluster",
+            target.domain()
+        )));
+    }
+    let cluster = &server.cluster;
+    let mut closed = kick_local(server, jid, reason)?.closed;
+    let nodes: BTreeSet<u64> = cluster.table.with_user(target.bare(), |list| {
+        list.iter()
+            .filter(|(r, _)| target.resource().is_none_or(|want| want == r))
+            .map(|(_, e)| e.node)
+            .filter(|n| *n != cluster.id)
+            .collect()
+    });
+    let mut failed = Vec::new();
+    for node in nodes {
+        let asked = async {
+            let addr = cluster
+                .addr_of(node)
+                .ok_or_else(|| "not a member any more".to_owned())?;
+            let mut peer = cluster.channels.get(&addr).map_err(|e| e.to_string())?;
+            let ask = peer.kick(KickRequest {
+                jid: jid.to_owned(),
+                reason: reason.to_owned(),
+            });
+            match tokio::time::timeout(ASK_TIMEOUT, ask).await {
+                Ok(Ok(r)) => Ok(r.into_inner().closed),
+                Ok(Err(e)) => Err(e.message().to_owned()),
+                Err(_) => Err("no answer".to_owned()),
+            }
+        };
+        match asked.await {
+            Ok(list) => closed.extend(list),
+            Err(e) => failed.push(format!("node {node}: {e}")),
+        }
+    }
+    closed.sort();
+    if !failed.is_empty() {
+        return Err(Status::unavailable(format!(
+            "closed [{}]; not reached: {}",
+            closed.join(", "),
+            failed.join("; ")
+        )));
+    }
+    if closed.is_empty() {
+        return Err(Status::not_found(format!(
+            "{target} has no session in the cluster"
+        )));
+    }
+    Ok(KickReply { closed })
 }
 
 /// This node's view of the cluster, for `clusterctl status`.
@@ -208,18 +372,8 @@ impl Admin for AdminService {
         req: Request<RemoveNodeRequest>,
     ) -> Result<Response<MembershipReply>, Status> {
         let id = req.into_inner().node_id;
-        let c = &self.server.cluster;
-        use crate::cluster::membership::{remove_member, RemoveError};
-        remove_member(c, id).await.map_err(|e| match e {
-            RemoveError::NotAMember(_) => Status::not_found(e.to_string()),
-            RemoveError::NotLeader(_) | RemoveError::LastVoter => {
-                Status::failed_precondition(e.to_string())
-            }
-            RemoveError::Raft(m) => Status::unavailable(m),
-        })?;
-        Ok(Response::new(crate::cluster::service::membership_reply(
-            &c.raft,
-        )))
+        let reply = crate::cluster::membership::remove_via_leader(&self.server.cluster, id).await?;
+        Ok(Response::new(reply))
     }
 
     async fn transfer_leader(
@@ -333,21 +487,21 @@ impl Admin for AdminService {
         &self,
         req: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsReply>, Status> {
-        let vhost = req.into_inner().vhost;
-        let sessions = self
-            .server
-            .sessions
-            .list(&vhost)
-            .into_iter()
-            .map(|(jid, r)| SessionInfo {
-                jid,
-                priority: i32::from(r.priority),
-                available: r.available,
-                peer: r.peer.to_string(),
-                tls: r.tls,
-            })
-            .collect();
-        Ok(Response::new(ListSessionsReply { sessions }))
+        let r = req.into_inner();
+        let reply = if r.local {
+            ListSessionsReply {
+                sessions: local_sessions(&self.server, &r.vhost),
+                unreachable: Vec::new(),
+            }
+        } else {
+            cluster_sessions(&self.server, &r.vhost).await
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn kick(&self, req: Request<KickRequest>) -> Result<Response<KickReply>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(kick(&self.server, &r.jid, &r.reason).await?))
     }
 
     async fn list_s2s(

@@ -421,6 +421,28 @@ impl Sessions {
         }
     }
 
+    /// Closes the session of a full JID, or every session of a bare one,
+    /// with `error`; returns the full JIDs closed.
+    pub fn close_matching(
+        &self,
+        user: &BareJid,
+        resource: Option<&str>,
+        error: StreamError,
+        text: &str,
+    ) -> Vec<String> {
+        let mut closed = Vec::new();
+        for r in self.resources(user) {
+            if resource.is_some_and(|want| want != r.resource) {
+                continue;
+            }
+            // Refused only by a queue already closed or overflowing: that
+            // session is ending anyway.
+            let _ = r.tx.send(Outbound::Close(error, Some(text.to_owned())));
+            closed.push(format!("{user}/{}", r.resource));
+        }
+        closed
+    }
+
     pub fn close_all(&self, error: StreamError) {
         for list in self.read().values() {
             for r in list {

@@ -773,3 +773,104 @@ async fn blocklist_pushes_reach_a_users_resources_on_other_nodes() {
         .expect("send");
     expect_body(&mut desktop, "hello again").await;
 }
+
+/// An operator works the whole cluster through any node: `clusterctl
+/// sessions` lists every node's sessions with their node, `kick` closes a
+/// session wherever it is bound, and `remove-node` and `leave` run against
+/// a follower are carried out by the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_list_and_kick_sessions_and_remove_members_through_any_node() {
+    let nodes = three("");
+    nodes[0].adduser("alice", PW).expect("alice");
+    nodes[0].adduser("bob", PW).expect("bob");
+    let mut one = online(&nodes[0], "alice", "one", 1).await;
+    let mut two = online(&nodes[1], "alice", "two", 1).await;
+    let mut bob = online(&nodes[1], "bob", "pc", 0).await;
+    wait_sessions(&[&nodes[0], &nodes[1], &nodes[2]], 3);
+
+    // Asked on node 3, which holds none of them.
+    let list = nodes[2].clusterctl(&["sessions"]).expect("sessions");
+    let rows: Vec<Vec<&str>> = list.lines().map(|l| l.split('\t').collect()).collect();
+    let placed: Vec<(&str, &str)> = rows.iter().map(|r| (r[0], r[1])).collect();
+    assert_eq!(
+        placed,
+        [
+            ("alice@localhost/one", "node=1"),
+            ("alice@localhost/two", "node=2"),
+            ("bob@localhost/pc", "node=2"),
+        ],
+        "{list}"
+    );
+    for r in &rows {
+        assert!(
+            r[4].starts_with("127."),
+            "each node gives its address: {list}"
+        );
+    }
+    let local = nodes[1]
+        .clusterctl(&["sessions", "--local"])
+        .expect("sessions --local");
+    assert_eq!(local.lines().count(), 2, "{local}");
+    assert!(local.lines().all(|l| l.contains("\tnode=2\t")), "{local}");
+
+    // A full JID bound on node 2, kicked through node 3.
+    let out = nodes[2]
+        .clusterctl(&["kick", "alice@localhost/two"])
+        .expect("kick");
+    assert_eq!(out.trim(), "closed alice@localhost/two");
+    assert_eq!(
+        two.expect_stream_error(WAIT).await.expect("kicked"),
+        "policy-violation"
+    );
+    // A bare JID: the rest of alice's sessions, with the operator's reason.
+    let out = nodes[1]
+        .clusterctl(&["kick", "alice@localhost", "--reason", "maintenance"])
+        .expect("kick");
+    assert_eq!(out.trim(), "closed alice@localhost/one");
+    let e = one
+        .recv_until(|e| e.is("error", ns::STREAM), WAIT)
+        .await
+        .expect("kicked");
+    assert!(
+        e.get_child("policy-violation", ns::STREAMS).is_some()
+            && e.get_child("text", ns::STREAMS)
+                .map(|t| t.text_content())
+                .as_deref()
+                == Some("maintenance"),
+        "{}",
+        e.to_string_in(ns::CLIENT)
+    );
+    bob.sync().await.expect("bob is still connected");
+    let err = nodes[0]
+        .clusterctl(&["kick", "alice@localhost"])
+        .expect_err("nobody left to kick");
+    assert!(err.to_string().contains("no session"), "{err:#}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = nodes[0].clusterctl(&["sessions"]).expect("sessions");
+        if list.lines().count() == 1 {
+            assert!(list.starts_with("bob@localhost/pc\tnode=2"), "{list}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kicked sessions stay listed: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Membership changes through followers.
+    let leader = leader_of(&nodes);
+    let followers: Vec<&TestNode> = nodes.iter().filter(|n| n.node_id != leader).collect();
+    let gone = followers[1].node_id.to_string();
+    followers[0]
+        .clusterctl(&["remove-node", &gone])
+        .expect("remove-node through a follower");
+    let leader = nodes.iter().find(|n| n.node_id == leader).expect("leader");
+    wait_members(leader, 2);
+    let out = followers[0]
+        .clusterctl(&["leave"])
+        .expect("leave through a follower");
+    assert!(out.contains("left"), "{out}");
+    wait_members(leader, 1);
+}

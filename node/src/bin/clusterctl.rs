@@ -40,7 +40,7 @@ enum Cmd {
         /// The new node's cluster address (its --advertise-addr).
         addr: String,
     },
-    /// Remove a node from the cluster (run against the leader).
+    /// Remove a node from the cluster (passed on to the leader).
     RemoveNode { node_id: u64 },
     /// Remove the node this command talks to from the cluster.
     Leave,
@@ -62,8 +62,21 @@ enum Cmd {
     Deluser { jid: String },
     /// List the accounts of a virtual host (all hosts when omitted).
     Users { vhost: Option<String> },
-    /// List live sessions.
-    Sessions { vhost: Option<String> },
+    /// List the live sessions of the whole cluster, each with its node.
+    Sessions {
+        vhost: Option<String>,
+        /// Only the sessions bound on the node this command talks to.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Disconnect a session (full JID) or all of a user's sessions (bare
+    /// JID), on whichever nodes they are bound.
+    Kick {
+        jid: String,
+        /// The text of the stream error the client gets.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// This node's server-to-server streams: remote domain, direction,
     /// state, how the peer authenticated, TLS version, age, queued stanzas.
     S2s,
@@ -374,27 +387,48 @@ async fn main() -> anyhow::Result<()> {
                 println!("{j}");
             }
         }
-        Cmd::Sessions { vhost } => {
+        Cmd::Sessions { vhost, local } => {
             let r = c
                 .list_sessions(ListSessionsRequest {
                     vhost: vhost.unwrap_or_default(),
+                    local,
                 })
                 .await
                 .map_err(status_error)?
                 .into_inner();
             for s in r.sessions {
                 println!(
-                    "{}\tpriority={}\t{}\t{}\t{}",
+                    "{}\tnode={}\tpriority={}\t{}\t{}\t{}",
                     s.jid,
+                    s.node,
                     s.priority,
                     if s.available {
                         "available"
                     } else {
                         "unavailable"
                     },
-                    s.peer,
-                    if s.tls { "tls" } else { "plain" }
+                    if s.peer.is_empty() { "-" } else { &s.peer },
+                    match (s.peer.is_empty(), s.tls) {
+                        (true, _) => "-",
+                        (false, true) => "tls",
+                        (false, false) => "plain",
+                    }
                 );
+            }
+            for n in r.unreachable {
+                eprintln!(
+                    "node {n} did not answer: its sessions are listed from the session table, without address or TLS"
+                );
+            }
+        }
+        Cmd::Kick { jid, reason } => {
+            let r = c
+                .kick(KickRequest { jid, reason })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for j in r.closed {
+                println!("closed {j}");
             }
         }
         Cmd::S2s => {

@@ -235,6 +235,45 @@ pub async fn remove_member(cluster: &super::Cluster, id: u64) -> Result<(), Remo
     Ok(())
 }
 
+/// Removes member `id` through the leader, wherever this runs: on a
+/// follower the request is passed to the leader (`Peer.Remove`).
+pub async fn remove_via_leader(
+    cluster: &super::Cluster,
+    id: u64,
+) -> Result<proto::MembershipReply, tonic::Status> {
+    match remove_member(cluster, id).await {
+        Ok(()) => Ok(super::service::membership_reply(&cluster.raft)),
+        Err(RemoveError::NotLeader(Some(leader))) => {
+            let addr = cluster.addr_of(leader).ok_or_else(|| {
+                tonic::Status::unavailable(format!(
+                    "the leader's (node {leader}) address is unknown"
+                ))
+            })?;
+            let mut client = cluster
+                .channels
+                .get(&addr)
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let reply = client
+                .remove(proto::RemoveNodeRequest { node_id: id })
+                .await?;
+            Ok(reply.into_inner())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl From<RemoveError> for tonic::Status {
+    fn from(e: RemoveError) -> Self {
+        match e {
+            RemoveError::NotAMember(_) => tonic::Status::not_found(e.to_string()),
+            RemoveError::LastVoter => tonic::Status::failed_precondition(e.to_string()),
+            // No leader, or leadership moved while the request was on its way.
+            RemoveError::NotLeader(_) => tonic::Status::unavailable(format!("{e}; try again")),
+            RemoveError::Raft(m) => tonic::Status::unavailable(m),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RemoveError {
     #[error("membership changes run on the leader: node {} (`clusterctl status` shows it)", .0.map_or("unknown".into(), |l| l.to_string()))]

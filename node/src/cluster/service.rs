@@ -187,6 +187,12 @@ impl PeerService {
     /// Refuses a Raft RPC meant for another node id (see
     /// [`super::network::TARGET`]); one without the key (an older peer)
     /// is taken.
+    fn live(&self) -> Result<Arc<crate::Server>, Status> {
+        self.server
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("the node is shutting down"))
+    }
+
     fn addressed_to_me<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let me = raft_id(&self.raft);
         match req
@@ -234,11 +240,42 @@ impl Peer for PeerService {
         &self,
         req: Request<proto::TakeSessionRequest>,
     ) -> Result<Response<proto::TakeSessionReply>, Status> {
-        let Some(server) = self.server.upgrade() else {
-            return Err(Status::unavailable("the node is shutting down"));
-        };
+        let server = self.live()?;
         let reply = crate::c2s::moved::give(&server, req.into_inner()).await;
         Ok(Response::new(reply))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<proto::RemoveNodeRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let server = self.live()?;
+        let id = req.into_inner().node_id;
+        // Only the leader runs it: passed on once, never around in circles.
+        super::membership::remove_member(&server.cluster, id).await?;
+        Ok(Response::new(membership_reply(&self.raft)))
+    }
+
+    async fn local_sessions(
+        &self,
+        req: Request<proto::ListSessionsRequest>,
+    ) -> Result<Response<proto::ListSessionsReply>, Status> {
+        let server = self.live()?;
+        Ok(Response::new(proto::ListSessionsReply {
+            sessions: crate::admin::local_sessions(&server, &req.into_inner().vhost),
+            unreachable: Vec::new(),
+        }))
+    }
+
+    async fn kick(
+        &self,
+        req: Request<proto::KickRequest>,
+    ) -> Result<Response<proto::KickReply>, Status> {
+        let server = self.live()?;
+        let r = req.into_inner();
+        Ok(Response::new(crate::admin::kick_local(
+            &server, &r.jid, &r.reason,
+        )?))
     }
 
     async fn append_entries(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {

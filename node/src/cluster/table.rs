@@ -145,6 +145,25 @@ impl SessionTable {
         out
     }
 
+    /// `node`'s entries, optionally of one virtual host, as (full JID, entry).
+    pub fn on_node(&self, node: u64, vhost: &str) -> Vec<(String, SessionEntry)> {
+        let map = self.read();
+        map.iter()
+            .filter(|(u, _)| vhost.is_empty() || u.domain() == vhost)
+            .flat_map(|(u, l)| {
+                l.iter()
+                    .filter(|(_, e)| e.node == node)
+                    .map(move |(r, e)| (format!("{u}/{r}"), *e))
+            })
+            .collect()
+    }
+
+    /// The nodes with entries in the table.
+    pub fn nodes(&self) -> Vec<u64> {
+        let per = self.per_node.lock().unwrap_or_else(|p| p.into_inner());
+        per.keys().copied().collect()
+    }
+
     /// Whether `node` has any session in the table.
     pub fn has_node(&self, node: u64) -> bool {
         self.read()
@@ -188,5 +207,24 @@ mod tests {
         assert!(t.only_on(3) && !t.only_on(1));
         t.reset(Vec::new());
         assert!(t.only_on(1));
+    }
+
+    /// `on_node` lists one node's entries, of one host or all.
+    #[test]
+    fn on_node_lists_a_nodes_entries() {
+        let t = SessionTable::default();
+        t.set("a@x/1", entry(1));
+        t.set("a@x/2", entry(2));
+        t.set("b@y/1", entry(1));
+        let mut all = t.on_node(1, "");
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let jids: Vec<&str> = all.iter().map(|(j, _)| j.as_str()).collect();
+        assert_eq!(jids, ["a@x/1", "b@y/1"]);
+        let y: Vec<String> = t.on_node(1, "y").into_iter().map(|(j, _)| j).collect();
+        assert_eq!(y, ["b@y/1"]);
+        assert_eq!(t.on_node(3, "").len(), 0);
+        let mut nodes = t.nodes();
+        nodes.sort_unstable();
+        assert_eq!(nodes, [1, 2]);
     }
 }
