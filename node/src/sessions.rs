@@ -377,6 +377,16 @@ impl Sessions {
             .cloned()
     }
 
+    /// The queue of `full`'s session: what delivering to it needs, without
+    /// copying the session's record.
+    pub fn sender(&self, full: &FullJid) -> Option<Sender> {
+        self.read()
+            .get(full.bare())?
+            .iter()
+            .find(|r| r.resource == full.resource())
+            .map(|r| r.tx.clone())
+    }
+
     /// Runs `f` over a user's sessions without copying them (the hot path
     /// of routing). `f` runs under the table's read lock: no awaiting in it.
     pub fn with_resources<R>(&self, user: &BareJid, f: impl FnOnce(&[Resource]) -> R) -> R {

@@ -175,8 +175,8 @@ pub fn deliver_reply(server: &Server, reply: Element) {
 
 /// Delivers serialised server-made XML to a full JID on any node.
 pub fn deliver_reply_xml(server: &Server, to: &FullJid, xml: Arc<str>) {
-    if let Some(r) = server.sessions.get(to) {
-        let _ = r.tx.send(Outbound::Xml(xml));
+    if let Some(tx) = server.sessions.sender(to) {
+        let _ = tx.send(Outbound::Xml(xml));
     } else {
         remote::forward_to_full(server, to, Delivery::FullOrDrop, &xml);
     }
@@ -228,8 +228,8 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
     let mtype = MessageType::of(&stanza);
     let bare = match &to {
         Jid::Full(full) => {
-            if let Some(r) = server.sessions.get(full) {
-                if r.tx.send(Outbound::Xml(serialize(&stanza))).is_ok() {
+            if let Some(tx) = server.sessions.sender(full) {
+                if tx.send(Outbound::Xml(serialize(&stanza))).is_ok() {
                     server.metrics.routed(Outcome::Local);
                     delivered(server, &stanza, full.bare(), &[full.resource()]);
                     return;
@@ -253,10 +253,12 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         // Messages to the server itself: no module takes them yet.
         return bounce(server, &stanza, StanzaError::ServiceUnavailable, None);
     }
-    // A user with a session here exists (deleting an account ends its
-    // sessions first): no store lookup for the common case.
-    let online_here = server.sessions.with_resources(&bare, |r| !r.is_empty());
-    let exists = if online_here {
+    // A user with a session, here or on another node, exists (deleting an
+    // account ends its sessions first): no store lookup for the common case.
+    let online = server.sessions.with_resources(&bare, |r| !r.is_empty())
+        || (!server.cluster.table.only_on(server.cluster.id)
+            && server.cluster.table.with_user(&bare, |l| !l.is_empty()));
+    let exists = if online {
         Ok(true)
     } else {
         server.store().account_exists(&bare)
@@ -415,8 +417,8 @@ fn route_presence(server: &Server, stanza: Element, to: Jid, pass: Pass) {
     };
     match &to {
         Jid::Full(full) => {
-            if let Some(r) = server.sessions.get(full) {
-                if r.tx.send(Outbound::Xml(serialize(&stanza))).is_ok() {
+            if let Some(tx) = server.sessions.sender(full) {
+                if tx.send(Outbound::Xml(serialize(&stanza))).is_ok() {
                     server.metrics.routed(Outcome::Local);
                 }
             } else {
@@ -462,9 +464,9 @@ async fn route_iq(server: &Server, stanza: Element, to: Jid, pass: Pass) {
     }
     let target = match &to {
         Jid::Full(full) => {
-            match server.sessions.get(full) {
-                Some(r) => {
-                    let sent = r.tx.send(Outbound::Xml(serialize(&stanza))).is_ok();
+            match server.sessions.sender(full) {
+                Some(tx) => {
+                    let sent = tx.send(Outbound::Xml(serialize(&stanza))).is_ok();
                     if sent {
                         server.metrics.routed(Outcome::Local);
                     }

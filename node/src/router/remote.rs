@@ -192,8 +192,8 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
                 return;
             };
             if !returned {
-                if let Some(r) = server.sessions.get(&full) {
-                    if r.tx.send(Outbound::Xml(Arc::from(xml))).is_ok() {
+                if let Some(tx) = server.sessions.sender(&full) {
+                    if tx.send(Outbound::Xml(Arc::from(xml))).is_ok() {
                         server.metrics.routed(crate::metrics::Outcome::Local);
                         if delivery == Delivery::Full && xml.starts_with("<message") {
                             after_message(server, &full, xml);
