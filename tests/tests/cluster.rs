@@ -859,15 +859,21 @@ async fn operators_list_and_kick_sessions_and_remove_members_through_any_node() 
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // Membership changes through followers.
+    // Membership changes through followers. A client of the node removed
+    // is disconnected, to reconnect to a member.
     let leader = leader_of(&nodes);
     let followers: Vec<&TestNode> = nodes.iter().filter(|n| n.node_id != leader).collect();
+    let mut stranded = online(followers[1], "alice", "stranded", 0).await;
     let gone = followers[1].node_id.to_string();
     followers[0]
         .clusterctl(&["remove-node", &gone])
         .expect("remove-node through a follower");
     let leader = nodes.iter().find(|n| n.node_id == leader).expect("leader");
     wait_members(leader, 2);
+    assert_eq!(
+        stranded.expect_stream_error(WAIT).await.expect("closed"),
+        "reset"
+    );
     let out = followers[0]
         .clusterctl(&["leave"])
         .expect("leave through a follower");

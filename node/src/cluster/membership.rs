@@ -219,6 +219,10 @@ pub async fn remove_member(cluster: &super::Cluster, id: u64) -> Result<(), Remo
     if voters.is_empty() {
         return Err(RemoveError::LastVoter);
     }
+    // Its sessions leave the table while it still follows the log, so the
+    // node itself closes them (its clients reconnect to a member) rather
+    // than go on serving sessions nobody else knows of.
+    let _ = cluster.write(Command::NodeDown { node: id }).await;
     let change = if was_voter {
         // `retain = false`: not kept as a learner either.
         cluster.raft.change_membership(voters, false).await
@@ -230,6 +234,7 @@ pub async fn remove_member(cluster: &super::Cluster, id: u64) -> Result<(), Remo
             .await
     };
     change.map_err(|e| RemoveError::Raft(e.to_string()))?;
+    // And any bound on it meanwhile.
     let _ = cluster.write(Command::NodeDown { node: id }).await;
     tracing::info!(node = id, "node removed from the cluster");
     Ok(())

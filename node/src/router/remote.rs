@@ -294,7 +294,10 @@ async fn on_effect(server: &Arc<Server>, effect: Effect) {
                     if let Some(r) = server.sessions.get(&full).filter(|r| r.id == entry.sid) {
                         let _ = r.tx.send(Outbound::Close(
                             StreamError::Reset,
-                            Some("this node lost contact with the cluster; reconnect".into()),
+                            Some(
+                                "this node lost contact with the cluster or left it; reconnect"
+                                    .into(),
+                            ),
                         ));
                     }
                 } else if entry.node != me.0 && entry.available {
