@@ -807,6 +807,16 @@ async fn operators_list_and_kick_sessions_and_remove_members_through_any_node() 
             "each node gives its address: {list}"
         );
     }
+    let json: serde_json::Value = serde_json::from_str(
+        &nodes[0]
+            .clusterctl(&["sessions", "--json"])
+            .expect("sessions --json"),
+    )
+    .expect("JSON");
+    assert_eq!(json["sessions"].as_array().map(Vec::len), Some(3), "{json}");
+    assert_eq!(json["sessions"][2]["jid"], "bob@localhost/pc", "{json}");
+    assert_eq!(json["sessions"][2]["node"], 2, "{json}");
+    assert_eq!(json["unreachable"].as_array().map(Vec::len), Some(0));
     let local = nodes[1]
         .clusterctl(&["sessions", "--local"])
         .expect("sessions --local");

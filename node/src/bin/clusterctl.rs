@@ -68,6 +68,9 @@ enum Cmd {
         /// Only the sessions bound on the node this command talks to.
         #[arg(long)]
         local: bool,
+        /// One JSON object: `sessions` and the `unreachable` nodes.
+        #[arg(long)]
+        json: bool,
     },
     /// Disconnect a session (full JID) or all of a user's sessions (bare
     /// JID), on whichever nodes they are bound.
@@ -387,7 +390,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{j}");
             }
         }
-        Cmd::Sessions { vhost, local } => {
+        Cmd::Sessions { vhost, local, json } => {
             let r = c
                 .list_sessions(ListSessionsRequest {
                     vhost: vhost.unwrap_or_default(),
@@ -396,6 +399,23 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            if json {
+                let sessions: Vec<serde_json::Value> = r
+                    .sessions
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "jid": s.jid, "node": s.node, "priority": s.priority,
+                            "available": s.available,
+                            "peer": (!s.peer.is_empty()).then_some(&s.peer),
+                            "tls": (!s.peer.is_empty()).then_some(s.tls),
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({ "sessions": sessions, "unreachable": r.unreachable });
+                println!("{v}");
+                return Ok(());
+            }
             for s in r.sessions {
                 println!(
                     "{}\tnode={}\tpriority={}\t{}\t{}\t{}",
