@@ -117,6 +117,27 @@ fn wait_sessions(nodes: &[&TestNode], want: usize) {
     }
 }
 
+/// Waits until `n` has applied everything `after` has applied now: a
+/// write acknowledged through `after` is then visible to reads on `n`
+/// (read-your-writes holds on the writer's node; others follow the log).
+fn wait_applied(n: &TestNode, after: &TestNode) {
+    let index = |m: &TestNode| {
+        m.cluster_status().expect("status")["applied_index"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let want = index(after);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while index(n) < want {
+        assert!(
+            Instant::now() < deadline,
+            "node {} never applied up to {want}",
+            n.node_id
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 async fn subscribe_both(a: &mut Client, b: &mut Client) {
     subscribe(a, b).await;
     subscribe(b, a).await;
@@ -747,7 +768,9 @@ async fn blocklist_pushes_reach_a_users_resources_on_other_nodes() {
         .await
         .expect("block push on the other node");
     assert_eq!(p.get_attr("to"), Some("alice@localhost/desktop"));
-    // And node 2 enforces it: spam's message to the desktop is refused.
+    // And the cluster enforces it: spam's message to the desktop is
+    // refused (by spam's node, once it has applied the block).
+    wait_applied(&nodes[2], &nodes[0]);
     spam.chat("alice@localhost/desktop", "buy now")
         .await
         .expect("send");
@@ -768,6 +791,7 @@ async fn blocklist_pushes_reach_a_users_resources_on_other_nodes() {
         .recv_until(|e| push_of(e, "unblock"), WAIT)
         .await
         .expect("unblock push on the other node");
+    wait_applied(&nodes[2], &nodes[1]);
     spam.chat("alice@localhost/desktop", "hello again")
         .await
         .expect("send");
@@ -851,10 +875,7 @@ async fn operators_list_and_kick_sessions_and_remove_members_through_any_node() 
         e.to_string_in(ns::CLIENT)
     );
     bob.sync().await.expect("bob is still connected");
-    let err = nodes[0]
-        .clusterctl(&["kick", "alice@localhost"])
-        .expect_err("nobody left to kick");
-    assert!(err.to_string().contains("no session"), "{err:#}");
+    // The client has its stream error a moment before its node unbinds it.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let list = nodes[0].clusterctl(&["sessions"]).expect("sessions");
@@ -868,6 +889,10 @@ async fn operators_list_and_kick_sessions_and_remove_members_through_any_node() 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let err = nodes[0]
+        .clusterctl(&["kick", "alice@localhost"])
+        .expect_err("nobody left to kick");
+    assert!(err.to_string().contains("no session"), "{err:#}");
 
     // Membership changes through followers. A client of the node removed
     // is disconnected, to reconnect to a member.
