@@ -205,8 +205,7 @@ pub async fn kick(server: &Server, jid: &str, reason: &str) -> Result<KickReply,
             .filter(|n| *n != cluster.id)
             .collect()
     });
-    let mut failed = Vec::new();
-    for node in nodes {
+    let asks = nodes.into_iter().map(|node| async move {
         let asked = async {
             let addr = cluster
                 .addr_of(node)
@@ -222,12 +221,18 @@ pub async fn kick(server: &Server, jid: &str, reason: &str) -> Result<KickReply,
                 Err(_) => Err("no answer".to_owned()),
             }
         };
-        match asked.await {
+        (node, asked.await)
+    });
+    let mut failed = Vec::new();
+    for (node, asked) in futures_util::future::join_all(asks).await {
+        match asked {
             Ok(list) => closed.extend(list),
             Err(e) => failed.push(format!("node {node}: {e}")),
         }
     }
     closed.sort();
+    // A session that moved between nodes meanwhile is closed once.
+    closed.dedup();
     if !failed.is_empty() {
         return Err(Status::unavailable(format!(
             "closed [{}]; not reached: {}",

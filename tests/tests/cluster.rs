@@ -856,6 +856,16 @@ async fn operators_list_and_kick_sessions_and_remove_members_through_any_node() 
         two.expect_stream_error(WAIT).await.expect("kicked"),
         "policy-violation"
     );
+    // Gone from the list once node 2 has unbound it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes[1]
+        .clusterctl(&["sessions", "--local"])
+        .expect("sessions")
+        .contains("alice@localhost/two")
+    {
+        assert!(Instant::now() < deadline, "alice/two stays listed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // A bare JID: the rest of alice's sessions, with the operator's reason.
     let out = nodes[1]
         .clusterctl(&["kick", "alice@localhost", "--reason", "maintenance"])
@@ -914,4 +924,59 @@ async fn operators_list_and_kick_sessions_and_remove_members_through_any_node() 
         .expect("leave through a follower");
     assert!(out.contains("left"), "{out}");
     wait_members(leader, 1);
+}
+
+/// `clusterctl deluser` through one node closes the user's sessions on
+/// every node, and messages to the deleted user bounce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_account_closes_its_sessions_on_every_node() {
+    let nodes = three("");
+    nodes[0].adduser("alice", PW).expect("alice");
+    nodes[0].adduser("bob", PW).expect("bob");
+    let mut phone = online(&nodes[1], "alice", "phone", 1).await;
+    let mut laptop = online(&nodes[2], "alice", "laptop", 1).await;
+    let mut bob = online(&nodes[2], "bob", "pc", 0).await;
+    wait_sessions(&[&nodes[0], &nodes[1], &nodes[2]], 3);
+    nodes[0]
+        .clusterctl(&["deluser", "alice@localhost"])
+        .expect("deluser");
+    for (c, what) in [(&mut phone, "on node 2"), (&mut laptop, "on node 3")] {
+        assert_eq!(
+            c.expect_stream_error(WAIT).await.expect(what),
+            "not-authorized",
+            "{what}"
+        );
+    }
+    // Once node 3 has applied the deletion and the unbinds, bob's message
+    // bounces there.
+    wait_applied(&nodes[2], &nodes[0]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = nodes[2].cluster_status().expect("status");
+        let total: u64 = s["members"]
+            .as_array()
+            .map(|m| m.iter().map(|m| m["sessions"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        if total == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice's sessions stay: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bob.chat("alice@localhost", "still there?")
+        .await
+        .expect("send");
+    let e = bob
+        .recv_until(
+            |e| e.name == "message" && e.get_attr("type") == Some("error"),
+            WAIT,
+        )
+        .await
+        .expect("an error for a deleted user");
+    assert_eq!(
+        tests::client::stanza_error(&e).as_deref(),
+        Some("service-unavailable"),
+        "{}",
+        e.to_string_in(ns::CLIENT)
+    );
 }

@@ -266,7 +266,9 @@ async fn main() -> anyhow::Result<()> {
             req.metadata_mut().insert("authorization", v.clone());
         }
         Ok(req)
-    });
+    })
+    // A whole cluster's sessions or accounts exceed tonic's 4 MiB default.
+    .max_decoding_message_size(256 * 1024 * 1024);
     match cli.cmd {
         Cmd::Status { json } => {
             let s = c
@@ -437,7 +439,7 @@ async fn main() -> anyhow::Result<()> {
             }
             for n in r.unreachable {
                 eprintln!(
-                    "node {n} did not answer: its sessions are listed from the session table, without address or TLS"
+                    "node {n} could not list its sessions (no answer, or an error): they are listed from the session table, without address or TLS"
                 );
             }
         }

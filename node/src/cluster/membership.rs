@@ -233,8 +233,14 @@ pub async fn remove_member(cluster: &super::Cluster, id: u64) -> Result<(), Remo
             .change_membership(openraft::ChangeMembers::RemoveNodes(gone), false)
             .await
     };
-    change.map_err(|e| RemoveError::Raft(e.to_string()))?;
-    // And any bound on it meanwhile.
+    if let Err(e) = change {
+        // Its sessions were dropped for nothing: they bind again.
+        tracing::warn!(node = id, error = %e, "removing the member failed after its sessions were dropped");
+        return Err(RemoveError::Raft(e.to_string()));
+    }
+    // Sessions bound on it meanwhile leave the table too (it no longer
+    // follows the log, so it does not close them itself; its clients
+    // find it outside the cluster, without a quorum).
     let _ = cluster.write(Command::NodeDown { node: id }).await;
     tracing::info!(node = id, "node removed from the cluster");
     Ok(())
@@ -260,7 +266,13 @@ pub async fn remove_via_leader(
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             let reply = client
                 .remove(proto::RemoveNodeRequest { node_id: id })
-                .await?;
+                .await
+                .map_err(|s| {
+                    tonic::Status::new(
+                        s.code(),
+                        format!("the leader (node {leader} at {addr}): {}", s.message()),
+                    )
+                })?;
             Ok(reply.into_inner())
         }
         Err(e) => Err(e.into()),

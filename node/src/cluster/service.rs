@@ -184,15 +184,16 @@ pub async fn admit(
 }
 
 impl PeerService {
-    /// Refuses a Raft RPC meant for another node id (see
-    /// [`super::network::TARGET`]); one without the key (an older peer)
-    /// is taken.
+    /// The server, unless it is shutting down.
     fn live(&self) -> Result<Arc<crate::Server>, Status> {
         self.server
             .upgrade()
             .ok_or_else(|| Status::unavailable("the node is shutting down"))
     }
 
+    /// Refuses a Raft RPC meant for another node id (see
+    /// [`super::network::TARGET`]); one without the key (an older peer)
+    /// is taken.
     fn addressed_to_me<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let me = raft_id(&self.raft);
         match req
@@ -252,7 +253,15 @@ impl Peer for PeerService {
         let server = self.live()?;
         let id = req.into_inner().node_id;
         // Only the leader runs it: passed on once, never around in circles.
-        super::membership::remove_member(&server.cluster, id).await?;
+        use super::membership::{remove_member, RemoveError};
+        remove_member(&server.cluster, id)
+            .await
+            .map_err(|e| match e {
+                RemoveError::NotLeader(_) => Status::unavailable(
+                    "leadership moved while the request was passed on; try again",
+                ),
+                e => e.into(),
+            })?;
         Ok(Response::new(membership_reply(&self.raft)))
     }
 

@@ -446,6 +446,8 @@ pub enum Effect {
     /// A message was stored for `user`, who may have come online on some
     /// node after the sender's node decided they were offline.
     OfflineStored { user: String },
+    /// An account is gone: every node closes the user's sessions it serves.
+    AccountDeleted { user: String },
     /// An upload (XEP-0363) is gone: the node(s) whose disk holds the file
     /// delete it (`node`: where it was stored, `None` for an unused slot).
     UploadDeleted { slot: String, node: Option<u64> },
@@ -1199,6 +1201,7 @@ fn apply_in(tx: &mut Tx<'_>, cmd: Command) -> Result<Response, ApplyError> {
             ] {
                 tx.delete_user_prefix(prefix, &user)?;
             }
+            tx.effects.push(Effect::AccountDeleted { user });
             Ok(Response::Unblocked(unblocked))
         }
         Command::StoreOffline { user, stanza, max } => {
@@ -2018,6 +2021,24 @@ mod tests {
         apply(&s, 4, Command::DeleteAccount { user: user.clone() }).expect("delete");
         assert!(s.account(&alice).expect("read").is_none());
         assert_eq!(s.applied_index().expect("index"), 4);
+    }
+
+    /// Every node learns of a deletion, to close the user's sessions it
+    /// serves.
+    #[test]
+    fn deleting_an_account_is_an_effect_on_every_node() {
+        let (_d, s) = store();
+        let user = "gone@example.com".to_string();
+        let created = effects(
+            &s,
+            Command::CreateAccount {
+                user: user.clone(),
+                credentials: creds("a"),
+            },
+        );
+        assert!(created.is_empty(), "{created:?}");
+        let e = effects(&s, Command::DeleteAccount { user: user.clone() });
+        assert_eq!(e, vec![Effect::AccountDeleted { user }]);
     }
 
     #[test]

@@ -253,12 +253,10 @@ async fn route_message(server: &Server, stanza: Element, to: Jid, pass: Pass) {
         // Messages to the server itself: no module takes them yet.
         return bounce(server, &stanza, StanzaError::ServiceUnavailable, None);
     }
-    // A user with a session, here or on another node, exists (deleting an
-    // account ends its sessions first): no store lookup for the common case.
-    let online = server.sessions.with_resources(&bare, |r| !r.is_empty())
-        || (!server.cluster.table.only_on(server.cluster.id)
-            && server.cluster.table.with_user(&bare, |l| !l.is_empty()));
-    let exists = if online {
+    // A user with a session here exists (deleting an account ends its
+    // sessions first): no store lookup for the common case.
+    let online_here = server.sessions.with_resources(&bare, |r| !r.is_empty());
+    let exists = if online_here {
         Ok(true)
     } else {
         server.store().account_exists(&bare)

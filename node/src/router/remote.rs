@@ -305,6 +305,15 @@ async fn on_effect(server: &Arc<Server>, effect: Effect) {
                 }
             }
         }
+        Effect::AccountDeleted { user } => {
+            // On whichever node the account was deleted through: its
+            // sessions here go too (a deleted user routes nowhere).
+            if let Ok(user) = BareJid::parse(&user) {
+                server
+                    .sessions
+                    .close_user(&user, StreamError::NotAuthorized, "account deleted");
+            }
+        }
         Effect::OfflineStored { user } => {
             // The sender's node stored it while the user's initial presence
             // was still on its way: the node of the user's best session
