@@ -980,3 +980,54 @@ async fn deleting_an_account_closes_its_sessions_on_every_node() {
         e.to_string_in(ns::CLIENT)
     );
 }
+
+/// A member that does not answer: `clusterctl sessions` names it and lists
+/// its sessions from the replicated session table (without address or
+/// TLS) until the leader declares it down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_a_silent_member_are_listed_from_the_table() {
+    // A long grace: the killed node's sessions stay in the table meanwhile.
+    let start = |id: u64, join: Vec<String>| {
+        let mut o = opts(id, join, "");
+        o.cluster_config = o
+            .cluster_config
+            .replace("node_down_grace_secs = 2", "node_down_grace_secs = 120");
+        TestNode::start_with(o).expect("node")
+    };
+    let n1 = start(1, vec![]);
+    let join = vec![n1.cluster.to_string()];
+    let n2 = start(2, join.clone());
+    let n3 = start(3, join);
+    let mut nodes = [n1, n2, n3];
+    wait_members(&nodes[0], 3);
+    nodes[0].adduser("alice", PW).expect("alice");
+    let _alice = online(&nodes[2], "alice", "pc", 3).await;
+    wait_sessions(&[&nodes[0]], 1);
+    nodes[2].kill();
+
+    let json: serde_json::Value = serde_json::from_str(
+        &nodes[0]
+            .clusterctl(&["sessions", "--json"])
+            .expect("sessions --json"),
+    )
+    .expect("JSON");
+    assert_eq!(json["unreachable"], serde_json::json!([3]), "{json}");
+    let s = &json["sessions"][0];
+    assert_eq!(s["jid"], "alice@localhost/pc", "{json}");
+    assert_eq!(s["node"], 3, "{json}");
+    assert_eq!(s["priority"], 3, "{json}");
+    assert_eq!(s["available"], true, "{json}");
+    assert!(s["peer"].is_null(), "no address from the table: {json}");
+    let out = nodes[0]
+        .clusterctl_command()
+        .arg("sessions")
+        .output()
+        .expect("clusterctl sessions");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "alice@localhost/pc\tnode=3\tpriority=3\tavailable\t-\t-"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node 3 could not list its sessions"), "{err}");
+}
