@@ -316,7 +316,9 @@ pub fn cluster_status(server: &Server) -> ClusterStatusReply {
     } else {
         "learner"
     };
-    let health = if !quorum {
+    let health = if cluster.is_removed() {
+        "REMOVED: the leader removed this node from the cluster; writes and logins fail here until `clusterctl join` takes it back in, or stop it".to_owned()
+    } else if !quorum {
         format!(
             "NO QUORUM: this node knows no leader that reached a majority of the {} voters; writes and logins fail here",
             voters.len()

@@ -556,6 +556,9 @@ pub async fn readiness(server: &Server) -> Result<(), String> {
     if *server.shutdown.borrow() {
         return Err("shutting down".into());
     }
+    if server.cluster.is_removed() {
+        return Err("removed from the cluster".into());
+    }
     let v = view(server);
     match not_ready(&v) {
         None => Ok(()),

@@ -919,11 +919,52 @@ async fn operators_list_and_kick_sessions_and_remove_members_through_any_node() 
         stranded.expect_stream_error(WAIT).await.expect("closed"),
         "reset"
     );
+    // Told it is out, it refuses writes and logins at once.
+    let err = followers[1]
+        .adduser("late", PW)
+        .expect_err("a write on the removed node");
+    assert!(
+        err.to_string().contains("removed from the cluster"),
+        "{err:#}"
+    );
+    assert!(
+        Client::login_bound(followers[1], "bob", PW, "again")
+            .await
+            .is_err(),
+        "a login on the removed node"
+    );
+    let s = followers[1].cluster_status().expect("status");
+    assert!(
+        s["health"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("REMOVED")),
+        "{s}"
+    );
+    let ready = tests::http::request(followers[1].http, "GET", "/readyz", &[], "")
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status, 503, "the removed node is not ready");
+    assert!(
+        ready.body.contains("removed from the cluster"),
+        "{}",
+        ready.body
+    );
     let out = followers[0]
         .clusterctl(&["leave"])
         .expect("leave through a follower");
     assert!(out.contains("left"), "{out}");
     wait_members(leader, 1);
+    let err = followers[0]
+        .adduser("later", PW)
+        .expect_err("a write on the node that left");
+    assert!(
+        err.to_string().contains("removed from the cluster"),
+        "{err:#}"
+    );
+    // The lone member left carries on.
+    leader
+        .adduser("carol", PW)
+        .expect("a write on the remaining member");
 }
 
 /// `clusterctl deluser` through one node closes the user's sessions on

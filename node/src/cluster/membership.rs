@@ -238,12 +238,43 @@ pub async fn remove_member(cluster: &super::Cluster, id: u64) -> Result<(), Remo
         tracing::warn!(node = id, error = %e, "removing the member failed after its sessions were dropped");
         return Err(RemoveError::Raft(e.to_string()));
     }
-    // Sessions bound on it meanwhile leave the table too (it no longer
-    // follows the log, so it does not close them itself; its clients
-    // find it outside the cluster, without a quorum).
+    // Sessions bound on it meanwhile leave the table too; it no longer
+    // follows the log, so it is told directly that it is out (it then
+    // closes them and refuses writes and logins at once).
     let _ = cluster.write(Command::NodeDown { node: id }).await;
+    tell_removed(cluster, id, &membership).await;
     tracing::info!(node = id, "node removed from the cluster");
     Ok(())
+}
+
+/// Tells member `id` (at its address in `before`, the membership it was
+/// in) that it was removed; best effort, as it may be gone already.
+async fn tell_removed(
+    cluster: &super::Cluster,
+    id: u64,
+    before: &openraft::Membership<u64, openraft::BasicNode>,
+) {
+    if id == cluster.id {
+        cluster.set_removed(true);
+        return;
+    }
+    let Some(addr) = before.get_node(&id).map(|n| n.addr.clone()) else {
+        return;
+    };
+    let Ok(mut client) = cluster.channels.get(&addr) else {
+        return;
+    };
+    let told = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.removed(proto::RemovedRequest {}),
+    )
+    .await;
+    if !matches!(told, Ok(Ok(_))) {
+        tracing::debug!(
+            node = id,
+            "the removed member was not told (it may be gone)"
+        );
+    }
 }
 
 /// Removes member `id` through the leader, wherever this runs: on a

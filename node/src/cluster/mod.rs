@@ -71,6 +71,9 @@ pub struct Cluster {
     pub contacts: Arc<Contacts>,
     pub forwarder: forward::Forwarder,
     write_timeout: Duration,
+    /// Removed from the cluster by the leader and not taken back in: no
+    /// write can commit here, so writes fail at once.
+    removed: std::sync::atomic::AtomicBool,
 }
 
 /// What the node consumes from the cluster: effects of applied entries
@@ -136,6 +139,7 @@ impl Cluster {
             tls,
             contacts,
             write_timeout: c.write_timeout(),
+            removed: std::sync::atomic::AtomicBool::new(false),
         };
         Ok((cluster, Feeds { effects, returned }))
     }
@@ -198,7 +202,30 @@ impl Cluster {
         self.write_with(cmd, false).await
     }
 
+    /// This node was removed from the cluster (`true`), or taken back in.
+    pub fn set_removed(&self, removed: bool) {
+        let was = self
+            .removed
+            .swap(removed, std::sync::atomic::Ordering::AcqRel);
+        match (was, removed) {
+            (false, true) => tracing::warn!(
+                "this node was removed from the cluster: writes and logins fail here until it is taken back in (`clusterctl join`) or stopped"
+            ),
+            (true, false) => tracing::info!("this node was taken back into the cluster"),
+            _ => {}
+        }
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     async fn write_with(&self, cmd: Command, forward: bool) -> Result<Response, ApplyError> {
+        if self.is_removed() {
+            return Err(ApplyError::Unavailable(
+                "this node was removed from the cluster; connect to a member (`clusterctl status` there lists them)".into(),
+            ));
+        }
         let deadline = tokio::time::Instant::now() + self.write_timeout;
         let unavailable = || {
             ApplyError::Unavailable(format!(
@@ -264,6 +291,11 @@ impl Cluster {
     /// committed (a new leader may not have yet). Bounded by the write timeout; a node with no leader
     /// reads what it has (and refuses logins on its own, see `has_quorum`).
     pub async fn read_barrier(&self) {
+        if self.is_removed() {
+            // Nothing will reach it: read what it has, and let the quorum
+            // check refuse.
+            return;
+        }
         let wait = async {
             loop {
                 // Asked again when the node we took for the leader is not
@@ -305,6 +337,9 @@ impl Cluster {
 
     /// Whether this node currently knows a leader that heard from a quorum.
     pub fn has_quorum(&self) -> bool {
+        if self.is_removed() {
+            return false;
+        }
         let m = self.raft.metrics();
         let m = m.borrow();
         let limit = self.write_timeout.as_millis() as u64;

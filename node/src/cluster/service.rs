@@ -265,6 +265,17 @@ impl Peer for PeerService {
         Ok(Response::new(membership_reply(&self.raft)))
     }
 
+    async fn removed(
+        &self,
+        _req: Request<proto::RemovedRequest>,
+    ) -> Result<Response<proto::RemovedReply>, Status> {
+        let server = self.live()?;
+        server.cluster.set_removed(true);
+        // Any session bound since its sessions left the table goes too.
+        server.sessions.close_all(xmpp::error::StreamError::Reset);
+        Ok(Response::new(proto::RemovedReply {}))
+    }
+
     async fn local_sessions(
         &self,
         req: Request<proto::ListSessionsRequest>,
@@ -289,6 +300,12 @@ impl Peer for PeerService {
 
     async fn append_entries(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         self.addressed_to_me(&req)?;
+        // A leader replicates to it again: it was taken back in.
+        if let Some(server) = self.server.upgrade() {
+            if server.cluster.is_removed() {
+                server.cluster.set_removed(false);
+            }
+        }
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let r = self.raft.append_entries(rpc).await;
         Ok(Response::new(encode(&r)))
