@@ -426,9 +426,7 @@ impl Sessions {
 
     /// Closes every session of `user` with `error`.
     pub fn close_user(&self, user: &BareJid, error: StreamError, text: &str) {
-        for r in self.resources(user) {
-            let _ = r.tx.send(Outbound::Close(error, Some(text.to_owned())));
-        }
+        self.close_matching(user, None, error, text);
     }
 
     /// Closes the session of a full JID, or every session of a bare one,

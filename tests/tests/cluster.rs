@@ -95,16 +95,23 @@ async fn expect_unavailable(c: &mut Client, from: &str, what: &str) {
     .expect(what);
 }
 
+/// How many sessions `n`'s copy of the session table holds, and the
+/// status it was read from.
+fn table_sessions(n: &TestNode) -> (u64, serde_json::Value) {
+    let s = n.cluster_status().expect("status");
+    let total = s["members"]
+        .as_array()
+        .map(|m| m.iter().map(|m| m["sessions"].as_u64().unwrap_or(0)).sum())
+        .unwrap_or(0);
+    (total, s)
+}
+
 /// Waits until each node's session table holds at least `want` sessions.
 fn wait_sessions(nodes: &[&TestNode], want: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     for n in nodes {
         loop {
-            let s = n.cluster_status().expect("status");
-            let total: u64 = s["members"]
-                .as_array()
-                .map(|m| m.iter().map(|m| m["sessions"].as_u64().unwrap_or(0)).sum())
-                .unwrap_or(0);
+            let (total, s) = table_sessions(n);
             if total as usize >= want {
                 break;
             }
@@ -993,11 +1000,7 @@ async fn deleting_an_account_closes_its_sessions_on_every_node() {
     wait_applied(&nodes[2], &nodes[0]);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = nodes[2].cluster_status().expect("status");
-        let total: u64 = s["members"]
-            .as_array()
-            .map(|m| m.iter().map(|m| m["sessions"].as_u64().unwrap_or(0)).sum())
-            .unwrap_or(0);
+        let (total, s) = table_sessions(&nodes[2]);
         if total == 1 {
             break;
         }

@@ -50,7 +50,6 @@ async fn phone(node: &TestNode) -> (Client, String) {
     (c, id)
 }
 
-/// Waits until a bare-JID message from bob reaches this client.
 /// A new connection to `node`, authenticated as alice and not yet bound:
 /// ready to resume.
 async fn alice_logged_in(node: &TestNode) -> Client {
@@ -67,6 +66,7 @@ async fn alice_logged_in(node: &TestNode) -> Client {
     c
 }
 
+/// Waits until a bare-JID message from bob reaches this client.
 async fn reachable_by_bare_jid(bob: &mut Client, alice: &mut Client, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
