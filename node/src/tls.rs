@@ -4,13 +4,24 @@
 //! A virtual host without a configured certificate gets a self-signed one,
 //! generated on first start and kept in `<data_dir>/certs/` so it stays the
 //! same across restarts (clients pin it after the first connection).
+//!
+//! Client connections run over rustls's unbuffered API
+//! ([`crate::c2s::tls_io`]), which tells neither the host chosen by SNI nor
+//! the exporter. Both are seen while the handshake is processed, which is
+//! synchronous on the connection's thread: the certificate resolver and a
+//! key log note them in a [`Handshake`] set for that call
+//! ([`Handshake::observe`]), and [`Tls::bindings`] derives the
+//! channel-binding data from them.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::crypto::tls13::OkmBlock;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{KeyLog, SupportedCipherSuite, Tls13CipherSuite};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -57,16 +68,140 @@ struct SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let by_name = hello
-            .server_name()
-            .and_then(|n| self.hosts.get(&n.to_ascii_lowercase()));
+        let name = hello.server_name().map(str::to_ascii_lowercase);
+        let by_name = name.as_ref().and_then(|n| self.hosts.get(n));
+        if by_name.is_some() {
+            Handshake::note(|h| h.host = name.clone());
+        }
         Some(by_name.unwrap_or(&self.fallback).clone())
+    }
+}
+
+/// What a client connection's handshake showed that the unbuffered API
+/// does not tell: the virtual host picked by SNI and the TLS 1.3 exporter
+/// master secret.
+#[derive(Default)]
+pub struct Handshake {
+    /// The virtual host whose certificate was sent; `None` is the fallback.
+    host: Option<String>,
+    /// RFC 8446 §7.1 `exporter_master_secret`, kept until the exporter
+    /// value is derived from it at the end of the handshake.
+    exporter_secret: Option<OkmBlock>,
+}
+
+thread_local! {
+    /// The handshake being processed on this thread, during
+    /// [`Handshake::observe`] only.
+    static OBSERVED: RefCell<Option<Handshake>> = const { RefCell::new(None) };
+}
+
+impl Handshake {
+    /// Runs `f` (which processes this connection's handshake records) with
+    /// `self` as the place the resolver and the key log note what they see.
+    pub fn observe<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        OBSERVED.with(|o| *o.borrow_mut() = Some(std::mem::take(self)));
+        let r = f();
+        if let Some(h) = OBSERVED.with(|o| o.borrow_mut().take()) {
+            *self = h;
+        }
+        r
+    }
+
+    /// Notes into the handshake being observed; outside [`Self::observe`]
+    /// (the HTTPS listener's connections) nothing is noted.
+    fn note(f: impl FnOnce(&mut Handshake)) {
+        OBSERVED.with(|o| {
+            if let Some(h) = o.borrow_mut().as_mut() {
+                f(h)
+            }
+        })
+    }
+}
+
+/// Hands rustls's exporter master secret to the observed handshake; no
+/// other secret is asked for, and nothing is written anywhere.
+#[derive(Debug)]
+struct ExporterSecret;
+
+const EXPORTER_SECRET: &str = "EXPORTER_SECRET";
+
+impl KeyLog for ExporterSecret {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        if label == EXPORTER_SECRET && secret.len() <= OkmBlock::MAX_LEN {
+            Handshake::note(|h| h.exporter_secret = Some(OkmBlock::new(secret)));
+        }
+    }
+
+    fn will_log(&self, label: &str) -> bool {
+        label == EXPORTER_SECRET
+    }
+}
+
+/// RFC 8446 §7.5 `TLS-Exporter(label, context, out.len())` from the
+/// connection's exporter master secret, with the suite's hash and HKDF.
+fn tls13_export(
+    suite: &Tls13CipherSuite,
+    exporter_secret: &OkmBlock,
+    label: &[u8],
+    context: &[u8],
+    out: &mut [u8],
+) -> Option<()> {
+    let hash = suite.common.hash_provider;
+    let hkdf = suite.hkdf_provider;
+    // Derive-Secret(exporter_master_secret, label, "")
+    let empty = hash.hash(&[]);
+    let secret = hkdf
+        .expander_for_okm(exporter_secret)
+        .expand_block(&expand_label(hash.output_len(), label, empty.as_ref()).parts());
+    // HKDF-Expand-Label(secret, "exporter", Hash(context), length)
+    let context = hash.hash(context);
+    hkdf.expander_for_okm(&secret)
+        .expand_slice(
+            &expand_label(out.len(), b"exporter", context.as_ref()).parts(),
+            out,
+        )
+        .ok()
+}
+
+/// The `HkdfLabel` of RFC 8446 §7.1, as the pieces HKDF-Expand takes.
+struct ExpandLabel<'a> {
+    length: [u8; 2],
+    label_len: [u8; 1],
+    label: &'a [u8],
+    context_len: [u8; 1],
+    context: &'a [u8],
+}
+
+fn expand_label<'a>(length: usize, label: &'a [u8], context: &'a [u8]) -> ExpandLabel<'a> {
+    ExpandLabel {
+        length: u16::try_from(length).unwrap_or(u16::MAX).to_be_bytes(),
+        label_len: [u8::try_from(b"tls13 ".len() + label.len()).unwrap_or(u8::MAX)],
+        label,
+        context_len: [u8::try_from(context.len()).unwrap_or(u8::MAX)],
+        context,
+    }
+}
+
+impl<'a> ExpandLabel<'a> {
+    fn parts(&self) -> [&[u8]; 6] {
+        [
+            &self.length,
+            &self.label_len,
+            b"tls13 ",
+            self.label,
+            &self.context_len,
+            self.context,
+        ]
     }
 }
 
 /// The TLS side of the node: the rustls configuration and per-host data.
 pub struct Tls {
+    /// For the HTTPS listener (hyper over tokio-rustls).
     pub acceptor: tokio_rustls::TlsAcceptor,
+    /// For the XMPP client listeners ([`crate::c2s::tls_io`]): the same,
+    /// with the key log that hands over the exporter secret.
+    pub c2s: Arc<rustls::ServerConfig>,
     hosts: HashMap<String, HostCert>,
     fallback: String,
 }
@@ -113,8 +248,11 @@ impl Tls {
         // No ticket/session state per connection beyond what rustls needs:
         // idle connections should stay small.
         server.send_tls13_tickets = 0;
+        let mut c2s = server.clone();
+        c2s.key_log = Arc::new(ExporterSecret);
         Ok(Tls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            c2s: Arc::new(c2s),
             hosts,
             fallback,
         })
@@ -127,6 +265,27 @@ impl Tls {
             .get(domain)
             .or_else(|| self.hosts.get(&self.fallback))
             .map(|h| h.key.clone())
+    }
+
+    /// Channel-binding data of a client connection whose handshake was
+    /// observed into `seen` and has completed.
+    pub fn bindings(&self, conn: &rustls::CommonState, seen: Handshake) -> ChannelBindings {
+        // RFC 9266: tls-exporter is defined for TLS 1.3 only.
+        let tls_exporter = match (conn.negotiated_cipher_suite(), &seen.exporter_secret) {
+            (Some(SupportedCipherSuite::Tls13(suite)), Some(secret))
+                if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) =>
+            {
+                let mut out = [0u8; 32];
+                tls13_export(suite, secret, b"EXPORTER-Channel-Binding", b"", &mut out)
+                    .map(|()| out.to_vec())
+            }
+            _ => None,
+        };
+        let host = seen.host.unwrap_or_else(|| self.fallback.clone());
+        ChannelBindings {
+            tls_exporter,
+            tls_server_end_point: self.hosts.get(&host).map(|h| h.end_point.clone()),
+        }
     }
 
     /// Channel-binding data of an established server connection.

@@ -9,11 +9,12 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+
+use super::tls_io::TlsIo;
 
 pub enum Io {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsIo>),
     /// Between taking the TCP stream for the TLS handshake and getting it back.
     Upgrading,
     /// RFC 7395: one element per text frame.

@@ -14,6 +14,7 @@ pub mod session;
 pub mod sm;
 pub(crate) mod stream;
 pub mod throttle;
+pub mod tls_io;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -98,9 +99,11 @@ async fn open(
     let timeout = server.config.limits.negotiation_timeout();
     let mut cb = xmpp::sasl::ChannelBindings::default();
     let io = if direct_tls {
-        match tokio::time::timeout(timeout, Box::pin(server.tls.acceptor.accept(tcp))).await {
+        let mut seen = crate::tls::Handshake::default();
+        let accept = tls_io::accept(tcp, server.tls.c2s.clone(), &mut seen);
+        match tokio::time::timeout(timeout, Box::pin(accept)).await {
             Ok(Ok(tls)) => {
-                cb = server.tls.channel_bindings(tls.get_ref().1);
+                cb = server.tls.bindings(tls.common(), seen);
                 Io::Tls(Box::new(tls))
             }
             Ok(Err(e)) => {

@@ -310,8 +310,14 @@ async fn upgrade(s: &mut Stream) -> Result<(), ConnError> {
             "TLS is already on",
         ));
     };
-    let tls = s.server.tls.acceptor.accept(tcp).await?;
-    s.cb = s.server.tls.channel_bindings(tls.get_ref().1);
+    let mut seen = crate::tls::Handshake::default();
+    let tls = Box::pin(super::tls_io::accept(
+        tcp,
+        s.server.tls.c2s.clone(),
+        &mut seen,
+    ))
+    .await?;
+    s.cb = s.server.tls.bindings(tls.common(), seen);
     s.io = Io::Tls(Box::new(tls));
     s.counted.retransport(&s.server.metrics, s.io.kind());
     Ok(())
