@@ -6,8 +6,15 @@
 # server's CPU per delivered message and tsung's own figures.
 #
 #   tests/bench/tsung.sh [--users N] [--rate MSG_PER_S] [--secs S] [--size BYTES] [--no-pin]
+#   tests/bench/tsung.sh --hold N [--no-pin]
 #
 # Defaults: 1,000 users, 5,000 msg/s in total, 20 s of chat, 64-byte bodies.
+#
+# With --hold N it measures memory instead (tests/bench/tsung/hold.xml): the
+# node, restarted after the accounts are in (so the import's freed heap
+# does not flatter it), holds N users online and idle after STARTTLS,
+# PLAIN, bind, roster get and initial presence; the figure is (RSS holding
+# - RSS before) / N, read 3 s after the last initial presence arrived.
 # The node runs on 127.0.34.1 with data in a temporary directory and the
 # archive off (as in run.sh), pinned to CPU 0 and tsung to CPU 1 (taskset;
 # --no-pin to share both). Accounts are user1..userN / pw1..pwN, made by
@@ -25,6 +32,7 @@ RATE=5000
 SECS=20
 SIZE=64
 PIN=1
+HOLD=0
 while [ $# -gt 0 ]; do
     case $1 in
         --users) USERS=$2; shift 2 ;;
@@ -32,7 +40,8 @@ while [ $# -gt 0 ]; do
         --secs) SECS=$2; shift 2 ;;
         --size) SIZE=$2; shift 2 ;;
         --no-pin) PIN=0; shift ;;
-        -h|--help) sed -n 2,21p "$0"; exit 0 ;;
+        --hold) HOLD=$2; shift 2 ;;
+        -h|--help) sed -n 2,28p "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -64,6 +73,7 @@ for _ in $(seq 150); do
     "$BIN/clusterctl" --node "$IP:5290" status >/dev/null 2>&1 && break
     sleep 0.2
 done
+[ "$HOLD" -gt 0 ] && USERS=$HOLD
 "$BIN/xmpp-load" accounts --users "$USERS" --domain bench.test >"$TMP/accounts.txt"
 "$BIN/clusterctl" --node "$IP:5290" import-users "$TMP/accounts.txt" >/dev/null
 
@@ -93,6 +103,49 @@ routed() {
 cpu_s() {
     awk -v t="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); print ($12 + $13) / t }' "/proc/$NODE/stat"
 }
+
+if [ "$HOLD" -gt 0 ]; then
+    # tsung needs a descriptor per connection.
+    ulimit -n "$(ulimit -Hn)"
+    kill "$NODE"
+    wait "$NODE" 2>/dev/null || true
+    "${SERVER_CPU[@]}" "$BIN/xmpp-node" --config "$TMP/node.toml" 2>>"$TMP/node.log" &
+    NODE=$!
+    for _ in $(seq 150); do
+        "$BIN/clusterctl" --node "$IP:5290" status >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    sleep 1
+    rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$NODE/status"; }
+    before=$(rss_kib)
+    ARRIVAL_RATE=400
+    ARRIVAL_S=$(( USERS / ARRIVAL_RATE + 1 ))
+    sed -e "s/@USERS@/$USERS/g" -e "s/@HOLD_S@/10/g" \
+        -e "s/@HOST@/$IP/g" -e "s/@PORT@/5222/g" -e "s/@DOMAIN@/bench.test/g" \
+        -e "s/@ARRIVAL_RATE@/$ARRIVAL_RATE/g" -e "s/@ARRIVAL_S@/$ARRIVAL_S/g" \
+        "$ROOT/tests/bench/tsung/hold.xml" >"$TMP/hold.xml"
+    p0=$(metric xmpp_stanzas_in_total presence)
+    setsid "${LOAD_CPU[@]}" tsung -f "$TMP/hold.xml" -l "$TMP/log" start >"$TMP/tsung.out" 2>&1 &
+    TSUNG=$!
+    while kill -0 "$TSUNG" 2>/dev/null && [ $(( $(metric xmpp_stanzas_in_total presence) - p0 )) -lt "$USERS" ]; do
+        sleep 0.5
+    done
+    sleep 3
+    online=$(( $(metric xmpp_stanzas_in_total presence) - p0 ))
+    held=$(curl -s "http://$IP:5280/metrics" |
+        awk '$1 == "xmpp_connections{transport=\"tls\"}" { v = $2 } END { print v + 0 }')
+    holding=$(rss_kib)
+    wait "$TSUNG" || { echo "tsung failed:" >&2; tail -20 "$TMP/tsung.out" >&2; exit 1; }
+    TSUNG=
+    echo "tsung against xmpp-node: $USERS users held idle over STARTTLS + PLAIN (bind, roster get, initial presence)"
+    awk -v n="$USERS" -v online="$online" -v held="$held" -v b="$before" -v h="$holding" 'BEGIN {
+        printf "initial presences / TLS connections  %d / %d of %d\n", online, held, n
+        printf "node RSS before -> holding           %.1f -> %.1f MiB\n", b / 1024, h / 1024
+        if (held > 0) printf "node KiB per held connection        %.2f\n", (h - b) / held
+    }'
+    [ "$online" -ge "$USERS" ] && [ "$held" -ge "$USERS" ] || { echo "not every user came online" >&2; exit 1; }
+    exit 0
+fi
 
 in0=$(metric xmpp_stanzas_in_total message)
 out0=$(metric xmpp_stanzas_out_total message)
