@@ -82,7 +82,9 @@ done
 MSGS=$(( (RATE * SECS + USERS - 1) / USERS ))
 THINK=$(awk -v u="$USERS" -v r="$RATE" 'BEGIN { printf "%.4f", u / r }')
 ARRIVAL_RATE=200
-ARRIVAL_S=$(( USERS / ARRIVAL_RATE + 1 ))
+# Twice the time the rate needs: tsung starts users as a Poisson stream and
+# ends the phase on time, and every user must arrive (maxnumber caps them).
+ARRIVAL_S=$(( 2 * USERS / ARRIVAL_RATE + 5 ))
 TAIL=5
 sed -e "s/@USERS@/$USERS/g" -e "s/@MSGS@/$MSGS/g" -e "s/@THINK@/$THINK/g" \
     -e "s/@SIZE@/$SIZE/g" -e "s/@RATE@/$RATE/g" -e "s/@TAIL@/$TAIL/g" \
@@ -104,6 +106,21 @@ cpu_s() {
     awk -v t="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); print ($12 + $13) / t }' "/proc/$NODE/stat"
 }
 
+# Waits for tsung to end, at most $1 s: a user that never came online would
+# keep the others waiting for it (wait_global) for ever.
+wait_tsung() {
+    local deadline=$((SECONDS + $1))
+    while kill -0 "$TSUNG" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+        sleep 0.5
+    done
+    if kill -0 "$TSUNG" 2>/dev/null; then
+        echo "tsung did not finish within $1 s; users started: $(grep -h '^stats: users_count' "$TMP"/log/*/tsung.log 2>/dev/null | tail -1 | awk '{ print $4 }') of $USERS" >&2
+        exit 1
+    fi
+    wait "$TSUNG" || { echo "tsung failed:" >&2; tail -20 "$TMP/tsung.out" >&2; exit 1; }
+    TSUNG=
+}
+
 if [ "$HOLD" -gt 0 ]; then
     # tsung needs a descriptor per connection.
     ulimit -n "$(ulimit -Hn)"
@@ -119,7 +136,9 @@ if [ "$HOLD" -gt 0 ]; then
     rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$NODE/status"; }
     before=$(rss_kib)
     ARRIVAL_RATE=400
-    ARRIVAL_S=$(( USERS / ARRIVAL_RATE + 1 ))
+    # Twice the time the rate needs: tsung starts users as a Poisson stream and
+    # ends the phase on time, and every user must arrive (maxnumber caps them).
+    ARRIVAL_S=$(( 2 * USERS / ARRIVAL_RATE + 5 ))
     sed -e "s/@USERS@/$USERS/g" -e "s/@HOLD_S@/10/g" \
         -e "s/@HOST@/$IP/g" -e "s/@PORT@/5222/g" -e "s/@DOMAIN@/bench.test/g" \
         -e "s/@ARRIVAL_RATE@/$ARRIVAL_RATE/g" -e "s/@ARRIVAL_S@/$ARRIVAL_S/g" \
@@ -127,7 +146,9 @@ if [ "$HOLD" -gt 0 ]; then
     p0=$(metric xmpp_stanzas_in_total presence)
     setsid "${LOAD_CPU[@]}" tsung -f "$TMP/hold.xml" -l "$TMP/log" start >"$TMP/tsung.out" 2>&1 &
     TSUNG=$!
-    while kill -0 "$TSUNG" 2>/dev/null && [ $(( $(metric xmpp_stanzas_in_total presence) - p0 )) -lt "$USERS" ]; do
+    deadline=$((SECONDS + ARRIVAL_S + 60))
+    while kill -0 "$TSUNG" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ] &&
+        [ $(( $(metric xmpp_stanzas_in_total presence) - p0 )) -lt "$USERS" ]; do
         sleep 0.5
     done
     sleep 3
@@ -135,8 +156,8 @@ if [ "$HOLD" -gt 0 ]; then
     held=$(curl -s "http://$IP:5280/metrics" |
         awk '$1 == "xmpp_connections{transport=\"tls\"}" { v = $2 } END { print v + 0 }')
     holding=$(rss_kib)
-    wait "$TSUNG" || { echo "tsung failed:" >&2; tail -20 "$TMP/tsung.out" >&2; exit 1; }
-    TSUNG=
+    # The figure is read; tsung's closing of the users is not waited for
+    # (the exit trap stops it).
     echo "tsung against xmpp-node: $USERS users held idle over STARTTLS + PLAIN (bind, roster get, initial presence)"
     awk -v n="$USERS" -v online="$online" -v held="$held" -v b="$before" -v h="$holding" 'BEGIN {
         printf "initial presences / TLS connections  %d / %d of %d\n", online, held, n
@@ -154,7 +175,9 @@ TSUNG=$!
 
 # The steady window: from 1 s after the first message, for 60% of --secs.
 WINDOW=$(awk -v s="$SECS" 'BEGIN { w = s * 0.6; if (w < 1) w = 1; print w }')
-while kill -0 "$TSUNG" 2>/dev/null && [ "$(metric xmpp_stanzas_in_total message)" = "$in0" ]; do
+deadline=$((SECONDS + ARRIVAL_S + 60))
+while kill -0 "$TSUNG" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ] &&
+    [ "$(metric xmpp_stanzas_in_total message)" = "$in0" ]; do
     sleep 0.1
 done
 sleep 1
@@ -163,8 +186,7 @@ sleep "$WINDOW"
 c2=$(cpu_s) d2=$(metric xmpp_stanzas_out_total message) t2=$(date +%s.%N)
 running=$(kill -0 "$TSUNG" 2>/dev/null && echo yes || echo no)
 
-wait "$TSUNG" || { echo "tsung failed:" >&2; tail -20 "$TMP/tsung.out" >&2; exit 1; }
-TSUNG=
+wait_tsung $((ARRIVAL_S + SECS * 2 + TAIL + 60))
 in_total=$(( $(metric xmpp_stanzas_in_total message) - in0 ))
 out_total=$(( $(metric xmpp_stanzas_out_total message) - out0 ))
 offline=$(routed offline)
