@@ -99,11 +99,22 @@ impl Handshake {
     /// Runs `f` (which processes this connection's handshake records) with
     /// `self` as the place the resolver and the key log note what they see.
     pub fn observe<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        OBSERVED.with(|o| *o.borrow_mut() = Some(std::mem::take(self)));
+        /// Puts back what was observed before, also when `f` panics (and
+        /// drops, so wipes, this handshake's secret with it).
+        struct Restore(Option<Handshake>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let before = self.0.take();
+                let _ = OBSERVED.try_with(|o| *o.borrow_mut() = before);
+            }
+        }
+        let before = OBSERVED.with(|o| o.borrow_mut().replace(std::mem::take(self)));
+        let restore = Restore(before);
         let r = f();
         if let Some(h) = OBSERVED.with(|o| o.borrow_mut().take()) {
             *self = h;
         }
+        drop(restore);
         r
     }
 

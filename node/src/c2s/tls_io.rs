@@ -36,6 +36,11 @@ const READ_CHUNK: usize = 16 * 1024 + 512;
 const WRITE_HIGH: usize = 64 * 1024;
 /// The thread's read buffer is kept when no larger than this.
 const SCRATCH_KEEP: usize = 64 * 1024;
+/// Bytes of incomplete records kept at most: a handshake message of the
+/// largest size rustls accepts (64 KiB) joined across records, and one
+/// more record. rustls's buffered API refuses more too; without a bound a
+/// client could claim a large message and send it a byte per record.
+const MAX_PARTIAL: usize = 0xffff + 16 * 1024 + 2048 + 5;
 
 thread_local! {
     /// Where ciphertext is read and processed, shared by the connections
@@ -61,6 +66,9 @@ pub struct TlsIo {
     eof: bool,
     /// Our close_notify is queued.
     close_queued: bool,
+    /// rustls failed: it is not called again (its state refers to input
+    /// that is gone), and everything fails at once.
+    failed: bool,
 }
 
 /// Where processing stopped.
@@ -99,6 +107,7 @@ pub async fn accept(
         taken: 0,
         eof: false,
         close_queued: false,
+        failed: false,
     };
     std::future::poll_fn(|cx| io.poll_handshake(cx, seen)).await?;
     Ok(io)
@@ -106,6 +115,10 @@ pub async fn accept(
 
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn failed_before() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "the TLS connection failed")
 }
 
 /// Appends what `encode` writes to `out`, growing it to the size asked.
@@ -151,19 +164,26 @@ impl TlsIo {
         mut dest: Option<&mut ReadBuf<'_>>,
         mut want: Want<'_>,
     ) -> io::Result<(Next, usize)> {
+        if self.failed {
+            return Err(failed_before());
+        }
         let mut used = 0;
         loop {
+            let mut extra = 0;
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut input[used..]);
             let next = match state {
                 Err(e) => {
                     used += discard;
                     self.queue_alert(&mut input[used..]);
+                    self.failed = true;
                     return Err(tls_error(e));
                 }
                 Ok(ConnectionState::ReadTraffic(mut records)) => {
                     while let Some(record) = records.next_record() {
-                        let payload = record.map_err(tls_error)?.payload;
+                        let record = record.map_err(tls_error)?;
+                        extra += record.discard;
+                        let payload = record.payload;
                         match dest.as_deref_mut() {
                             Some(d) if self.plain.is_empty() && d.remaining() >= payload.len() => {
                                 d.put_slice(payload)
@@ -221,7 +241,7 @@ impl TlsIo {
                     return Err(io::Error::other(format!("unexpected TLS state {other:?}")));
                 }
             };
-            used += discard;
+            used += discard + extra;
             if let Some(next) = next {
                 return Ok((next, used));
             }
@@ -231,7 +251,8 @@ impl TlsIo {
     /// After an error, queues the alert rustls prepared and tries to send
     /// it without waiting. One call only: the alert is popped before any
     /// input is looked at, and a second call would process the input that
-    /// failed once more.
+    /// failed once more. (Should the failing message have queued records
+    /// of its own first, those go instead of the alert: best effort.)
     fn queue_alert(&mut self, input: &mut [u8]) {
         if let Ok(ConnectionState::EncodeTlsData(mut data)) =
             self.conn.process_tls_records(input).state
@@ -249,16 +270,23 @@ impl TlsIo {
         }
     }
 
-    /// Reads what the socket has, after the kept partial record, and
-    /// processes it.
+    /// Reads what the socket has and processes it. Bytes of an incomplete
+    /// record are read onto the end of their own buffer; otherwise the
+    /// thread's buffer is used, and only what is left incomplete is kept.
     fn poll_receive(
         &mut self,
         cx: &mut Context<'_>,
         dest: Option<&mut ReadBuf<'_>>,
     ) -> Poll<io::Result<Next>> {
-        let mut buf = SCRATCH.with(Cell::take);
-        buf.clear();
-        buf.extend_from_slice(&self.partial);
+        if self.failed {
+            return Poll::Ready(Err(failed_before()));
+        }
+        let kept = !self.partial.is_empty();
+        let mut buf = if kept {
+            std::mem::take(&mut self.partial)
+        } else {
+            SCRATCH.with(Cell::take)
+        };
         if buf.capacity() - buf.len() < READ_CHUNK {
             buf.reserve(READ_CHUNK);
         }
@@ -273,26 +301,50 @@ impl TlsIo {
                 r => break Poll::Ready(r),
             }
         };
-        let result = match read {
+        let outcome = match read {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(0)) => {
                 // Closed without close_notify: the end of what it sent.
                 self.eof = true;
-                Poll::Ready(Ok(Next::Closed))
+                Poll::Ready(Ok((Next::Closed, buf.len())))
             }
-            Poll::Ready(Ok(_)) => {
-                let processed = self.process(&mut buf, dest, Want::Nothing);
-                if let Ok((_, used)) = processed {
-                    self.partial = buf.get(used..).map(<[u8]>::to_vec).unwrap_or_default();
-                }
-                Poll::Ready(processed.map(|(next, _)| next))
-            }
+            Poll::Ready(Ok(_)) => Poll::Ready(self.process(&mut buf, dest, Want::Nothing)),
         };
-        if buf.capacity() <= SCRATCH_KEEP {
-            SCRATCH.with(|s| s.set(buf));
+        // What of `buf` is done with: nothing while waiting, all of it
+        // after an error.
+        let used = match &outcome {
+            Poll::Pending => 0,
+            Poll::Ready(Ok((_, used))) => (*used).min(buf.len()),
+            Poll::Ready(Err(_)) => buf.len(),
+        };
+        let rest = buf.len() - used;
+        if kept {
+            if rest > 0 {
+                buf.drain(..used);
+                buf.shrink_to_fit();
+                self.partial = buf;
+            }
+        } else {
+            if rest > 0 {
+                self.partial = buf[used..].to_vec();
+            }
+            // Decrypted in place: no connection's plaintext stays behind.
+            buf.fill(0);
+            buf.clear();
+            if buf.capacity() <= SCRATCH_KEEP {
+                SCRATCH.with(|s| s.set(buf));
+            }
         }
-        result
+        if rest > MAX_PARTIAL {
+            self.failed = true;
+            self.partial = Vec::new();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("more than {MAX_PARTIAL} bytes of incomplete TLS records"),
+            )));
+        }
+        outcome.map(|r| r.map(|(next, _)| next))
     }
 
     /// Writes the queued ciphertext, then lets its buffer go.
@@ -385,13 +437,9 @@ impl AsyncRead for TlsIo {
             if this.eof || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            // A reply rustls queued while reading (a key update) goes out
-            // now if the socket takes it; otherwise with the next write.
-            if this.sent < this.outgoing.len() {
-                if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-                    return Poll::Ready(Err(e));
-                }
-            }
+            // What rustls queues while reading (a warning alert refusing a
+            // renegotiation) goes out with the next write; a key update's
+            // reply goes ahead of the next record rustls encrypts.
             let before = buf.filled().len();
             ready!(this.poll_receive(cx, Some(&mut *buf)))?;
             if buf.filled().len() > before {
@@ -411,6 +459,8 @@ impl AsyncWrite for TlsIo {
         if this.outgoing.len() - this.sent >= WRITE_HIGH {
             ready!(this.poll_send(cx))?;
         }
+        // At most WRITE_HIGH at a time: `outgoing` stays under twice that.
+        let data = &data[..data.len().min(WRITE_HIGH)];
         match this.act(Want::Encrypt(data))? {
             Next::Traffic => Poll::Ready(Ok(data.len())),
             Next::Handshake | Next::Closed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
@@ -423,9 +473,9 @@ impl AsyncWrite for TlsIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_queued {
+        if !this.close_queued && !this.failed {
             this.close_queued = true;
-            // Closing what failed is still closing: the TCP side follows.
+            // Should that fail, the TCP side is closed all the same.
             let _ = this.act(Want::CloseNotify);
         }
         ready!(this.poll_send(cx))?;
@@ -575,7 +625,9 @@ mod tests {
         // More than the write high-water mark, in uneven writes.
         let down = pattern(200_000, 7);
         let writer = async {
-            for chunk in down.chunks(7_000) {
+            // One write of more than the high-water mark, then uneven ones.
+            io.write_all(&down[..150_000]).await.unwrap();
+            for chunk in down[150_000..].chunks(7_000) {
                 io.write_all(chunk).await.unwrap();
             }
             io.flush().await.unwrap();
@@ -675,6 +727,41 @@ mod tests {
             assert_eq!(got, [round + 100; 50]);
         }
         assert!(holds_no_buffers(&io));
+    }
+
+    #[tokio::test]
+    async fn a_handshake_message_dribbled_a_byte_a_record_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = load(dir.path());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = tls.c2s.clone();
+        let server = async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accept(tcp, config, &mut Handshake::default()).await
+        };
+        let client = async {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            // A ClientHello claiming 65,535 bytes, sent one byte per
+            // handshake record: rustls keeps every record until the message
+            // is whole, so the kept bytes are what must be bounded.
+            let mut bytes = Vec::new();
+            for b in [1u8, 0x00, 0xff, 0xff]
+                .into_iter()
+                .chain(std::iter::repeat(0).take(20_000))
+            {
+                bytes.extend_from_slice(&[22, 3, 1, 0, 1, b]);
+            }
+            for chunk in bytes.chunks(4096) {
+                if tcp.write_all(chunk).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let (r, ()) = tokio::join!(server, client);
+        let err = r.err().expect("the handshake fails");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("incomplete TLS records"), "{err}");
     }
 
     #[tokio::test]
