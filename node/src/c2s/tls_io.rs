@@ -748,7 +748,7 @@ mod tests {
             let mut bytes = Vec::new();
             for b in [1u8, 0x00, 0xff, 0xff]
                 .into_iter()
-                .chain(std::iter::repeat(0).take(20_000))
+                .chain(std::iter::repeat_n(0, 20_000))
             {
                 bytes.extend_from_slice(&[22, 3, 1, 0, 1, b]);
             }
