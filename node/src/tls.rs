@@ -119,7 +119,7 @@ impl Handshake {
     }
 
     /// Notes into the handshake being observed; outside [`Self::observe`]
-    /// (the HTTPS listener's connections) nothing is noted.
+    /// nothing is noted.
     fn note(f: impl FnOnce(&mut Handshake)) {
         OBSERVED.with(|o| {
             if let Some(h) = o.borrow_mut().as_mut() {
@@ -208,9 +208,7 @@ impl<'a> ExpandLabel<'a> {
 
 /// The TLS side of the node: the rustls configuration and per-host data.
 pub struct Tls {
-    /// For the HTTPS listener (hyper over tokio-rustls).
-    pub acceptor: tokio_rustls::TlsAcceptor,
-    /// For the XMPP client listeners ([`crate::c2s::tls_io`]): the same,
+    /// For the client listeners, XMPP and HTTPS ([`crate::c2s::tls_io`]),
     /// with the key log that hands over the exporter secret.
     pub c2s: Arc<rustls::ServerConfig>,
     hosts: HashMap<String, HostCert>,
@@ -259,11 +257,9 @@ impl Tls {
         // No ticket/session state per connection beyond what rustls needs:
         // idle connections should stay small.
         server.send_tls13_tickets = 0;
-        let mut c2s = server.clone();
-        c2s.key_log = Arc::new(ExporterSecret);
+        server.key_log = Arc::new(ExporterSecret);
         Ok(Tls {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-            c2s: Arc::new(c2s),
+            c2s: Arc::new(server),
             hosts,
             fallback,
         })
@@ -293,27 +289,6 @@ impl Tls {
             _ => None,
         };
         let host = seen.host.unwrap_or_else(|| self.fallback.clone());
-        ChannelBindings {
-            tls_exporter,
-            tls_server_end_point: self.hosts.get(&host).map(|h| h.end_point.clone()),
-        }
-    }
-
-    /// Channel-binding data of an established server connection.
-    pub fn channel_bindings(&self, conn: &rustls::ServerConnection) -> ChannelBindings {
-        // RFC 9266: tls-exporter is defined for TLS 1.3 only.
-        let tls_exporter = match conn.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => conn
-                .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", Some(b""))
-                .ok()
-                .map(|k| k.to_vec()),
-            _ => None,
-        };
-        let host = conn
-            .server_name()
-            .map(str::to_ascii_lowercase)
-            .filter(|n| self.hosts.contains_key(n))
-            .unwrap_or_else(|| self.fallback.clone());
         ChannelBindings {
             tls_exporter,
             tls_server_end_point: self.hosts.get(&host).map(|h| h.end_point.clone()),

@@ -147,7 +147,11 @@ async fn connection(
     let timeout = server.config.limits.negotiation_timeout();
     let secure = tls || server.config.http.consider_secure;
     if tls {
-        let stream = match tokio::time::timeout(timeout, server.tls.acceptor.accept(tcp)).await {
+        // The same TLS as the XMPP client listeners: a held WebSocket or
+        // BOSH connection keeps no TLS buffers while idle.
+        let mut seen = crate::tls::Handshake::default();
+        let accept = crate::c2s::tls_io::accept(tcp, server.tls.c2s.clone(), &mut seen);
+        let stream = match tokio::time::timeout(timeout, Box::pin(accept)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "HTTPS handshake failed");
@@ -155,7 +159,7 @@ async fn connection(
             }
             Err(_) => return,
         };
-        let cb = server.tls.channel_bindings(stream.get_ref().1);
+        let cb = server.tls.bindings(stream.common(), seen);
         serve_http(
             TokioIo::new(stream),
             ConnInfo { peer, secure, cb },
