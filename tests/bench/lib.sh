@@ -3,7 +3,7 @@
 # xmpp-node on the script's own loopback address with the limits a load
 # generator needs raised. Source it after setting IP; then
 # `node_config DATA_DIR [EXTRA_TOML] > FILE`, `start_node FILE LOG`
-# (sets NODE), `stop_node`.
+# (sets NODE; pinned with NODE_PIN=(taskset -c N)), `stop_node`.
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 cargo build --release -q -p node -p tests --bins
@@ -40,8 +40,8 @@ ${2:-}
 TOML
 }
 
-start_node() { # config file, log file
-    "$BIN/xmpp-node" --config "$1" 2>>"$2" &
+start_node() { # config file, log file; with NODE_PIN=(taskset -c N) set, pinned
+    ${NODE_PIN[@]+"${NODE_PIN[@]}"} "$BIN/xmpp-node" --config "$1" 2>>"$2" &
     NODE=$!
     for _ in $(seq 150); do
         "$BIN/clusterctl" --node "$IP:5290" status >/dev/null 2>&1 && return 0

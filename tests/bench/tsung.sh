@@ -59,20 +59,15 @@ cleanup_tsung() {
 }
 trap cleanup_tsung EXIT
 
-SERVER_CPU=() LOAD_CPU=()
+NODE_PIN=() LOAD_CPU=()
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
-    SERVER_CPU=(taskset -c 0) LOAD_CPU=(taskset -c 1)
+    NODE_PIN=(taskset -c 0) LOAD_CPU=(taskset -c 1)
 fi
 
 mkdir -p "$TMP/data" "$TMP/log"
 node_config "$TMP/data" "[mam]
 enabled = false" >"$TMP/node.toml"
-"${SERVER_CPU[@]}" "$BIN/xmpp-node" --config "$TMP/node.toml" 2>>"$TMP/node.log" &
-NODE=$!
-for _ in $(seq 150); do
-    "$BIN/clusterctl" --node "$IP:5290" status >/dev/null 2>&1 && break
-    sleep 0.2
-done
+start_node "$TMP/node.toml" "$TMP/node.log"
 [ "$HOLD" -gt 0 ] && USERS=$HOLD
 "$BIN/xmpp-load" accounts --users "$USERS" --domain bench.test >"$TMP/accounts.txt"
 "$BIN/clusterctl" --node "$IP:5290" import-users "$TMP/accounts.txt" >/dev/null
@@ -124,14 +119,8 @@ wait_tsung() {
 if [ "$HOLD" -gt 0 ]; then
     # tsung needs a descriptor per connection.
     ulimit -n "$(ulimit -Hn)"
-    kill "$NODE"
-    wait "$NODE" 2>/dev/null || true
-    "${SERVER_CPU[@]}" "$BIN/xmpp-node" --config "$TMP/node.toml" 2>>"$TMP/node.log" &
-    NODE=$!
-    for _ in $(seq 150); do
-        "$BIN/clusterctl" --node "$IP:5290" status >/dev/null 2>&1 && break
-        sleep 0.2
-    done
+    stop_node
+    start_node "$TMP/node.toml" "$TMP/node.log"
     sleep 1
     rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$NODE/status"; }
     before=$(rss_kib)

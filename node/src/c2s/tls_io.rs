@@ -22,8 +22,8 @@ use std::task::{ready, Context, Poll};
 
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
-    WriteTraffic,
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
+    UnbufferedStatus, WriteTraffic,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -194,12 +194,7 @@ impl TlsIo {
                     None
                 }
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                    append(&mut self.outgoing, 512, |b| match data.encode(b) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(e)) => Err(e),
-                        // Encoded already: nothing more to add.
-                        Err(EncodeError::AlreadyEncoded) => Ok(0),
-                    });
+                    encode(&mut data, &mut self.outgoing);
                     None
                 }
                 // The records stay queued in `outgoing`, ahead of anything
@@ -257,11 +252,7 @@ impl TlsIo {
         if let Ok(ConnectionState::EncodeTlsData(mut data)) =
             self.conn.process_tls_records(input).state
         {
-            append(&mut self.outgoing, 64, |b| match data.encode(b) {
-                Ok(n) => Ok(n),
-                Err(EncodeError::InsufficientSize(e)) => Err(e),
-                Err(EncodeError::AlreadyEncoded) => Ok(0),
-            });
+            encode(&mut data, &mut self.outgoing);
         }
         if let Some(rest) = self.outgoing.get(self.sent..) {
             if let Ok(n) = self.tcp.try_write(rest) {
@@ -393,6 +384,16 @@ impl TlsIo {
         }
         r.map(|(next, _)| next)
     }
+}
+
+/// Appends a handshake or alert record rustls prepared to `out`.
+fn encode(data: &mut EncodeTlsData<'_, ServerConnectionData>, out: &mut Vec<u8>) {
+    append(out, 512, |b| match data.encode(b) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(e)) => Err(e),
+        // Encoded already: nothing more to add.
+        Err(EncodeError::AlreadyEncoded) => Ok(0),
+    });
 }
 
 /// Encrypts `data` into `out` as application-data records.
@@ -568,23 +569,36 @@ mod tests {
         connector: &tokio_rustls::TlsConnector,
         host: &str,
     ) -> (TlsIo, xmpp::sasl::ChannelBindings, Client) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = tls.c2s.clone();
-        let server = async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut seen = Handshake::default();
-            let io = accept(tcp, config, &mut seen).await.unwrap();
-            (io, seen)
-        };
+        let (addr, server) = serve_one(tls).await;
         let client = async {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
             connector.connect(name, tcp).await.unwrap()
         };
         let ((io, seen), client) = tokio::join!(server, client);
+        let io = io.unwrap();
         let cb = tls.bindings(io.common(), seen);
         (io, cb, client)
+    }
+
+    /// A listener on a free loopback port, and the accepting of one TLS
+    /// connection there with what its handshake showed.
+    async fn serve_one(
+        tls: &Tls,
+    ) -> (
+        std::net::SocketAddr,
+        impl std::future::Future<Output = (io::Result<TlsIo>, Handshake)>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = tls.c2s.clone();
+        let server = async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut seen = Handshake::default();
+            let io = accept(tcp, config, &mut seen).await;
+            (io, seen)
+        };
+        (addr, server)
     }
 
     fn holds_no_buffers(io: &TlsIo) -> bool {
@@ -733,13 +747,7 @@ mod tests {
     async fn a_handshake_message_dribbled_a_byte_a_record_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
         let tls = load(dir.path());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = tls.c2s.clone();
-        let server = async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, config, &mut Handshake::default()).await
-        };
+        let (addr, server) = serve_one(&tls).await;
         let client = async {
             let mut tcp = TcpStream::connect(addr).await.unwrap();
             // A ClientHello claiming 65,535 bytes, sent one byte per
@@ -758,7 +766,7 @@ mod tests {
                 }
             }
         };
-        let (r, ()) = tokio::join!(server, client);
+        let ((r, _), ()) = tokio::join!(server, client);
         let err = r.err().expect("the handshake fails");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         assert!(err.to_string().contains("incomplete TLS records"), "{err}");
@@ -768,13 +776,7 @@ mod tests {
     async fn plaintext_on_the_tls_port_fails_the_handshake_with_an_alert() {
         let dir = tempfile::tempdir().unwrap();
         let tls = load(dir.path());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = tls.c2s.clone();
-        let server = async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, config, &mut Handshake::default()).await
-        };
+        let (addr, server) = serve_one(&tls).await;
         let client = async {
             let mut tcp = TcpStream::connect(addr).await.unwrap();
             tcp.write_all(b"<?xml version='1.0'?><stream:stream to='example.org'>")
@@ -784,7 +786,7 @@ mod tests {
             let _ = tcp.read_to_end(&mut got).await;
             got
         };
-        let (r, got) = tokio::join!(server, client);
+        let ((r, _), got) = tokio::join!(server, client);
         let err = r.err().expect("the handshake fails");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         // A TLS alert record (content type 21) came back before the close.
