@@ -13,6 +13,7 @@
 //! also given back.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -98,37 +99,76 @@ struct Outgoing {
 
 /// The request side of one `ForwardStream`: yields a batch of whatever is
 /// queued each time it is polled.
+///
+/// A stanza that finds the stream idle does not leave at once: the stream
+/// lets the rest of the worker's ready tasks run first (a tokio yield,
+/// which resumes after them and after the worker's next look at its
+/// sockets), so that the stanzas the other sessions route in the same
+/// turn leave with it, as one batch and one write. Without that, the
+/// stream ran straight after each session that woke it, and batches held
+/// one stanza each even at tens of thousands a second.
 struct Batches {
     me: u64,
     out: Arc<Mutex<Outgoing>>,
+    /// The first stanza of the next batch, taken while waiting for the
+    /// yield to end; already among the unacknowledged, so that it is given
+    /// back if the stream breaks meanwhile.
+    first: Option<Forwarded>,
+    gather: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Batches {
+    fn new(me: u64, out: Arc<Mutex<Outgoing>>) -> Batches {
+        Batches {
+            me,
+            out,
+            first: None,
+            gather: None,
+        }
+    }
 }
 
 impl Stream for Batches {
     type Item = ForwardBatch;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ForwardBatch>> {
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let out = &mut *out;
-        let first = match out.rx.poll_recv(cx) {
-            Poll::Ready(Some(f)) => f,
-            Poll::Ready(None) => {
-                out.closed = true;
-                return Poll::Ready(None);
+        let this = self.get_mut();
+        if this.first.is_none() {
+            let mut out = this.out.lock().unwrap_or_else(|p| p.into_inner());
+            match out.rx.poll_recv(cx) {
+                Poll::Ready(Some(f)) => {
+                    out.unacked.push_back(f.clone());
+                    this.first = Some(f);
+                }
+                Poll::Ready(None) => {
+                    out.closed = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Pending => return Poll::Pending,
-        };
+            this.gather = Some(Box::pin(tokio::task::yield_now()));
+        }
+        if let Some(gather) = &mut this.gather {
+            if gather.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.gather = None;
+        }
+        let mut out = this.out.lock().unwrap_or_else(|p| p.into_inner());
+        let out = &mut *out;
         let mut stanzas = Vec::with_capacity(out.rx.len().min(BATCH - 1) + 1);
-        stanzas.push(first);
+        stanzas.extend(this.first.take());
         while stanzas.len() < BATCH {
             match out.rx.try_recv() {
                 Ok(f) => stanzas.push(f),
                 Err(_) => break,
             }
         }
-        // Kept until acknowledged; `xml` is shared, not copied.
-        out.unacked.extend(stanzas.iter().cloned());
+        // Kept until acknowledged (the first already is); `xml` is
+        // shared, not copied.
+        out.unacked.extend(stanzas.iter().skip(1).cloned());
         Poll::Ready(Some(ForwardBatch {
-            from_node: self.me,
+            from_node: this.me,
             stanzas,
         }))
     }
@@ -158,10 +198,7 @@ async fn run(
     loop {
         let opened = match channels.get(&addr) {
             Ok(mut client) => client
-                .forward_stream(Batches {
-                    me,
-                    out: out.clone(),
-                })
+                .forward_stream(Batches::new(me, out.clone()))
                 .await
                 .map(|r| r.into_inner()),
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),

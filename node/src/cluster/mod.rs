@@ -9,6 +9,7 @@
 //! [`SessionTable`]; it never sees log indexes or Raft types (STYLE.md).
 
 pub mod combine;
+pub mod exec;
 pub mod forward;
 pub mod log_store;
 pub mod membership;

@@ -70,6 +70,7 @@ pub fn channel(
         None => Endpoint::from_shared(format!("http://{addr}"))?,
     };
     Ok(endpoint
+        .executor(super::exec::Executor)
         .local_address(local)
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)

@@ -396,13 +396,18 @@ impl Peer for PeerService {
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
         let inbound = req.into_inner();
         let inbox = self.inbox.clone();
-        let acks = futures_util::stream::unfold(Some((inbound, inbox, 0u64)), |state| async move {
-            let (mut inbound, inbox, mut total) = state?;
+        let server = self.server.clone();
+        let start = Some((inbound, inbox, server, 0u64));
+        let acks = futures_util::stream::unfold(start, |state| async move {
+            let (mut inbound, inbox, server, mut total) = state?;
             let gone = || Status::unavailable("this node is shutting down");
             // Acknowledged at most every ACK_DELAY or ACK_MAX stanzas:
             // an ack is a write and a wakeup on both nodes, and it only
             // bounds what the sender keeps for re-routing.
-            let mut last: Option<oneshot::Receiver<()>> = None;
+            let mut got = false;
+            // What waits in the consumer task (`router::remote::run`):
+            // the signal that the last batch handed to it is done.
+            let mut pending: Option<oneshot::Receiver<()>> = None;
             let mut since_ack = 0u64;
             let mut deadline: Option<tokio::time::Instant> = None;
             let mut ended = false;
@@ -417,10 +422,29 @@ impl Peer for PeerService {
                     m = inbound.message() => match m {
                         Ok(Some(b)) => {
                             let n = b.stanzas.len() as u64;
-                            match hand_in(&inbox, b, &mut total).await {
-                                Some(w) => last = Some(w),
-                                None => return Some((Err(gone()), None)),
+                            total += n;
+                            if pending.as_mut().is_some_and(|p| p.try_recv().is_ok()) {
+                                pending = None;
                             }
+                            // In order: straight to the sessions here while
+                            // nothing waits in the consumer task (one wakeup
+                            // less per batch), else behind what does.
+                            let rest = if pending.is_some() {
+                                b.stanzas
+                            } else {
+                                let Some(server) = server.upgrade() else {
+                                    return Some((Err(gone()), None));
+                                };
+                                crate::router::remote::deliver_batch_now(&server, b.stanzas)
+                            };
+                            if !rest.is_empty() {
+                                let (done, wait) = oneshot::channel();
+                                if inbox.send((rest, done)).await.is_err() {
+                                    return Some((Err(gone()), None));
+                                }
+                                pending = Some(wait);
+                            }
+                            got = true;
                             since_ack += n;
                             deadline.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
                             if since_ack >= ACK_MAX {
@@ -435,15 +459,17 @@ impl Peer for PeerService {
                     () = tick => break,
                 }
             }
-            let Some(last) = last else {
+            if !got {
                 return None; // ended with nothing to acknowledge
-            };
-            // The consumer takes batches in order: the last one handed
-            // in being done means all are.
-            if last.await.is_err() {
-                return Some((Err(gone()), None));
             }
-            let next = (!ended).then_some((inbound, inbox, total));
+            // The consumer takes batches in order: the last one handed
+            // to it being done means all are.
+            if let Some(p) = pending {
+                if p.await.is_err() {
+                    return Some((Err(gone()), None));
+                }
+            }
+            let next = (!ended).then_some((inbound, inbox, server, total));
             Some((Ok(ForwardAck { received: total }), next))
         });
         Ok(Response::new(Box::pin(acks)))
@@ -491,16 +517,3 @@ impl Peer for PeerService {
 const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 /// Stanzas delivered before an acknowledgement goes out at once.
 const ACK_MAX: u64 = 1024;
-
-/// Hands one batch to the node's consumer; the receiver fires once it was
-/// delivered. `None`: the node is shutting down.
-async fn hand_in(
-    inbox: &Inbox,
-    batch: ForwardBatch,
-    total: &mut u64,
-) -> Option<oneshot::Receiver<()>> {
-    *total += batch.stanzas.len() as u64;
-    let (done, wait) = oneshot::channel();
-    inbox.send((batch.stanzas, done)).await.ok()?;
-    Some(wait)
-}

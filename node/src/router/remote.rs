@@ -181,15 +181,23 @@ pub fn available_elsewhere(server: &Server, user: &BareJid) -> Vec<String> {
 
 /// What a stanza from another node becomes here.
 async fn deliver(server: &Server, f: Forwarded, returned: bool) {
+    if let Some(f) = deliver_now(server, f, returned) {
+        reroute(server, f).await;
+    }
+}
+
+/// Delivers `f` at once where that needs no wait: everything but a
+/// stanza whose session is gone, which comes back for `reroute`.
+pub fn deliver_now(server: &Server, f: Forwarded, returned: bool) -> Option<Forwarded> {
     let delivery = Delivery::try_from(f.delivery).unwrap_or(Delivery::Full);
     let Ok(xml) = std::str::from_utf8(&f.xml) else {
         tracing::warn!(to = %f.to, "forwarded stanza is not UTF-8; dropped");
-        return;
+        return None;
     };
     match delivery {
         Delivery::Full | Delivery::FullOrDrop => {
             let Ok(full) = FullJid::parse(&f.to) else {
-                return;
+                return None;
             };
             if !returned {
                 if let Some(tx) = server.sessions.sender(&full) {
@@ -198,19 +206,14 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
                         if delivery == Delivery::Full && xml.starts_with("<message") {
                             after_message(server, &full, xml);
                         }
-                        return;
+                        return None;
                     }
                 }
             }
             if delivery == Delivery::FullOrDrop {
-                return;
+                return None;
             }
-            // The session is gone: the delivery rules again, here
-            // (DESIGN.md step 3), so nothing is dropped silently.
-            match xmpp::xml::parse_element(xml, ns::CLIENT) {
-                Ok(stanza) => super::reroute_here(server, stanza).await,
-                Err(e) => tracing::warn!(error = %e, "unparsable forwarded stanza"),
-            }
+            return Some(f);
         }
         Delivery::Carbons if !returned => {
             if let (Ok(user), Ok(wrapper)) = (
@@ -250,6 +253,37 @@ async fn deliver(server: &Server, f: Forwarded, returned: bool) {
         // gone with it, and its contacts learn that from NodeDown.
         _ => {}
     }
+    None
+}
+
+/// A stanza for a full JID whose session is gone: the delivery rules
+/// again, here (DESIGN.md step 3), so nothing is dropped silently.
+async fn reroute(server: &Server, f: Forwarded) {
+    let Ok(xml) = std::str::from_utf8(&f.xml) else {
+        return;
+    };
+    match xmpp::xml::parse_element(xml, ns::CLIENT) {
+        Ok(stanza) => super::reroute_here(server, stanza).await,
+        Err(e) => tracing::warn!(error = %e, "unparsable forwarded stanza"),
+    }
+}
+
+/// Delivers a batch from another node in order, as far as that needs no
+/// wait; the rest, from the first stanza whose session is gone, is
+/// returned for the consumer task (`run`), which keeps the order.
+pub fn deliver_batch_now(server: &Server, batch: Vec<Forwarded>) -> Vec<Forwarded> {
+    let mut it = batch.into_iter();
+    while let Some(f) = it.next() {
+        let span = deliver_span(&f, false);
+        let left = span.in_scope(|| deliver_now(server, f, false));
+        if let Some(f) = left {
+            let mut rest = Vec::with_capacity(it.len() + 1);
+            rest.push(f);
+            rest.extend(it);
+            return rest;
+        }
+    }
+    Vec::new()
 }
 
 /// A message from another node reached `full` here: the delivery hooks

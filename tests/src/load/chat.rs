@@ -46,6 +46,12 @@ struct Plan {
     pad: Vec<u8>,
     /// One bit per sequence number: set when delivered.
     seen: Vec<AtomicU64>,
+    /// Server addresses the users are spread over (user i on the
+    /// (i mod servers)-th).
+    servers: u64,
+    /// Every message to a user of the sender's own server, instead of
+    /// to one of another server.
+    within: bool,
 }
 
 impl Plan {
@@ -59,6 +65,11 @@ impl Plan {
         let word = self.seen.get((seq / 64) as usize)?;
         let bit = 1u64 << (seq % 64);
         Some(word.fetch_or(bit, Ordering::Relaxed) & bit == 0)
+    }
+
+    /// The user message `k` of user `me` goes to.
+    fn recipient(&self, me: u64, k: u64) -> u64 {
+        recipient(me, k, self.users as u64, self.servers, self.within)
     }
 }
 
@@ -96,6 +107,8 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
         seen: (0..(max_per_user * n as u64).div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect(),
+        servers: ctx.target.addrs.len() as u64,
+        within: o.within_server,
     });
 
     // What this process's users send and should receive: everything, but
@@ -103,14 +116,13 @@ pub fn run(ctx: &Arc<RunCtx>) -> Result<Report, Failure> {
     let (to_send, to_receive) = if ctx.shard.count == 1 {
         (total, total)
     } else {
-        let servers = ctx.target.addrs.len() as u64;
         let mut send = 0;
         let mut receive = 0;
         for i in 0..n {
             let mine = ctx.shard.owns(i);
             for k in 0..plan.messages_of(i) {
                 send += u64::from(mine);
-                let to = recipient(i as u64, k, n as u64, servers);
+                let to = plan.recipient(i as u64, k);
                 receive += u64::from(ctx.shard.owns(to as usize));
             }
         }
@@ -299,7 +311,6 @@ async fn chat_conn(
     t0: Instant,
 ) -> std::io::Result<()> {
     let n = plan.users as u64;
-    let servers = ctx.target.addrs.len() as u64;
     let mine = plan.messages_of(me);
     let phase = me as f64 / n as f64;
     let due_at = |k: u64| t0 + Duration::from_secs_f64((k as f64 + phase) / plan.per_user_rate);
@@ -316,7 +327,7 @@ async fn chat_conn(
             let sent_ns = ctx.ns_at(now);
             let before = k;
             while k < mine && due_at(k) <= now {
-                let to = recipient(me as u64, k, n, servers);
+                let to = plan.recipient(me as u64, k);
                 let out = &mut conn.out;
                 out.extend_from_slice(&plan.prefixes[to as usize]);
                 out.extend_from_slice(hex(k * n + me as u64, &mut itoa));
@@ -387,8 +398,16 @@ fn on_message(ctx: &RunCtx, plan: &Plan, hist: &RefCell<Latency>, stanza: &[u8])
 }
 
 /// The user message `k` of user `me` goes to, of `n` users spread over
-/// `servers` servers.
-fn recipient(me: u64, k: u64, n: u64, servers: u64) -> u64 {
+/// `servers` servers: one of another server, or with `within` one of the
+/// sender's own.
+fn recipient(me: u64, k: u64, n: u64, servers: u64, within: bool) -> u64 {
+    if within && servers > 1 {
+        // The users of me's server are me mod servers + j·servers for
+        // j < n / servers (which is at least 2); the next of them in turn.
+        let per = n / servers;
+        let j = (me / servers + 1 + k % (per - 1)) % per;
+        return j * servers + me % servers;
+    }
     let to = (me + 1 + k % (n - 1)) % n;
     if servers > 1 && to % servers == me % servers {
         // Users are on server i mod count and the count divides n, so the
@@ -448,10 +467,34 @@ mod tests {
             prefixes: vec![],
             pad: vec![],
             seen: (0..2).map(|_| AtomicU64::new(0)).collect(),
+            servers: 1,
+            within: false,
         };
         assert_eq!(plan.first_delivery(70), Some(true));
         assert_eq!(plan.first_delivery(70), Some(false));
         assert_eq!(plan.first_delivery(69), Some(true));
         assert_eq!(plan.first_delivery(128), None);
+    }
+
+    #[test]
+    fn messages_go_to_another_server_or_with_within_to_the_senders_own() {
+        for (n, servers) in [(12u64, 2u64), (12, 3), (4, 2), (7, 1)] {
+            for me in 0..n {
+                let mut reached = std::collections::BTreeSet::new();
+                for k in 0..3 * n {
+                    let cross = recipient(me, k, n, servers, false);
+                    assert!(cross < n && cross != me);
+                    if servers > 1 {
+                        assert_ne!(cross % servers, me % servers, "n {n} me {me} k {k}");
+                    }
+                    let within = recipient(me, k, n, servers, true);
+                    assert!(within < n && within != me, "n {n} me {me} k {k}");
+                    assert_eq!(within % servers, me % servers, "n {n} me {me} k {k}");
+                    reached.insert(within);
+                }
+                // Every other user of the sender's server gets messages.
+                assert_eq!(reached.len() as u64, n / servers - 1, "n {n} me {me}");
+            }
+        }
     }
 }

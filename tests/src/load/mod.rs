@@ -127,6 +127,11 @@ pub struct Options {
     /// Messages (chat) or status changes (presence) per second offered, in total.
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
+    /// In `chat` with several `--server`s: every message goes to a user of
+    /// the sender's own server (delivered within one node) instead of to
+    /// one of another, for a baseline with the same spread of users.
+    #[arg(long)]
+    pub within_server: bool,
     /// Bytes of each message body (at least the ~30-byte marker).
     #[arg(long, default_value_t = 64)]
     pub body_size: usize,
@@ -364,6 +369,17 @@ pub fn run(opts: Options) -> Result<Report, Failure> {
     if opts.scenario == Scenario::Chat && addrs.len() > 1 && accounts.len() % addrs.len() != 0 {
         return Err(fail(anyhow::anyhow!(
             "--users ({}) must be a multiple of the number of servers ({}) so that every message can cross nodes",
+            accounts.len(),
+            addrs.len()
+        )));
+    }
+    if opts.scenario == Scenario::Chat
+        && opts.within_server
+        && addrs.len() > 1
+        && accounts.len() < 2 * addrs.len()
+    {
+        return Err(fail(anyhow::anyhow!(
+            "--within-server needs at least two users per server ({} users, {} servers)",
             accounts.len(),
             addrs.len()
         )));
