@@ -9,31 +9,36 @@
 # replication on the login path.
 #
 #   tests/bench/cluster.sh [--users N] [--secs S] [--concurrency C]
+#                          [--chat-users N] [--chat-rates R1,R2,...]
 #
 # Nodes listen on 127.0.30.1-3 with data in a temporary directory; no CPU
 # pinning (three nodes and xmpp-load share this machine's cores), so read
 # the rows against each other, not against the single-server table of
 # tests/bench/run.sh. Prints Markdown tables.
 #
-# Messages: --chat-users users (on the two followers) send chat messages at
-# --chat-rate per second in total, once all to users of the same node and
-# once all to users of the other node; CPU is the sum of all three nodes,
-# so the cross-node row carries the cost of the hop between nodes.
+# Messages: --chat-users users send chat messages at each of --chat-rates
+# per second in total (comma-separated), three ways: every user on one
+# follower; users on both followers, each message to a user of the
+# sender's own node (xmpp-load --within-server); users on both followers,
+# each message to a user of the other node. CPU is the sum of all three
+# nodes, so the last row carries the cost of the hop between nodes, and
+# the middle row is the baseline with the same spread of users over
+# processes.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 USERS=500
 SECS=10
 CONC=50
-CHAT_USERS=200
-CHAT_RATE=2000
+CHAT_USERS=800
+CHAT_RATES=2000,16000
 while [ $# -gt 0 ]; do
     case $1 in
         --users) USERS=$2; shift 2 ;;
         --secs) SECS=$2; shift 2 ;;
         --concurrency) CONC=$2; shift 2 ;;
         --chat-users) CHAT_USERS=$2; shift 2 ;;
-        --chat-rate) CHAT_RATE=$2; shift 2 ;;
-        -h|--help) sed -n 2,19p "$0"; exit 0 ;;
+        --chat-rates) CHAT_RATES=$2; shift 2 ;;
+        -h|--help) sed -n 2,23p "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -68,7 +73,7 @@ start() { # id, join...
 }
 stop_all() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pids=(); rm -rf "$TMP"/n*; }
 
-"$BIN/xmpp-load" accounts --users "$USERS" --domain "$DOMAIN" >"$TMP/accounts.txt"
+"$BIN/xmpp-load" accounts --users "$(( USERS > CHAT_USERS ? USERS : CHAT_USERS ))" --domain "$DOMAIN" >"$TMP/accounts.txt"
 
 pid_of() { # node id -> pid
     echo "${nodepid[$1]}"
@@ -87,10 +92,12 @@ writes() { # c2s address, node id, users -> "per_s p50 p99 failed cpu_ms"
         /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["writes"]; print("%.0f %.2f %.2f %d %.3f" % (r["per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["failed"], r.get("server_cpu_ms_per_write") or 0))'
 }
 
-chat() { # servers (comma-separated), pids (comma-separated) -> "delivered_per_s p50 p99 lost cpu_ms"
-    "$BIN/xmpp-load" chat --server "$1" --domain "$DOMAIN" --accounts "$TMP/accounts.txt" \
-        --users "$CHAT_USERS" --rate "$CHAT_RATE" --duration "$SECS" --arrival-rate 0 \
-        --concurrency "$CONC" --server-pid "$2" --json --quiet |
+chat() { # servers (comma-separated), pids (comma-separated), rate, options... -> "delivered_per_s p50 p99 lost cpu_ms"
+    local servers=$1 pids=$2 rate=$3
+    shift 3
+    "$BIN/xmpp-load" chat --server "$servers" --domain "$DOMAIN" --accounts "$TMP/accounts.txt" \
+        --users "$CHAT_USERS" --rate "$rate" --duration "$SECS" --arrival-rate 0 \
+        --concurrency "$CONC" --server-pid "$pids" --json --quiet "$@" |
         /usr/bin/python3 -c 'import json,sys; r=json.load(sys.stdin)["chat"]; print("%.0f %.2f %.2f %d %.3f" % (r["delivered_per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["lost"], r.get("server_cpu_s_per_1000_messages") or 0))'
 }
 
@@ -122,8 +129,13 @@ fw=$(writes "127.0.30.$follower:5222" "$follower" "$CONC")
 other=$(( follower % 3 + 1 ))
 [ "$other" = "$leader" ] && other=$(( other % 3 + 1 ))
 all="${nodepid[1]},${nodepid[2]},${nodepid[3]}"
-same=$(chat "127.0.30.$follower:5222" "$all")
-cross=$(chat "127.0.30.$follower:5222,127.0.30.$other:5222" "$all")
+declare -A same within cross
+IFS=, read -r -a rates <<<"$CHAT_RATES"
+for rate in "${rates[@]}"; do
+    same[$rate]=$(chat "127.0.30.$follower:5222" "$all" "$rate")
+    within[$rate]=$(chat "127.0.30.$follower:5222,127.0.30.$other:5222" "$all" "$rate" --within-server)
+    cross[$rate]=$(chat "127.0.30.$follower:5222,127.0.30.$other:5222" "$all" "$rate")
+done
 
 echo "Logins ($USERS accounts, $CONC in flight, ${SECS} s each, SCRAM-SHA-1 over STARTTLS), $(date -u +%F):"
 echo
@@ -143,9 +155,21 @@ row "3-node cluster, via the leader, 1 user" "$lw1"
 row "3-node cluster, via the leader, $CONC users" "$lw"
 row "3-node cluster, via a follower, $CONC users" "$fw"
 echo
-echo "Messages ($CHAT_USERS users, $CHAT_RATE/s offered, ${SECS} s, 3-node cluster; CPU of all three nodes):"
+echo "Messages ($CHAT_USERS users, ${SECS} s a row, 3-node cluster; CPU of all three nodes):"
 echo
-echo "| | delivered/s | latency p50 / p99 (ms) | CPU-ms per message (all nodes) | lost |"
-echo "|---|---:|---:|---:|---:|"
-row "same node (every user on one follower)" "$same"
-row "across nodes (users on two followers, every message to the other)" "$cross"
+echo "| offered/s | | delivered/s | latency p50 / p99 (ms) | CPU-ms per message (all nodes) | lost |"
+echo "|---:|---|---:|---:|---:|---:|"
+for rate in "${rates[@]}"; do
+    row "$rate | same node (every user on one follower)" "${same[$rate]}"
+    row "$rate | same node (users on two followers, each message within its node)" "${within[$rate]}"
+    row "$rate | across nodes (users on two followers, every message to the other)" "${cross[$rate]}"
+done
+echo
+echo "Across nodes ÷ same node, CPU per message:"
+echo
+echo "| offered/s | ÷ users on two followers | ÷ every user on one follower |"
+echo "|---:|---:|---:|"
+for rate in "${rates[@]}"; do
+    /usr/bin/python3 -c 'import sys; c,w,s=(float(a.split()[4]) for a in sys.argv[2:5]); print("| %s | %.2f× | %.2f× |" % (sys.argv[1], c/w if w else 0, c/s if s else 0))' \
+        "$rate" "${cross[$rate]}" "${within[$rate]}" "${same[$rate]}"
+done

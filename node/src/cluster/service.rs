@@ -404,20 +404,19 @@ impl Peer for PeerService {
             // Acknowledged at most every ACK_DELAY or ACK_MAX stanzas:
             // an ack is a write and a wakeup on both nodes, and it only
             // bounds what the sender keeps for re-routing.
-            let mut got = false;
             // What waits in the consumer task (`router::remote::run`):
             // the signal that the last batch handed to it is done.
             let mut pending: Option<oneshot::Receiver<()>> = None;
             let mut since_ack = 0u64;
-            let mut deadline: Option<tokio::time::Instant> = None;
+            // Armed by the round's first batch (so, unarmed, the round has
+            // nothing to acknowledge). One timer a round: a new
+            // one per batch cost a timer registration each, and a wakeup
+            // of the worker waiting on the timers.
+            let tick = tokio::time::sleep(std::time::Duration::from_secs(86_400));
+            tokio::pin!(tick);
+            let mut armed = false;
             let mut ended = false;
             loop {
-                let tick = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(b)) => {
@@ -444,9 +443,11 @@ impl Peer for PeerService {
                                 }
                                 pending = Some(wait);
                             }
-                            got = true;
                             since_ack += n;
-                            deadline.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+                            if !armed {
+                                tick.as_mut().reset(tokio::time::Instant::now() + ACK_DELAY);
+                                armed = true;
+                            }
                             if since_ack >= ACK_MAX {
                                 break;
                             }
@@ -456,10 +457,10 @@ impl Peer for PeerService {
                             break;
                         }
                     },
-                    () = tick => break,
+                    () = &mut tick, if armed => break,
                 }
             }
-            if !got {
+            if !armed {
                 return None; // ended with nothing to acknowledge
             }
             // The consumer takes batches in order: the last one handed
