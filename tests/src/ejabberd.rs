@@ -136,10 +136,15 @@ modules:
                 },
             ),
         )?;
+        // Every Erlang VM here (the server and each ejabberdctl call) has a
+        // distribution listener on a port the kernel picks; on the default
+        // 0.0.0.0 it can take a port a test node was given on its own
+        // loopback address and has not bound yet (its start then fails
+        // with "address in use"). On 127.0.0.1 it cannot.
         std::fs::write(
             conf.join("ejabberdctl.cfg"),
             format!(
-                "ERL_OPTIONS=\"-env ERL_CRASH_DUMP_BYTES 0\"\nEJABBERD_PID_PATH={}\n",
+                "ERL_OPTIONS=\"-env ERL_CRASH_DUMP_BYTES 0 -kernel inet_dist_use_interface {{127,0,0,1}}\"\nEJABBERD_PID_PATH={}\n",
                 d.join("ejabberd.pid").display()
             ),
         )?;

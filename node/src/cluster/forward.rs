@@ -246,3 +246,78 @@ async fn run(
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt as _;
+
+    fn stanza(i: u32) -> Forwarded {
+        Forwarded {
+            to: format!("u{i}@example.test/r"),
+            xml: prost::bytes::Bytes::from(format!("<message id='{i}'/>")),
+            ..Forwarded::default()
+        }
+    }
+
+    fn batches() -> (mpsc::Sender<Forwarded>, Arc<Mutex<Outgoing>>, Batches) {
+        let (tx, rx) = mpsc::channel(16);
+        let out = Arc::new(Mutex::new(Outgoing {
+            rx,
+            unacked: VecDeque::new(),
+            closed: false,
+        }));
+        let b = Batches::new(7, out.clone());
+        (tx, out, b)
+    }
+
+    /// One poll of the stream, from inside a task (so that the yield it
+    /// makes is tokio's).
+    async fn poll_once(b: &mut Batches) -> Poll<Option<ForwardBatch>> {
+        std::future::poll_fn(|cx| Poll::Ready(b.poll_next_unpin(cx))).await
+    }
+
+    fn unacked(out: &Mutex<Outgoing>) -> Vec<String> {
+        let o = out.lock().unwrap_or_else(|p| p.into_inner());
+        o.unacked.iter().map(|f| f.to.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn what_the_same_turn_queues_leaves_as_one_batch_in_order() {
+        let (tx, out, mut b) = batches();
+        tx.try_send(stanza(1)).expect("room");
+        // The first stanza waits for the rest of the turn...
+        assert!(poll_once(&mut b).await.is_pending());
+        tx.try_send(stanza(2)).expect("room");
+        tx.try_send(stanza(3)).expect("room");
+        // ...and takes what was queued meanwhile along.
+        let batch = b.next().await.expect("a batch");
+        assert_eq!(batch.from_node, 7);
+        let to: Vec<_> = batch.stanzas.iter().map(|f| f.to.as_str()).collect();
+        assert_eq!(
+            to,
+            [
+                "u1@example.test/r",
+                "u2@example.test/r",
+                "u3@example.test/r"
+            ]
+        );
+        assert_eq!(unacked(&out), to);
+        // Nothing queued: the stream waits.
+        assert!(poll_once(&mut b).await.is_pending());
+        drop(tx);
+        assert!(b.next().await.is_none());
+        assert!(out.lock().unwrap_or_else(|p| p.into_inner()).closed);
+    }
+
+    #[tokio::test]
+    async fn a_stanza_held_for_its_batch_is_given_back_if_the_stream_goes() {
+        let (tx, out, mut b) = batches();
+        tx.try_send(stanza(1)).expect("room");
+        assert!(poll_once(&mut b).await.is_pending());
+        // The HTTP/2 stream fails and drops the request stream now: the
+        // held stanza is among those the sender gives back.
+        drop(b);
+        assert_eq!(unacked(&out), ["u1@example.test/r"]);
+    }
+}
