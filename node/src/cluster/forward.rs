@@ -15,10 +15,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use futures_util::Stream;
 use proto::{ForwardBatch, Forwarded};
 use tokio::sync::mpsc;
@@ -95,6 +97,11 @@ struct Outgoing {
     unacked: VecDeque<Forwarded>,
     /// Set once the queue's senders are gone (the node shuts down).
     closed: bool,
+    /// Counts the streams that ended. A stream's `Batches` made before the
+    /// last end is stale: hyper may poll it once more before it sees the
+    /// stream's reset, and what it took then would be counted against the
+    /// next stream's acknowledgements.
+    ended: u64,
 }
 
 /// The request side of one `ForwardStream`: yields a batch of whatever is
@@ -110,18 +117,40 @@ struct Outgoing {
 struct Batches {
     me: u64,
     out: Arc<Mutex<Outgoing>>,
+    /// `Outgoing::ended` when this stream opened.
+    stream: u64,
     /// The first stanza of the next batch, taken while waiting for the
     /// yield to end; already among the unacknowledged, so that it is given
     /// back if the stream breaks meanwhile.
     first: Option<Forwarded>,
-    gather: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Set when the yield's deferred wake ran.
+    gather: Option<Arc<Gathered>>,
+}
+
+/// The waker a batch's yield is deferred with: notes that the worker's
+/// turn is over, then wakes the stream's task. (tokio's `yield_now`
+/// itself is ready at its next poll, and the HTTP/2 client polls the
+/// stream again right after each batch, which would end the wait early.)
+#[derive(Default)]
+struct Gathered {
+    done: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Gathered {
+    fn wake(self: Arc<Self>) {
+        self.done.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 impl Batches {
     fn new(me: u64, out: Arc<Mutex<Outgoing>>) -> Batches {
+        let stream = out.lock().unwrap_or_else(|p| p.into_inner()).ended;
         Batches {
             me,
             out,
+            stream,
             first: None,
             gather: None,
         }
@@ -135,6 +164,9 @@ impl Stream for Batches {
         let this = self.get_mut();
         if this.first.is_none() {
             let mut out = this.out.lock().unwrap_or_else(|p| p.into_inner());
+            if out.ended != this.stream {
+                return Poll::Ready(None);
+            }
             match out.rx.poll_recv(cx) {
                 Poll::Ready(Some(f)) => {
                     out.unacked.push_back(f.clone());
@@ -146,16 +178,29 @@ impl Stream for Batches {
                 }
                 Poll::Pending => return Poll::Pending,
             }
-            this.gather = Some(Box::pin(tokio::task::yield_now()));
+            let gathered = Arc::new(Gathered::default());
+            gathered.task.register(cx.waker());
+            let waker = Waker::from(gathered.clone());
+            let mut turn = std::pin::pin!(tokio::task::yield_now());
+            // Pending: tokio wakes `gathered` after the worker's other
+            // ready tasks (outside a runtime it wakes it at once).
+            let _ = turn.as_mut().poll(&mut Context::from_waker(&waker));
+            this.gather = Some(gathered);
         }
-        if let Some(gather) = &mut this.gather {
-            if gather.as_mut().poll(cx).is_pending() {
+        if let Some(gathered) = &this.gather {
+            gathered.task.register(cx.waker());
+            if !gathered.done.load(Ordering::Acquire) {
                 return Poll::Pending;
             }
             this.gather = None;
         }
         let mut out = this.out.lock().unwrap_or_else(|p| p.into_inner());
         let out = &mut *out;
+        if out.ended != this.stream {
+            // The held stanza was given back with the stream's others.
+            this.first = None;
+            return Poll::Ready(None);
+        }
         let mut stanzas = Vec::with_capacity(out.rx.len().min(BATCH - 1) + 1);
         stanzas.extend(this.first.take());
         while stanzas.len() < BATCH {
@@ -185,9 +230,12 @@ async fn run(
         rx,
         unacked: VecDeque::new(),
         closed: false,
+        ended: 0,
     }));
     let give_back_unacked = |out: &Mutex<Outgoing>| {
         let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+        // This stream's `Batches` takes nothing more from now on.
+        o.ended += 1;
         let n = o.unacked.len();
         for f in o.unacked.drain(..) {
             let _ = returned.send(f);
@@ -266,6 +314,7 @@ mod tests {
             rx,
             unacked: VecDeque::new(),
             closed: false,
+            ended: 0,
         }));
         let b = Batches::new(7, out.clone());
         (tx, out, b)
@@ -318,6 +367,32 @@ mod tests {
         // The HTTP/2 stream fails and drops the request stream now: the
         // held stanza is among those the sender gives back.
         drop(b);
+        assert_eq!(unacked(&out), ["u1@example.test/r"]);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ended_takes_nothing_more_from_the_queue() {
+        let (tx, out, mut b) = batches();
+        tx.try_send(stanza(1)).expect("room");
+        assert!(b.next().await.is_some());
+        // The acknowledgements stopped: the sender gives back what is
+        // unacknowledged and counts the stream as ended (`run`)...
+        out.lock().unwrap_or_else(|p| p.into_inner()).ended += 1;
+        tx.try_send(stanza(2)).expect("room");
+        // ...and HTTP/2 polls the old request stream once more.
+        assert!(b.next().await.is_none());
+        let o = out.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(o.rx.len(), 1, "the queued stanza waits for the next stream");
+        assert_eq!(o.unacked.len(), 1, "only the first stream's stanza");
+    }
+
+    #[tokio::test]
+    async fn a_stanza_held_when_its_stream_ends_is_not_sent_on_it() {
+        let (tx, out, mut b) = batches();
+        tx.try_send(stanza(1)).expect("room");
+        assert!(poll_once(&mut b).await.is_pending());
+        out.lock().unwrap_or_else(|p| p.into_inner()).ended += 1;
+        assert!(b.next().await.is_none());
         assert_eq!(unacked(&out), ["u1@example.test/r"]);
     }
 }

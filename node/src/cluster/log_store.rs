@@ -8,12 +8,13 @@
 //! flushes and the state machine's batches never meet, and each database
 //! is only ever written from one task at a time.
 //!
-//! `append` reports an entry flushed only after a `flush_async` that began
-//! after the entry was written returned: that is what makes an acknowledged
-//! write survive kill -9. The flushes run in a task of their own (group
-//! commit): `append` writes and returns, the flusher takes every callback
-//! waiting, flushes once, and completes them all in order. Writes and
-//! flushes never overlap (the `io` lock), the rule sled 0.34 needs.
+//! `append` reports an entry flushed only after a flush that began after
+//! the entry was written returned (`flush`, below): that is what makes an
+//! acknowledged write survive kill -9. The flushes run in a task of their
+//! own (group commit): `append` writes and returns, the flusher takes
+//! every callback waiting, flushes once, and completes them all in order.
+//! Writes and flushes never overlap (the `io` lock), the rule sled 0.34
+//! needs.
 
 // openraft's trait methods return its `StorageError` (over 200 bytes);
 // the helpers here return the same type rather than convert twice.
