@@ -409,9 +409,9 @@ impl Peer for PeerService {
             let mut pending: Option<oneshot::Receiver<()>> = None;
             let mut since_ack = 0u64;
             // Armed by the round's first batch (so, unarmed, the round has
-            // nothing to acknowledge). One timer a round: a new
-            // one per batch cost a timer registration each, and a wakeup
-            // of the worker waiting on the timers.
+            // nothing to acknowledge). One timer a round: a new one per
+            // batch cost a timer registration each, and a wakeup of the
+            // worker waiting on the timers.
             let tick = tokio::time::sleep(std::time::Duration::from_secs(86_400));
             tokio::pin!(tick);
             let mut armed = false;
